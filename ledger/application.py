@@ -1,0 +1,394 @@
+"""The ledger service: loads tasks from the event store, runs commands, saves new events.
+
+Optimistic concurrency is the arbiter between writers. Every command is "load, decide,
+save"; if another writer saved first, the save fails on the (task, version) primary key,
+and the command reloads and decides again against the new state, a bounded number of
+times. So when a worker's AttemptCompleted and the reaper's TaskExpired race for the same
+attempt, exactly one is stored and the other is refused by the rules it re-checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import typing
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import (
+    ApplicationRecorder,
+    IntegrityError,
+    Mapper,
+    PersistenceError,
+)
+from eventsourcing.postgres import PostgresFactory
+from eventsourcing.utils import Environment, EnvType
+from psycopg.sql import SQL, Identifier
+
+from ledger.clock import Clock, SystemClock
+from ledger.domain import (
+    Attempt,
+    AttemptError,
+    AttemptResult,
+    Status,
+    Task,
+    TaskLimits,
+)
+from ledger.errors import (
+    ContentionExhausted,
+    IdempotencyConflict,
+    LedgerUnavailable,
+    TaskNotFound,
+    VersionMismatch,
+)
+from ledger.jsonvalue import JSONValue
+from ledger.persistence import EventMapper, OrjsonTranscoder
+from ledger.retry import RetryPolicy
+
+# uuid5 namespace for tasks submitted with an idempotency key: the key decides the id, so
+# the store's primary key, not a lookup table, makes a repeated submission collide.
+IDEMPOTENCY_NAMESPACE = UUID("6f1d1f0e-6a53-4b53-9d55-0d4f3c1b7a10")
+
+# Arbitrary but fixed: serialises schema creation between processes starting together.
+SCHEMA_LOCK_KEY = 0x7461736B6C6564  # "taskled"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AttemptState:
+    number: int
+    reason: str
+    scheduled_at: datetime
+    not_before: datetime
+    deadline: datetime
+    started_at: datetime | None
+    worker_id: str | None
+    finished_at: datetime | None
+    outcome: str | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    retryable: bool | None
+    detected_by: str | None
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> AttemptState:
+        return cls(
+            number=attempt.number,
+            reason=attempt.reason,
+            scheduled_at=attempt.scheduled_at,
+            not_before=attempt.not_before,
+            deadline=attempt.deadline,
+            started_at=attempt.started_at,
+            worker_id=attempt.worker_id,
+            finished_at=attempt.finished_at,
+            outcome=str(attempt.outcome) if attempt.outcome else None,
+            result=attempt.result,
+            error=attempt.error,
+            retryable=attempt.retryable,
+            detected_by=attempt.detected_by,
+        )
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """A task as the ledger knows it right now (read from its events)."""
+
+    id: UUID
+    tenant: str
+    description: str
+    language: str
+    code: str
+    data: JSONValue
+    status: Status
+    attempt: int
+    max_attempts: int
+    ttl_seconds: float
+    deadline: datetime
+    not_before: datetime
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker_id: str | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    submitted_by: str
+    idempotency_key: str | None
+    version: int
+    attempts: tuple[AttemptState, ...]
+
+    @classmethod
+    def of(cls, task: Task) -> TaskState:
+        current = task.current
+        return cls(
+            id=task.id,
+            tenant=task.tenant,
+            description=task.description,
+            language=task.language,
+            code=task.code,
+            data=task.data,
+            status=task.status,
+            attempt=current.number,
+            max_attempts=task.max_attempts,
+            ttl_seconds=task.ttl_seconds,
+            deadline=current.deadline,
+            not_before=current.not_before,
+            created_at=task.created_on,
+            updated_at=task.modified_on,
+            started_at=current.started_at,
+            finished_at=current.finished_at,
+            worker_id=current.worker_id,
+            result=current.result,
+            error=current.error,
+            submitted_by=task.submitted_by,
+            idempotency_key=task.idempotency_key,
+            version=task.version,
+            attempts=tuple(AttemptState.of(a) for a in task.attempts),
+        )
+
+
+@dataclass(frozen=True)
+class Submission:
+    task: TaskState
+    created: bool  # False when an idempotency key matched an earlier identical submission
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    version: int
+    type: str
+    at: datetime
+    data: dict[str, Any]
+
+
+_ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Give the library's infrastructure errors the ledger's meaning (IntegrityError passes:
+    it is the version conflict the command loop handles)."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except PersistenceError as error:
+        raise LedgerUnavailable(
+            f"event store error: {error}; check that PostgreSQL is running and reachable"
+        ) from None
+
+
+class Ledger(Application[UUID]):
+    """Commands and queries on tasks, over an event store."""
+
+    name = "TaskLedger"  # the events table is taskledger_events
+    env: ClassVar[dict[str, str]] = {}
+
+    def __init__(
+        self,
+        env: EnvType | None = None,
+        *,
+        clock: Clock | None = None,
+        retry_policy: RetryPolicy | None = None,
+        limits: TaskLimits | None = None,
+        max_contention_retries: int = 16,
+    ) -> None:
+        self.clock = clock or SystemClock()
+        self.retry_policy = retry_policy or RetryPolicy()
+        self.limits = limits or TaskLimits()
+        self.max_contention_retries = max_contention_retries
+        with _store_errors():
+            super().__init__(env)
+
+    # -- construction ---------------------------------------------------------------------
+
+    def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
+        # The library would merge os.environ in; only the composition root reads the
+        # environment here, so a stray POSTGRES_* variable cannot redirect the ledger.
+        return Environment(name, dict(env or {}))
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        return self.factory.mapper(transcoder=OrjsonTranscoder(), mapper_class=EventMapper)
+
+    def construct_recorder(self) -> ApplicationRecorder:
+        factory = self.factory
+        if not isinstance(factory, PostgresFactory):
+            return super().construct_recorder()
+        datastore = factory.datastore
+        with datastore.get_connection() as conn:
+            conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(datastore.schema)))
+            # CREATE TABLE IF NOT EXISTS is not safe against itself in two sessions at
+            # once; processes that start together take turns.
+            conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_KEY,))
+            try:
+                return super().construct_recorder()
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get(self, task_id: UUID, *, tenant: str | None = None) -> TaskState:
+        """The task's current state. `tenant` (None = any) hides other tenants' tasks."""
+        return TaskState.of(self._load(task_id, tenant))
+
+    def history(self, task_id: UUID, *, tenant: str | None = None) -> list[HistoryEntry]:
+        self._load(task_id, tenant)
+        with _store_errors():
+            events = list(self.events.get(task_id))
+        return [
+            HistoryEntry(
+                version=event.originator_version,
+                type=type(event).__name__,
+                at=typing.cast(datetime, vars(event)["timestamp"]),
+                data={k: v for k, v in vars(event).items() if k not in _ENVELOPE},
+            )
+            for event in events
+        ]
+
+    # -- commands from clients ----------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        description: str,
+        language: str,
+        code: str,
+        data: JSONValue = None,
+        ttl_seconds: float = 300,
+        max_attempts: int = 3,
+        tenant: str,
+        submitted_by: str,
+        idempotency_key: str | None = None,
+    ) -> Submission:
+        """Accept a task: TaskSubmitted and AttemptScheduled(1), in one transaction.
+
+        With an idempotency key the task id is derived from (tenant, key): a repeat of
+        the same request returns the existing task (created=False); a different request
+        under the same key raises IdempotencyConflict.
+        """
+        if idempotency_key is None:
+            task_id = uuid.uuid4()
+        else:
+            task_id = uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant}\x00{idempotency_key}")
+        task = Task.submit(
+            task_id=task_id,
+            now=self.clock.now(),
+            description=description,
+            language=language,
+            code=code,
+            data=data,
+            ttl_seconds=ttl_seconds,
+            max_attempts=max_attempts,
+            tenant=tenant,
+            submitted_by=submitted_by,
+            idempotency_key=idempotency_key,
+            limits=self.limits,
+        )
+        try:
+            self._save(task)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise  # a uuid4 collision: not something to paper over
+            existing = self._load(task_id, tenant)
+            if existing.fingerprint != task.fingerprint:
+                raise IdempotencyConflict(task_id, idempotency_key) from None
+            return Submission(TaskState.of(existing), created=False)
+        return Submission(TaskState.of(task), created=True)
+
+    def cancel(
+        self, task_id: UUID, *, by: str, reason: str = "", tenant: str | None = None
+    ) -> TaskState:
+        return self._execute(task_id, tenant, lambda t: t.cancel(by, reason, self.clock.now()))
+
+    def retry(
+        self,
+        task_id: UUID,
+        *,
+        by: str,
+        ttl_seconds: float | None = None,
+        tenant: str | None = None,
+    ) -> TaskState:
+        return self._execute(
+            task_id, tenant, lambda t: t.retry(self.clock.now(), ttl_seconds, self.limits, by)
+        )
+
+    def update(
+        self,
+        task_id: UUID,
+        patch: dict[str, Any],
+        *,
+        by: str,
+        expected_version: int | None = None,
+        tenant: str | None = None,
+    ) -> TaskState:
+        def decide(task: Task) -> None:
+            if expected_version is not None and task.version != expected_version:
+                raise VersionMismatch(task_id, expected_version, task.version)
+            task.update(patch, by, self.clock.now(), self.limits)
+
+        return self._execute(task_id, tenant, decide)
+
+    # -- commands from workers and the reaper ----------------------------------------------------
+
+    def start_attempt(self, task_id: UUID, attempt: int, worker_id: str) -> TaskState:
+        return self._execute(
+            task_id, None, lambda t: t.start_attempt(attempt, worker_id, self.clock.now())
+        )
+
+    def complete_attempt(self, task_id: UUID, attempt: int, result: AttemptResult) -> TaskState:
+        return self._execute(
+            task_id, None, lambda t: t.complete_attempt(attempt, result, self.clock.now())
+        )
+
+    def fail_attempt(
+        self, task_id: UUID, attempt: int, error: AttemptError, *, retryable: bool
+    ) -> TaskState:
+        return self._execute(
+            task_id,
+            None,
+            lambda t: t.fail_attempt(
+                attempt, error, retryable=retryable, now=self.clock.now(), policy=self.retry_policy
+            ),
+        )
+
+    def expire(self, task_id: UUID, attempt: int, *, detected_by: str) -> TaskState:
+        return self._execute(
+            task_id, None, lambda t: t.expire(attempt, detected_by, self.clock.now())
+        )
+
+    # -- machinery --------------------------------------------------------------------------------
+
+    def _load(self, task_id: UUID, tenant: str | None) -> Task:
+        try:
+            with _store_errors():
+                task: object = self.repository.get(task_id)
+        except AggregateNotFoundError:
+            raise TaskNotFound(task_id) from None
+        if not isinstance(task, Task) or (tenant is not None and task.tenant != tenant):
+            raise TaskNotFound(task_id)
+        return task
+
+    def _save(self, task: Task) -> None:
+        with _store_errors():
+            self.save(task)
+
+    def _execute(
+        self, task_id: UUID, tenant: str | None, decide: Callable[[Task], Any]
+    ) -> TaskState:
+        """Load, decide, save; on a lost version race, reload and decide again."""
+        for _ in range(self.max_contention_retries):
+            task = self._load(task_id, tenant)
+            decide(task)  # raises TransitionRefused & co. when the rules say no
+            if not task.pending_events:
+                return TaskState.of(task)
+            try:
+                self._save(task)
+            except IntegrityError:
+                continue
+            return TaskState.of(task)
+        raise ContentionExhausted(task_id, self.max_contention_retries)

@@ -1,0 +1,626 @@
+"""The Task aggregate: its events, the rules of which may follow which, and derived status.
+
+Every change to a task is a past-tense event applied to the aggregate. Command methods
+check the rules against the current state, refuse with a `TransitionRefused` subclass
+naming the broken rule, and only then trigger events; `apply` methods never check, so a
+task rebuilt from its history is always the task that was saved.
+
+Time is passed in (`now`), never read here: the application service owns the clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from ledger.errors import (
+    AttemptAlreadyStarted,
+    AttemptNotCurrent,
+    AttemptNotStarted,
+    DeadlineNotReached,
+    DeadlinePassed,
+    FieldLocked,
+    InvalidTask,
+    NotRetryable,
+    TaskIsTerminal,
+)
+from ledger.jsonvalue import JSONValue, json_problem, merge_patch
+from ledger.retry import RetryPolicy
+
+
+class Status(StrEnum):
+    PENDING = "Pending"
+    IN_PROGRESS = "InProgress"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    EXPIRED = "Expired"
+    CANCELLED = "Cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.EXPIRED, Status.CANCELLED})
+RETRYABLE_BY_CLIENT = frozenset({Status.FAILED, Status.EXPIRED, Status.CANCELLED})
+
+
+class ScheduleReason(StrEnum):
+    SUBMITTED = "submitted"
+    AUTO_RETRY = "auto-retry"
+    MANUAL_RETRY = "manual-retry"
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+_OUTCOME_STATUS = {
+    Outcome.COMPLETED: Status.COMPLETED,
+    Outcome.FAILED: Status.FAILED,
+    Outcome.EXPIRED: Status.EXPIRED,
+    Outcome.CANCELLED: Status.CANCELLED,
+}
+
+# Who schedules automatic retries, in AttemptScheduled.by.
+AUTO_RETRY_ACTOR = "ledger:retry-policy"
+
+# Fields a client may change, and whether they may change after the task has left Pending.
+UPDATABLE_ANY_TIME = frozenset({"description"})
+UPDATABLE_WHILE_PENDING = frozenset({"data", "code", "ttl_seconds", "max_attempts"})
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """Bounds on what a task may carry; the API exposes the same numbers."""
+
+    description_chars: int = 1_000
+    code_bytes: int = 64 * 1024
+    data_bytes: int = 256 * 1024
+    max_ttl_seconds: float = 86_400
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int = 0
+    duration_ms: float = 0.0
+    truncated: bool = False
+
+    def as_payload(self) -> dict[str, Any]:
+        return {
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "exit_code": self.exit_code,
+            "duration_ms": self.duration_ms,
+            "truncated": self.truncated,
+        }
+
+
+@dataclass(frozen=True)
+class AttemptError:
+    """Why an attempt failed. `kind` is a stable name: program_error, compile_error,
+    unknown_language, invalid_code, worker_lost, sandbox_error..."""
+
+    kind: str
+    message: str
+    stderr: str = ""
+    exit_code: int | None = None
+
+    def as_payload(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "stderr": self.stderr,
+            "exit_code": self.exit_code,
+        }
+
+
+@dataclass
+class Attempt:
+    """One try at running the task. Mutable only through the task's events."""
+
+    number: int
+    reason: str
+    scheduled_at: datetime
+    not_before: datetime
+    deadline: datetime
+    started_at: datetime | None = None
+    worker_id: str | None = None
+    finished_at: datetime | None = None
+    outcome: Outcome | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    retryable: bool | None = None
+    detected_by: str | None = None
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"naive datetime {moment!r}: the ledger only keeps aware UTC times")
+    return moment
+
+
+def submission_fingerprint(fields: dict[str, Any]) -> str:
+    """A stable digest of what a client asked for, to tell a retried request from a new one."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Task(Aggregate):
+    """A unit of work with a time budget, run in numbered attempts."""
+
+    # -- events ---------------------------------------------------------------------------
+
+    class TaskSubmitted(Aggregate.Created):
+        description: str
+        language: str
+        code: str
+        data: JSONValue
+        ttl_seconds: float
+        max_attempts: int
+        tenant: str
+        submitted_by: str
+        idempotency_key: str | None
+
+        def apply(self, task: Task) -> None:
+            task.description = self.description
+            task.language = self.language
+            task.code = self.code
+            task.data = self.data
+            task.ttl_seconds = self.ttl_seconds
+            task.max_attempts = self.max_attempts
+            task.tenant = self.tenant
+            task.submitted_by = self.submitted_by
+            task.idempotency_key = self.idempotency_key
+            task.fingerprint = submission_fingerprint(self.request_fields())
+
+        def request_fields(self) -> dict[str, Any]:
+            return {
+                "description": self.description,
+                "language": self.language,
+                "code": self.code,
+                "data": self.data,
+                "ttl_seconds": self.ttl_seconds,
+                "max_attempts": self.max_attempts,
+            }
+
+    class AttemptScheduled(Aggregate.Event):
+        attempt: int
+        reason: str
+        not_before: datetime
+        deadline: datetime
+        ttl_seconds: float
+        by: str
+
+        def apply(self, task: Task) -> None:
+            if self.reason != ScheduleReason.AUTO_RETRY:
+                task.run_first_attempt = self.attempt
+                task.ttl_seconds = self.ttl_seconds
+                task.cancelled_by = None
+                task.cancel_reason = None
+            task.attempts.append(
+                Attempt(
+                    number=self.attempt,
+                    reason=self.reason,
+                    scheduled_at=self.timestamp,
+                    not_before=self.not_before,
+                    deadline=self.deadline,
+                )
+            )
+
+    class AttemptStarted(Aggregate.Event):
+        attempt: int
+        worker_id: str
+
+        def apply(self, task: Task) -> None:
+            current = task.current
+            current.started_at = self.timestamp
+            current.worker_id = self.worker_id
+
+    class AttemptCompleted(Aggregate.Event):
+        attempt: int
+        result: dict[str, Any]
+
+        def apply(self, task: Task) -> None:
+            current = task.current
+            current.finished_at = self.timestamp
+            current.outcome = Outcome.COMPLETED
+            current.result = self.result
+
+    class AttemptFailed(Aggregate.Event):
+        attempt: int
+        error: dict[str, Any]
+        retryable: bool
+
+        def apply(self, task: Task) -> None:
+            current = task.current
+            current.finished_at = self.timestamp
+            current.outcome = Outcome.FAILED
+            current.error = self.error
+            current.retryable = self.retryable
+
+    class TaskExpired(Aggregate.Event):
+        attempt: int
+        detected_by: str
+
+        def apply(self, task: Task) -> None:
+            current = task.current
+            current.finished_at = self.timestamp
+            current.outcome = Outcome.EXPIRED
+            current.detected_by = self.detected_by
+
+    class TaskCancelled(Aggregate.Event):
+        attempt: int
+        by: str
+        reason: str
+
+        def apply(self, task: Task) -> None:
+            current = task.current
+            current.finished_at = self.timestamp
+            current.outcome = Outcome.CANCELLED
+            task.cancelled_by = self.by
+            task.cancel_reason = self.reason
+
+    class TaskUpdated(Aggregate.Event):
+        changes: dict[str, JSONValue]
+        by: str
+
+        def apply(self, task: Task) -> None:
+            for name, value in self.changes.items():
+                setattr(task, name, value)
+            if "ttl_seconds" in self.changes:
+                task.current.deadline = task.run_deadline_for(self.changes["ttl_seconds"])
+
+    def __init__(self) -> None:
+        # Called with no arguments when TaskSubmitted creates the task; its apply() then
+        # sets the real values. Declared here so readers and type checkers see the state.
+        self.description: str = ""
+        self.language: str = ""
+        self.code: str = ""
+        self.data: JSONValue = None
+        self.ttl_seconds: float = 0
+        self.max_attempts: int = 0
+        self.tenant: str = ""
+        self.submitted_by: str = ""
+        self.idempotency_key: str | None = None
+        self.fingerprint: str = ""
+        self.attempts: list[Attempt] = []
+        self.run_first_attempt: int = 1
+        self.cancelled_by: str | None = None
+        self.cancel_reason: str | None = None
+
+    # -- derived state ---------------------------------------------------------------------
+
+    @property
+    def current(self) -> Attempt:
+        return self.attempts[-1]
+
+    @property
+    def status(self) -> Status:
+        current = self.current
+        if current.outcome is not None:
+            return _OUTCOME_STATUS[current.outcome]
+        if current.started_at is not None:
+            return Status.IN_PROGRESS
+        return Status.PENDING
+
+    @property
+    def run_first(self) -> Attempt:
+        """The attempt a client scheduled (submit or manual retry) that began this run."""
+        return self.attempts[self.run_first_attempt - 1]
+
+    def run_deadline_for(self, ttl_seconds: float) -> datetime:
+        return self.run_first.scheduled_at + timedelta(seconds=ttl_seconds)
+
+    # -- commands --------------------------------------------------------------------------
+
+    @classmethod
+    def submit(
+        cls,
+        *,
+        task_id: UUID,
+        now: datetime,
+        description: str,
+        language: str,
+        code: str,
+        data: JSONValue,
+        ttl_seconds: float,
+        max_attempts: int,
+        tenant: str,
+        submitted_by: str,
+        idempotency_key: str | None,
+        limits: TaskLimits,
+    ) -> Task:
+        check_description(description, limits)
+        check_language(language)
+        check_code(code, limits)
+        check_data(data, limits)
+        check_ttl(ttl_seconds, limits)
+        check_max_attempts(max_attempts, limits)
+        for name, value in (("tenant", tenant), ("submitted_by", submitted_by)):
+            if not isinstance(value, str) or not value:
+                raise InvalidTask(name, "must be a non-empty string")
+        task = cls._create(
+            cls.TaskSubmitted,
+            id=task_id,
+            timestamp=_utc(now),
+            description=description,
+            language=language,
+            code=code,
+            data=data,
+            ttl_seconds=ttl_seconds,
+            max_attempts=max_attempts,
+            tenant=tenant,
+            submitted_by=submitted_by,
+            idempotency_key=idempotency_key,
+        )
+        task._schedule(
+            1,
+            ScheduleReason.SUBMITTED,
+            now,
+            not_before=now,
+            ttl_seconds=ttl_seconds,
+            by=submitted_by,
+        )
+        return task
+
+    def start_attempt(self, attempt: int, worker_id: str, now: datetime) -> None:
+        current = self._require_current(attempt, "start")
+        self._require_not_terminal(f"attempt {attempt} cannot start")
+        if current.started_at is not None:
+            raise AttemptAlreadyStarted(
+                self.id, f"attempt {attempt} was already started by worker {current.worker_id}"
+            )
+        if now >= current.deadline:
+            raise DeadlinePassed(
+                self.id,
+                f"attempt {attempt} reached its deadline {current.deadline.isoformat()} "
+                "before it started; expire the task instead of running it",
+            )
+        self.trigger_event(
+            self.AttemptStarted, timestamp=_utc(now), attempt=attempt, worker_id=worker_id
+        )
+
+    def complete_attempt(self, attempt: int, result: AttemptResult, now: datetime) -> None:
+        self._require_running(attempt, "complete")
+        self.trigger_event(
+            self.AttemptCompleted, timestamp=_utc(now), attempt=attempt, result=result.as_payload()
+        )
+
+    def fail_attempt(
+        self,
+        attempt: int,
+        error: AttemptError,
+        *,
+        retryable: bool,
+        now: datetime,
+        policy: RetryPolicy,
+    ) -> None:
+        """Record the failure, then schedule an automatic retry if the run allows one.
+
+        A retry is scheduled only for retryable errors, while the run has attempts left
+        (`max_attempts` counts the attempts since the last client scheduling), and only if
+        its backoff ends before the run's deadline: retries share that deadline.
+        """
+        self._require_running(attempt, "fail")
+        self.trigger_event(
+            self.AttemptFailed,
+            timestamp=_utc(now),
+            attempt=attempt,
+            error=error.as_payload(),
+            retryable=retryable,
+        )
+        attempts_in_run = attempt - self.run_first_attempt + 1
+        if not retryable or attempts_in_run >= self.max_attempts:
+            return
+        not_before = now + timedelta(seconds=policy.delay(attempts_in_run))
+        deadline = self.current.deadline
+        if not_before >= deadline:
+            return
+        self._schedule(
+            attempt + 1,
+            ScheduleReason.AUTO_RETRY,
+            now,
+            not_before=not_before,
+            ttl_seconds=self.ttl_seconds,
+            deadline=deadline,
+            by=AUTO_RETRY_ACTOR,
+        )
+
+    def expire(self, attempt: int, detected_by: str, now: datetime) -> None:
+        current = self._require_current(attempt, "expire")
+        self._require_not_terminal(f"attempt {attempt} cannot expire")
+        if now < current.deadline:
+            raise DeadlineNotReached(
+                self.id,
+                f"attempt {attempt} has until {current.deadline.isoformat()}; "
+                "it cannot expire before its deadline",
+            )
+        self.trigger_event(
+            self.TaskExpired, timestamp=_utc(now), attempt=attempt, detected_by=detected_by
+        )
+
+    def cancel(self, by: str, reason: str, now: datetime) -> None:
+        self._require_not_terminal("it cannot be cancelled")
+        self.trigger_event(
+            self.TaskCancelled,
+            timestamp=_utc(now),
+            attempt=self.current.number,
+            by=by,
+            reason=reason,
+        )
+
+    def retry(self, now: datetime, ttl_seconds: float | None, limits: TaskLimits, by: str) -> None:
+        """A client's retry: a new run of attempts with a new deadline. History is kept."""
+        if self.status not in RETRYABLE_BY_CLIENT:
+            raise NotRetryable(
+                self.id,
+                f"task is {self.status}; only Failed, Expired or Cancelled tasks can be retried",
+            )
+        ttl = self.ttl_seconds if ttl_seconds is None else ttl_seconds
+        check_ttl(ttl, limits)
+        self._schedule(
+            self.current.number + 1,
+            ScheduleReason.MANUAL_RETRY,
+            now,
+            not_before=now,
+            ttl_seconds=ttl,
+            by=by,
+        )
+
+    def update(self, patch: dict[str, Any], by: str, now: datetime, limits: TaskLimits) -> bool:
+        """Apply a JSON merge patch to the task's fields; return whether anything changed.
+
+        `description` may change in any state; `data`, `code`, `ttl_seconds` and
+        `max_attempts` only while the task is Pending.
+        """
+        if not isinstance(patch, dict):
+            raise InvalidTask("patch", "must be a JSON object")
+        unknown = sorted(set(patch) - UPDATABLE_ANY_TIME - UPDATABLE_WHILE_PENDING)
+        if unknown:
+            raise InvalidTask(unknown[0], "is not a field that can be updated")
+        changes: dict[str, Any] = {}
+        for name, value in patch.items():
+            new = merge_patch(self.data, value) if name == "data" else value
+            if new is None and name != "data":
+                raise InvalidTask(name, "cannot be removed (null)")
+            if new != getattr(self, name) or type(new) is not type(getattr(self, name)):
+                changes[name] = new
+        if not changes:
+            return False
+        locked = sorted(set(changes) & UPDATABLE_WHILE_PENDING)
+        if locked and self.status is not Status.PENDING:
+            raise FieldLocked(
+                self.id,
+                f"task is {self.status}; {', '.join(locked)} can only change while it is Pending",
+            )
+        _check_fields(changes, limits)
+        if "ttl_seconds" in changes and self.run_deadline_for(changes["ttl_seconds"]) <= now:
+            raise InvalidTask(
+                "ttl_seconds",
+                f"{changes['ttl_seconds']} would put the deadline in the past "
+                f"(the attempt was scheduled at {self.run_first.scheduled_at.isoformat()})",
+            )
+        self.trigger_event(self.TaskUpdated, timestamp=_utc(now), changes=changes, by=by)
+        return True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _schedule(
+        self,
+        attempt: int,
+        reason: ScheduleReason,
+        now: datetime,
+        *,
+        not_before: datetime,
+        ttl_seconds: float,
+        by: str,
+        deadline: datetime | None = None,
+    ) -> None:
+        self.trigger_event(
+            self.AttemptScheduled,
+            timestamp=_utc(now),
+            attempt=attempt,
+            reason=str(reason),
+            not_before=not_before,
+            deadline=deadline or now + timedelta(seconds=ttl_seconds),
+            ttl_seconds=ttl_seconds,
+            by=by,
+        )
+
+    def _require_current(self, attempt: int, verb: str) -> Attempt:
+        current = self.current
+        if attempt != current.number:
+            raise AttemptNotCurrent(
+                self.id,
+                f"cannot {verb} attempt {attempt}: the current attempt is {current.number} "
+                "(a stale or duplicate command; drop it)",
+            )
+        return current
+
+    def _require_not_terminal(self, consequence: str) -> None:
+        if self.status.is_terminal:
+            raise TaskIsTerminal(self.id, f"task is already {self.status}; {consequence}")
+
+    def _require_running(self, attempt: int, verb: str) -> Attempt:
+        current = self._require_current(attempt, verb)
+        self._require_not_terminal(f"attempt {attempt} already has its outcome")
+        if current.started_at is None:
+            raise AttemptNotStarted(self.id, f"cannot {verb} attempt {attempt}: it has not started")
+        return current
+
+
+# -- field checks (shared by submit and update) ------------------------------------------------
+
+
+def check_description(value: object, limits: TaskLimits) -> None:
+    if not isinstance(value, str):
+        raise InvalidTask("description", "must be a string")
+    if len(value) > limits.description_chars:
+        raise InvalidTask(
+            "description", f"is {len(value)} characters; at most {limits.description_chars}"
+        )
+
+
+def check_language(value: object) -> None:
+    if not isinstance(value, str) or not value.isidentifier():
+        raise InvalidTask("language", "must be a language name such as 'python' or 'csharp'")
+
+
+def check_code(value: object, limits: TaskLimits) -> None:
+    if not isinstance(value, str):
+        raise InvalidTask("code", "must be a string")
+    size = len(value.encode())
+    if size > limits.code_bytes:
+        raise InvalidTask("code", f"is {size} bytes; at most {limits.code_bytes}")
+
+
+def check_data(value: object, limits: TaskLimits) -> None:
+    problem = json_problem(value)
+    if problem:
+        raise InvalidTask("data", problem)
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limits.data_bytes:
+        raise InvalidTask("data", f"is {size} bytes as JSON; at most {limits.data_bytes}")
+
+
+def check_ttl(value: object, limits: TaskLimits) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidTask("ttl_seconds", "must be a number of seconds")
+    if not 0 < value <= limits.max_ttl_seconds:
+        raise InvalidTask(
+            "ttl_seconds", f"is {value}; must be more than 0 and at most {limits.max_ttl_seconds}"
+        )
+
+
+def check_max_attempts(value: object, limits: TaskLimits) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTask("max_attempts", "must be an integer")
+    if not 1 <= value <= limits.max_attempts:
+        raise InvalidTask("max_attempts", f"is {value}; must be 1 to {limits.max_attempts}")
+
+
+def _check_fields(changes: dict[str, Any], limits: TaskLimits) -> None:
+    checks = {
+        "description": lambda v: check_description(v, limits),
+        "code": lambda v: check_code(v, limits),
+        "data": lambda v: check_data(v, limits),
+        "ttl_seconds": lambda v: check_ttl(v, limits),
+        "max_attempts": lambda v: check_max_attempts(v, limits),
+    }
+    for name, value in changes.items():
+        checks[name](value)

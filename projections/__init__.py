@@ -1,0 +1,1 @@
+"""Projections of the event store into query views (issue: projections)."""

@@ -1,0 +1,1 @@
+"""taskledger's composition root: settings, bootstrap and the command line."""

@@ -1,0 +1,3 @@
+from taskledger.cli import main
+
+raise SystemExit(main())

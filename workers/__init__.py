@@ -1,0 +1,1 @@
+"""Workers: the broker port, dispatcher, consumer, reaper, executors and sandbox."""
