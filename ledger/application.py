@@ -202,6 +202,8 @@ class Ledger(Application[UUID]):
         self.retry_policy = retry_policy or RetryPolicy()
         self.limits = limits or TaskLimits()
         self.max_contention_retries = max_contention_retries
+        # Lost version races so far (each one cost a reload and a second decision).
+        self.version_conflicts = 0
         with _store_errors():
             super().__init__(env)
 
@@ -389,6 +391,7 @@ class Ledger(Application[UUID]):
             try:
                 self._save(task)
             except IntegrityError:
+                self.version_conflicts += 1
                 continue
             return TaskState.of(task)
         raise ContentionExhausted(task_id, self.max_contention_retries)

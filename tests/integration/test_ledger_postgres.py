@@ -1,0 +1,174 @@
+"""The ledger service against a real PostgreSQL event store."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from ledger import AttemptError, AttemptResult, Ledger, ManualClock, Status
+from ledger.errors import (
+    AttemptNotCurrent,
+    IdempotencyConflict,
+    InvalidTask,
+    LedgerUnavailable,
+    TaskIsTerminal,
+    TaskNotFound,
+    VersionMismatch,
+)
+from ledger.persistence import postgres_env
+
+pytestmark = pytest.mark.postgres
+
+TASK: dict[str, Any] = {
+    "description": "sum",
+    "language": "python",
+    "code": "print(sum(data))",
+    "data": [1, 2, 3],
+    "ttl_seconds": 30,
+    "max_attempts": 2,
+    "tenant": "acme",
+    "submitted_by": "key-1",
+}
+
+
+def count_events(database_url: str, schema: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}.taskledger_events").format(sql.Identifier(schema))
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_schema_and_events_table_are_created_on_start(
+    ledger: Ledger, database_url: str, schema: str
+) -> None:
+    assert count_events(database_url, schema) == 0
+
+
+def test_a_task_lives_through_its_whole_lifecycle(ledger: Ledger, clock: ManualClock) -> None:
+    submission = ledger.submit(**TASK)
+    assert submission.created
+    task_id = submission.task.id
+    assert ledger.get(task_id).status is Status.PENDING
+
+    clock.advance(1)
+    started = ledger.start_attempt(task_id, 1, "worker-a")
+    assert started.status is Status.IN_PROGRESS
+    assert started.worker_id == "worker-a"
+
+    clock.advance(1)
+    failed = ledger.fail_attempt(
+        task_id, 1, AttemptError("program_error", "ZeroDivisionError", exit_code=1), retryable=True
+    )
+    assert failed.status is Status.PENDING
+    assert failed.attempt == 2
+
+    clock.advance(5)
+    ledger.start_attempt(task_id, 2, "worker-b")
+    done = ledger.complete_attempt(task_id, 2, AttemptResult(stdout="6\n", duration_ms=3.5))
+    assert done.status is Status.COMPLETED
+    assert done.result is not None
+    assert done.result["stdout"] == "6\n"
+
+    history = ledger.history(task_id)
+    assert [(h.version, h.type) for h in history] == [
+        (1, "TaskSubmitted"),
+        (2, "AttemptScheduled"),
+        (3, "AttemptStarted"),
+        (4, "AttemptFailed"),
+        (5, "AttemptScheduled"),
+        (6, "AttemptStarted"),
+        (7, "AttemptCompleted"),
+    ]
+    assert history[0].data["data"] == [1, 2, 3]
+    assert history[4].data["reason"] == "auto-retry"
+    assert history[4].data["deadline"] == history[1].data["deadline"]
+    assert history[-1].at == done.updated_at
+
+
+def test_a_task_read_back_equals_the_task_as_written(ledger: Ledger, clock: ManualClock) -> None:
+    written = ledger.submit(**TASK, idempotency_key="k-1").task
+    clock.advance(2)
+    ledger.start_attempt(written.id, 1, "w")
+    clock.advance(31)
+    expired = ledger.expire(written.id, 1, detected_by="reaper")
+    fresh = Ledger(ledger.env, clock=clock)
+    try:
+        assert fresh.get(written.id) == expired
+    finally:
+        fresh.close()
+
+
+def test_idempotency_key_returns_the_same_task_or_a_conflict(ledger: Ledger) -> None:
+    first = ledger.submit(**TASK, idempotency_key="order-42")
+    again = ledger.submit(**TASK, idempotency_key="order-42")
+    assert again.task.id == first.task.id
+    assert (first.created, again.created) == (True, False)
+    with pytest.raises(IdempotencyConflict, match="order-42"):
+        ledger.submit(**{**TASK, "data": [9]}, idempotency_key="order-42")
+    other_tenant = ledger.submit(**{**TASK, "tenant": "globex"}, idempotency_key="order-42")
+    assert other_tenant.created
+    assert other_tenant.task.id != first.task.id
+
+
+def test_invalid_submissions_write_nothing(ledger: Ledger, database_url: str, schema: str) -> None:
+    with pytest.raises(InvalidTask, match="ttl_seconds"):
+        ledger.submit(**{**TASK, "ttl_seconds": -5})
+    assert count_events(database_url, schema) == 0
+
+
+def test_other_tenants_tasks_do_not_exist_for_you(ledger: Ledger) -> None:
+    task_id = ledger.submit(**TASK).task.id
+    assert ledger.get(task_id, tenant="acme").id == task_id
+    for query in (
+        lambda: ledger.get(task_id, tenant="globex"),
+        lambda: ledger.history(task_id, tenant="globex"),
+        lambda: ledger.cancel(task_id, by="x", tenant="globex"),
+    ):
+        with pytest.raises(TaskNotFound):
+            query()
+    with pytest.raises(TaskNotFound):
+        ledger.get(uuid.uuid4())
+
+
+def test_update_checks_the_expected_version(ledger: Ledger) -> None:
+    task = ledger.submit(**TASK).task
+    updated = ledger.update(task.id, {"data": [4]}, by="key-1", expected_version=task.version)
+    assert updated.data == [4]
+    assert updated.version == task.version + 1
+    with pytest.raises(VersionMismatch, match=f"version {updated.version}, not {task.version}"):
+        ledger.update(task.id, {"description": "x"}, by="key-1", expected_version=task.version)
+
+
+def test_manual_retry_gets_a_new_deadline(ledger: Ledger, clock: ManualClock) -> None:
+    task = ledger.submit(**TASK).task
+    ledger.cancel(task.id, by="key-1", reason="wrong data")
+    clock.advance(100)
+    retried = ledger.retry(task.id, by="key-1", ttl_seconds=10)
+    assert retried.status is Status.PENDING
+    assert retried.attempt == 2
+    assert retried.deadline == clock.now() + timedelta(seconds=10)
+    with pytest.raises(AttemptNotCurrent):
+        ledger.start_attempt(task.id, 1, "late-worker")
+
+
+def test_refusals_leave_the_store_untouched(ledger: Ledger, database_url: str, schema: str) -> None:
+    task = ledger.submit(**TASK).task
+    ledger.cancel(task.id, by="key-1")
+    before = count_events(database_url, schema)
+    with pytest.raises(TaskIsTerminal):
+        ledger.cancel(task.id, by="key-1")
+    assert count_events(database_url, schema) == before
+
+
+def test_an_unreachable_store_is_reported_as_unavailable() -> None:
+    env = postgres_env("postgresql://postgres@127.0.0.1:1/nowhere")
+    env["POSTGRES_CONNECT_TIMEOUT"] = "1"
+    with pytest.raises(LedgerUnavailable, match="check that PostgreSQL is running"):
+        Ledger(env)

@@ -1,0 +1,50 @@
+"""Where the tests find PostgreSQL and RabbitMQ, and what happens when one is absent.
+
+`scripts/test` provides the services and exports their URLs; by default the tests look on
+127.0.0.1. A test that needs an absent service fails in CI (CI=true) and is skipped
+elsewhere, with a banner at the end of the run naming what did not run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+DATABASE_URL = os.environ.get(
+    "TASKLEDGER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+BROKER_URL = os.environ.get("TASKLEDGER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+missing: dict[str, str] = {}
+
+
+def unavailable(service: str, reason: str) -> None:
+    """Fail (CI) or skip (elsewhere) the calling test because `service` is absent."""
+    missing[service] = reason
+    message = f"{service} is not available: {reason}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI must run every test; start {service})", pytrace=False)
+    pytest.skip(message)
+
+
+def postgres_problem(url: str = DATABASE_URL) -> str | None:
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        return f"{url}: {str(error).strip()}"
+    return None
+
+
+def broker_problem(url: str = BROKER_URL) -> str | None:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 3):
+            return None
+    except OSError as error:
+        return f"{url}: {error}"
