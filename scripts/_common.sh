@@ -138,10 +138,16 @@ tl_ensure_venv() {
     if [ "$stamp_digest" = "$digest" ] && { [ -z "$extra" ] || [ "$stamp_extra" = "$extra" ]; }; then
         return
     fi
+    local reason="first install"
+    if [ -n "$stamp_digest" ] && [ "$stamp_digest" != "$digest" ]; then
+        reason="pyproject.toml changed"
+    elif [ -n "$stamp_digest" ]; then
+        reason="adding the [$extra] extras"
+    fi
     if [ -n "$extra" ]; then
         spec=".[$extra]"
     fi
-    tl_say "installing taskledger into .venv (pip install -e \"$spec\"; pyproject.toml changed or first run)"
+    tl_say "installing taskledger into .venv: pip install -e \"$spec\" ($reason)"
     (cd "$TL_ROOT" && "$TL_PYTHON" -m pip install --quiet --disable-pip-version-check -e "$spec") ||
         tl_die "pip install -e \"$spec\" failed (see above)"
     printf '%s %s\n' "$digest" "$extra" >"$TL_STAMP"
