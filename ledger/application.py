@@ -53,6 +53,11 @@ from ledger.retry import RetryPolicy
 # the store's primary key, not a lookup table, makes a repeated submission collide.
 IDEMPOTENCY_NAMESPACE = UUID("6f1d1f0e-6a53-4b53-9d55-0d4f3c1b7a10")
 
+# The library names the table after the application: Ledger.name.lower() + "_events".
+EVENTS_TABLE = "taskledger_events"
+# The channel the library NOTIFYs on each insert into that table.
+EVENTS_CHANNEL = EVENTS_TABLE
+
 # Arbitrary but fixed: serialises schema creation between processes starting together.
 SCHEMA_LOCK_KEY = 0x7461736B6C6564  # "taskled"
 
@@ -169,6 +174,11 @@ class HistoryEntry:
 _ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
 
+def event_payload(event: object) -> dict[str, Any]:
+    """An event's own fields, without the envelope (task id, version, time, topic)."""
+    return {k: v for k, v in vars(event).items() if k not in _ENVELOPE}
+
+
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
     """Give the library's infrastructure errors the ledger's meaning (IntegrityError passes:
@@ -186,7 +196,7 @@ def _store_errors() -> Iterator[None]:
 class Ledger(Application[UUID]):
     """Commands and queries on tasks, over an event store."""
 
-    name = "TaskLedger"  # the events table is taskledger_events
+    name = "TaskLedger"  # hence EVENTS_TABLE
     env: ClassVar[dict[str, str]] = {}
 
     def __init__(
@@ -247,7 +257,7 @@ class Ledger(Application[UUID]):
                 version=event.originator_version,
                 type=type(event).__name__,
                 at=typing.cast(datetime, vars(event)["timestamp"]),
-                data={k: v for k, v in vars(event).items() if k not in _ENVELOPE},
+                data=event_payload(event),
             )
             for event in events
         ]

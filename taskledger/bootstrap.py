@@ -13,6 +13,8 @@ from typing import Any
 
 from ledger import Ledger
 from ledger.persistence import postgres_env
+from projections import all_projections
+from projections.runner import ProjectionRunner
 from taskledger.embedded import EmbeddedPostgres
 from taskledger.settings import Settings
 
@@ -24,7 +26,22 @@ class Services:
     settings: Settings
     ledger: Ledger
     database_url: str
+    schema: str
+    projection_runners: dict[str, ProjectionRunner] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def start_projections(self, names: list[str] | None = None, **options: Any) -> None:
+        """Run the projections (all, or `names`) in background threads of this process.
+
+        Each takes part in its leader election: with several processes, one applies.
+        """
+        for name, projection in all_projections().items():
+            if names is not None and name not in names:
+                continue
+            runner = ProjectionRunner(self.database_url, self.schema, projection, **options)
+            runner.start()
+            self._stack.callback(runner.stop)
+            self.projection_runners[name] = runner
 
     def close(self) -> None:
         self._stack.close()
@@ -36,7 +53,7 @@ class Services:
         self.close()
 
 
-def bootstrap(settings: Settings, *, schema: str = "", **overrides: Any) -> Services:
+def bootstrap(settings: Settings, **overrides: Any) -> Services:
     """Start what the settings ask for: the database (embedded if no URL) and the ledger.
 
     Overrides: `ledger` (a ready Ledger), or `clock`, `retry_policy`, `limits` for the one
@@ -51,9 +68,16 @@ def bootstrap(settings: Settings, *, schema: str = "", **overrides: Any) -> Serv
             stack.callback(embedded.stop)
         ledger = overrides.pop("ledger", None)
         if ledger is None:
-            ledger = Ledger(postgres_env(database_url, schema=schema), **overrides)
+            env = postgres_env(database_url, schema=settings.database_schema)
+            ledger = Ledger(env, **overrides)
             stack.callback(ledger.close)
-        return Services(settings=settings, ledger=ledger, database_url=database_url, _stack=stack)
+        return Services(
+            settings=settings,
+            ledger=ledger,
+            database_url=database_url,
+            schema=settings.database_schema,
+            _stack=stack,
+        )
     except BaseException:
         stack.close()
         raise

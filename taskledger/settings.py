@@ -25,6 +25,11 @@ class Settings(BaseSettings):
         default=None,
         description="postgresql://user:password@host:port/dbname; unset = embedded PostgreSQL",
     )
+    database_schema: str = Field(
+        default="public",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema of the event store and views",
+    )
     broker_url: str = Field(default="memory://", description="amqp://… or memory://")
     api_keys: SecretStr | None = Field(default=None, description="tenant:role:key,…")
     data_dir: Path = Field(default=Path(".taskledger"), description="embedded database, keys")
@@ -50,6 +55,7 @@ class Settings(BaseSettings):
             f"{ENV_PREFIX}DATABASE_URL": _mask_url(self.database_url)
             if self.database_url
             else f"(unset: embedded PostgreSQL in {self.data_dir / 'postgres'})",
+            f"{ENV_PREFIX}DATABASE_SCHEMA": self.database_schema,
             f"{ENV_PREFIX}BROKER_URL": _mask_url(self.broker_url),
             f"{ENV_PREFIX}API_KEYS": "(set, hidden)" if self.api_keys else "(unset)",
             f"{ENV_PREFIX}DATA_DIR": str(self.data_dir),

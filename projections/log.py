@@ -1,0 +1,54 @@
+"""Reading the ledger's notification log (the events table, in global position order)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+from psycopg import Connection, sql
+
+from ledger.application import EVENTS_TABLE, event_payload
+from ledger.persistence import EventMapper, OrjsonTranscoder
+from projections.base import Change
+
+_MAPPER = EventMapper(transcoder=OrjsonTranscoder())
+
+
+def read_changes(conn: Connection[Any], schema: str, after: int, limit: int) -> list[Change]:
+    """Up to `limit` events with position > `after`, oldest first.
+
+    Positions can have holes (rolled-back inserts); the ledger's insert path commits in
+    position order (table lock), so reading `> after` never skips a later-committed event.
+    """
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
+        ).format(sql.Identifier(schema, EVENTS_TABLE)),
+        (after, limit),
+        prepare=True,
+    ).fetchall()
+    changes = []
+    for position, task_id, version, topic, state in rows:
+        event = _MAPPER.to_domain_event(StoredEvent(task_id, version, topic, bytes(state)))
+        changes.append(
+            Change(
+                position=position,
+                task_id=task_id,
+                version=version,
+                type=type(event).__name__,
+                at=vars(event)["timestamp"],
+                data=event_payload(event),
+            )
+        )
+    return changes
+
+
+def head_position(conn: Connection[Any], schema: str) -> int:
+    """The highest position in the log (0 when empty)."""
+    row = conn.execute(
+        sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(
+            sql.Identifier(schema, EVENTS_TABLE)
+        )
+    ).fetchone()
+    return int(row[0]) if row else 0

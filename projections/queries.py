@@ -1,0 +1,192 @@
+"""The queries the API asks of the views. Parameterised SQL only; sort keys are fixed.
+
+Lists are newest first with keyset cursors: a cursor is the sort key of the last row
+returned, so pages stay stable while new tasks arrive and deep pages cost no OFFSET.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+import psycopg
+from psycopg import Connection, sql
+from psycopg.rows import dict_row
+
+from projections import audit, task_status
+from projections.runner import PROJECTION_CHANNEL
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor that this service did not issue (or that was altered)."""
+
+
+def _encode_cursor(*key: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, arity: int) -> list[Any]:
+    try:
+        key = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        raise InvalidCursor("cursor is not one this service issued") from None
+    if not isinstance(key, list) or len(key) != arity:
+        raise InvalidCursor("cursor is not one this service issued")
+    return key
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def list_tasks(
+    conn: Connection[Any],
+    schema: str,
+    *,
+    tenant: str | None,
+    statuses: Sequence[str] = (),
+    language: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page:
+    """Tasks newest first. `tenant=None` lists every tenant's (admins only)."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if tenant is not None:
+        where.append(sql.SQL("tenant = %s"))
+        params.append(tenant)
+    if statuses:
+        where.append(sql.SQL("status = ANY(%s)"))
+        params.append(list(statuses))
+    if language is not None:
+        where.append(sql.SQL("language = %s"))
+        params.append(language)
+    if created_after is not None:
+        where.append(sql.SQL("created_at > %s"))
+        params.append(created_after)
+    if created_before is not None:
+        where.append(sql.SQL("created_at < %s"))
+        params.append(created_before)
+    if cursor is not None:
+        created_at, task_id = _decode_cursor(cursor, 2)
+        try:
+            key = (datetime.fromisoformat(created_at), UUID(task_id))
+        except (TypeError, ValueError):
+            raise InvalidCursor("cursor is not one this service issued") from None
+        where.append(sql.SQL("(created_at, id) < (%s, %s)"))
+        params.extend(key)
+    query = sql.SQL("SELECT {} FROM {} {} ORDER BY created_at DESC, id DESC LIMIT %s").format(
+        sql.SQL(", ").join(map(sql.Identifier, task_status.COLUMNS)),
+        sql.Identifier(schema, task_status.TaskStatusProjection.name),
+        sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(query, [*params, limit + 1]).fetchall()
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = _encode_cursor(last["created_at"].isoformat(), str(last["id"]))
+    return Page(rows, next_cursor)
+
+
+def counts_by_status(conn: Connection[Any], schema: str, *, tenant: str | None) -> dict[str, int]:
+    query = sql.SQL("SELECT status, count(*) FROM {} {} GROUP BY status").format(
+        sql.Identifier(schema, task_status.TaskStatusProjection.name),
+        sql.SQL("WHERE tenant = %s") if tenant is not None else sql.SQL(""),
+    )
+    rows = conn.execute(query, [tenant] if tenant is not None else []).fetchall()
+    return {status: int(count) for status, count in rows}
+
+
+def audit_events(
+    conn: Connection[Any],
+    schema: str,
+    *,
+    tenant: str | None,
+    types: Sequence[str] = (),
+    task_id: UUID | None = None,
+    worker_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Page:
+    """Events newest first (by global position)."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    for column, value in (("tenant", tenant), ("task_id", task_id), ("worker_id", worker_id)):
+        if value is not None:
+            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+    if types:
+        where.append(sql.SQL("type = ANY(%s)"))
+        params.append(list(types))
+    if since is not None:
+        where.append(sql.SQL("at >= %s"))
+        params.append(since)
+    if until is not None:
+        where.append(sql.SQL("at < %s"))
+        params.append(until)
+    if cursor is not None:
+        (position,) = _decode_cursor(cursor, 1)
+        if not isinstance(position, int):
+            raise InvalidCursor("cursor is not one this service issued")
+        where.append(sql.SQL("position < %s"))
+        params.append(position)
+    query = sql.SQL("SELECT {} FROM {} {} ORDER BY position DESC LIMIT %s").format(
+        sql.SQL(", ").join(map(sql.Identifier, audit.COLUMNS)),
+        sql.Identifier(schema, audit.AuditProjection.name),
+        sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(query, [*params, limit + 1]).fetchall()
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = _encode_cursor(rows[-1]["position"])
+    return Page(rows, next_cursor)
+
+
+def projection_position(conn: Connection[Any], schema: str, name: str) -> int:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT t.position FROM {s}.projection_current c JOIN {s}.projection_tracking t"
+            " ON t.projection = c.projection AND t.generation = c.generation"
+            " WHERE c.projection = %s"
+        ).format(s=sql.Identifier(schema)),
+        (name,),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_for_position(
+    database_url: str, schema: str, name: str, position: int, timeout: float
+) -> bool:
+    """Wait (at most `timeout` s) until projection `name` has applied `position`.
+
+    For read-your-writes: a caller that wrote an event at `position` waits before
+    reading the view. Woken by the runners' NOTIFY; polls too, in case one is lost.
+    """
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL)))
+        while True:
+            if projection_position(conn, schema, name) >= position:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                pass

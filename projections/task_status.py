@@ -1,0 +1,186 @@
+"""The task status view: one row per task, everything the task list shows and filters on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from psycopg import Cursor, sql
+
+from projections.base import Change, Projection
+
+SUMMARY_CHARS = 200
+
+COLUMNS = (
+    "id",
+    "tenant",
+    "description",
+    "language",
+    "status",
+    "attempt",
+    "max_attempts",
+    "ttl_seconds",
+    "scheduled_at",
+    "deadline",
+    "not_before",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "worker_id",
+    "summary",
+    "error_kind",
+    "version",
+    "position",
+)
+
+_OUTCOME_STATUS = {
+    "AttemptCompleted": "Completed",
+    "AttemptFailed": "Failed",
+    "TaskExpired": "Expired",
+    "TaskCancelled": "Cancelled",
+}
+
+
+def _summary(text: str | None) -> str | None:
+    if not text:
+        return None
+    text = text.strip()
+    return text if len(text) <= SUMMARY_CHARS else text[: SUMMARY_CHARS - 1] + "…"
+
+
+def fold(row: dict[str, Any] | None, change: Change) -> dict[str, Any]:
+    """The row after `change` (pure; the view's whole logic)."""
+    data = change.data
+    if change.type == "TaskSubmitted":
+        row = dict.fromkeys(COLUMNS)
+        row.update(
+            id=change.task_id,
+            tenant=data["tenant"],
+            description=data["description"],
+            language=data["language"],
+            status="Pending",
+            attempt=0,
+            max_attempts=data["max_attempts"],
+            ttl_seconds=data["ttl_seconds"],
+            created_at=change.at,
+        )
+    elif row is None:
+        raise LookupError(f"{change.type} at position {change.position} for unknown task")
+    else:
+        row = dict(row)
+    kind = change.type
+    if kind == "AttemptScheduled":
+        row.update(
+            status="Pending",
+            attempt=data["attempt"],
+            deadline=data["deadline"],
+            not_before=data["not_before"],
+            started_at=None,
+            finished_at=None,
+            worker_id=None,
+            summary=None,
+            error_kind=None,
+        )
+        if data["reason"] != "auto-retry":
+            row.update(ttl_seconds=data["ttl_seconds"], scheduled_at=change.at)
+    elif kind == "AttemptStarted":
+        row.update(status="InProgress", started_at=change.at, worker_id=data["worker_id"])
+    elif kind in _OUTCOME_STATUS:
+        row.update(status=_OUTCOME_STATUS[kind], finished_at=change.at)
+        if kind == "AttemptCompleted":
+            row["summary"] = _summary(data["result"].get("stdout"))
+        elif kind == "AttemptFailed":
+            row.update(
+                summary=_summary(data["error"].get("message")),
+                error_kind=data["error"].get("kind"),
+            )
+    elif kind == "TaskUpdated":
+        for name in ("description", "max_attempts", "ttl_seconds"):
+            if name in data["changes"]:
+                row[name] = data["changes"][name]
+        if "ttl_seconds" in data["changes"]:
+            row["deadline"] = row["scheduled_at"] + timedelta(seconds=row["ttl_seconds"])
+    row.update(updated_at=change.at, version=change.version, position=change.position)
+    return row
+
+
+class TaskStatusProjection(Projection):
+    name = "task_status"
+
+    def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
+        cur.execute(
+            sql.SQL(
+                "CREATE TABLE {} ("
+                " id uuid PRIMARY KEY,"
+                " tenant text NOT NULL,"
+                " description text NOT NULL,"
+                " language text NOT NULL,"
+                " status text NOT NULL,"
+                " attempt int NOT NULL,"
+                " max_attempts int NOT NULL,"
+                " ttl_seconds double precision NOT NULL,"
+                " scheduled_at timestamptz,"
+                " deadline timestamptz,"
+                " not_before timestamptz,"
+                " created_at timestamptz NOT NULL,"
+                " updated_at timestamptz NOT NULL,"
+                " started_at timestamptz,"
+                " finished_at timestamptz,"
+                " worker_id text,"
+                " summary text,"
+                " error_kind text,"
+                " version int NOT NULL,"
+                " position bigint NOT NULL)"
+            ).format(table)
+        )
+        base = table.as_string().replace('"', "").replace(".", "_")
+        for suffix, columns, where in (
+            # Keyset pagination, newest first, per tenant; with and without a status filter.
+            ("tenant_created", "tenant, created_at DESC, id DESC", ""),
+            ("tenant_status_created", "tenant, status, created_at DESC, id DESC", ""),
+            # Admins list across tenants.
+            ("created", "created_at DESC, id DESC", ""),
+            # The reaper's nearest deadline among unfinished tasks.
+            ("open_deadline", "deadline", " WHERE status IN ('Pending', 'InProgress')"),
+        ):
+            cur.execute(
+                sql.SQL("CREATE INDEX {} ON {} (" + columns + ")" + where).format(
+                    sql.Identifier(f"{base}_{suffix}"), table
+                )
+            )
+
+    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
+        rows = self._existing_rows(cur, table, changes)
+        for change in changes:
+            rows[change.task_id] = fold(rows.get(change.task_id), change)
+        touched = {c.task_id for c in changes}
+        upsert = sql.SQL(
+            "INSERT INTO {table} ({columns}) VALUES ({values})"
+            " ON CONFLICT (id) DO UPDATE SET {updates}"
+        ).format(
+            table=table,
+            columns=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+            values=sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+            updates=sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in COLUMNS[1:]
+            ),
+        )
+        cur.executemany(upsert, [tuple(rows[t][c] for c in COLUMNS) for t in touched if t in rows])
+
+    def _existing_rows(
+        self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]
+    ) -> dict[UUID, dict[str, Any]]:
+        created = {c.task_id for c in changes if c.type == "TaskSubmitted"}
+        wanted = list({c.task_id for c in changes} - created)
+        if not wanted:
+            return {}
+        cur.execute(
+            sql.SQL("SELECT {} FROM {} WHERE id = ANY(%s)").format(
+                sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table
+            ),
+            (wanted,),
+        )
+        return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
