@@ -1,0 +1,441 @@
+"""The views against real PostgreSQL: live, batched, exactly once, rebuildable, queryable."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from psycopg import sql
+
+from ledger import AttemptError, AttemptResult, Ledger, ManualClock
+from ledger.errors import LedgerError
+from projections import AuditProjection, TaskStatusProjection, all_projections
+from projections import runner as runner_module
+from projections.admin import rebuild, status
+from projections.base import PositionConflict, advance, ensure_installed
+from projections.queries import (
+    InvalidCursor,
+    audit_events,
+    counts_by_status,
+    list_tasks,
+    wait_for_position,
+)
+from projections.runner import ProjectionRunner, apply_batch
+
+pytestmark = pytest.mark.postgres
+
+STATUS = TaskStatusProjection()
+AUDIT = AuditProjection()
+
+
+@pytest.fixture
+def conn(database_url: str, ledger: Ledger, schema: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(database_url) as connection:
+        connection.autocommit = True
+        for projection in all_projections().values():
+            ensure_installed(connection, schema, projection)
+        connection.autocommit = False
+        yield connection
+
+
+def catch_up(conn: psycopg.Connection[Any], schema: str, batch_size: int = 500) -> None:
+    for projection in (STATUS, AUDIT):
+        while apply_batch(conn, schema, projection, batch_size)[1]:
+            pass
+
+
+def submit(ledger: Ledger, n: int = 0, **fields: Any) -> uuid.UUID:
+    values: dict[str, Any] = {
+        "description": f"task {n}",
+        "language": "python",
+        "code": "print(1)",
+        "data": {"n": n},
+        "ttl_seconds": 60,
+        "max_attempts": 2,
+        "tenant": "acme",
+        "submitted_by": "key",
+    }
+    values.update(fields)
+    return ledger.submit(**values).task.id
+
+
+# -- what the views should say, computed from the aggregates -----------------------------------
+
+MODEL_FIELDS = (
+    "tenant",
+    "description",
+    "language",
+    "attempt",
+    "max_attempts",
+    "ttl_seconds",
+    "deadline",
+    "not_before",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "worker_id",
+    "version",
+)
+
+
+def expected_row(ledger: Ledger, task_id: uuid.UUID) -> dict[str, Any]:
+    task = ledger.get(task_id)
+    row = {name: getattr(task, name) for name in MODEL_FIELDS}
+    row["status"] = str(task.status)
+    row["error_kind"] = task.error["kind"] if task.error else None
+    return row
+
+
+def view_rows(conn: psycopg.Connection[Any], schema: str, ids: list[uuid.UUID]) -> dict[Any, Any]:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        rows = cur.execute(
+            sql.SQL("SELECT * FROM {} WHERE id = ANY(%s)").format(
+                sql.Identifier(schema, "task_status")
+            ),
+            (ids,),
+        ).fetchall()
+    conn.commit()
+    return {r["id"]: {k: r[k] for k in (*MODEL_FIELDS, "status", "error_kind")} for r in rows}
+
+
+def audit_rows(conn: psycopg.Connection[Any], schema: str, task_id: uuid.UUID) -> list[Any]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT version, type, payload FROM {} WHERE task_id = %s ORDER BY position"
+        ).format(sql.Identifier(schema, "audit")),
+        (task_id,),
+    ).fetchall()
+    conn.commit()
+    return rows
+
+
+def expected_audit(ledger: Ledger, task_id: uuid.UUID) -> list[Any]:
+    return [
+        (h.version, h.type, orjson.loads(orjson.dumps(h.data))) for h in ledger.history(task_id)
+    ]
+
+
+def snapshot(conn: psycopg.Connection[Any], schema: str) -> tuple[list[Any], list[Any]]:
+    tasks = conn.execute(
+        sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(schema, "task_status"))
+    ).fetchall()
+    events = conn.execute(
+        sql.SQL("SELECT * FROM {} ORDER BY position").format(sql.Identifier(schema, "audit"))
+    ).fetchall()
+    conn.commit()
+    return tasks, events
+
+
+# -- random histories: live in random batches == rebuilt from zero == the aggregates ------------
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "submit",
+                "start",
+                "complete",
+                "fail",
+                "fail_permanently",
+                "expire",
+                "cancel",
+                "retry",
+                "describe",
+                "patch_data",
+                "patch_ttl",
+                "patch_max_attempts",
+                "time",
+            ]
+        ),
+        st.integers(0, 4),
+    ),
+    min_size=15,
+    max_size=60,
+)
+
+
+def perform(ledger: Ledger, clock: ManualClock, ids: list[uuid.UUID], op: str, k: int) -> None:
+    if op == "submit" or not ids:
+        ids.append(submit(ledger, len(ids), ttl_seconds=30, max_attempts=2))
+        return
+    task_id = ids[k % len(ids)]
+    attempt = ledger.get(task_id).attempt
+    actions = {
+        "start": lambda: ledger.start_attempt(task_id, attempt, f"w{k}"),
+        "complete": lambda: ledger.complete_attempt(task_id, attempt, AttemptResult(stdout="ok")),
+        "fail": lambda: ledger.fail_attempt(
+            task_id, attempt, AttemptError("program_error", "boom"), retryable=True
+        ),
+        "fail_permanently": lambda: ledger.fail_attempt(
+            task_id, attempt, AttemptError("compile_error", "bad"), retryable=False
+        ),
+        "expire": lambda: ledger.expire(task_id, attempt, detected_by="reaper"),
+        "cancel": lambda: ledger.cancel(task_id, by="key"),
+        "retry": lambda: ledger.retry(task_id, by="key", ttl_seconds=20),
+        "describe": lambda: ledger.update(task_id, {"description": f"d{k}"}, by="key"),
+        "patch_data": lambda: ledger.update(task_id, {"data": {"k": k}}, by="key"),
+        "patch_ttl": lambda: ledger.update(task_id, {"ttl_seconds": 40 + k}, by="key"),
+        "patch_max_attempts": lambda: ledger.update(task_id, {"max_attempts": k + 1}, by="key"),
+        "time": lambda: clock.advance(7 * k + 1),
+    }
+    try:
+        actions[op]()
+    except LedgerError as refused:
+        event(f"{op}: refused ({type(refused).__name__})")  # nothing written to project
+    else:
+        event(f"{op}: applied")
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=operations, batch_sizes=st.lists(st.integers(1, 7), min_size=1, max_size=5))
+def test_views_built_live_in_any_batches_equal_a_rebuild_and_the_aggregates(
+    ledger: Ledger,
+    clock: ManualClock,
+    conn: psycopg.Connection[Any],
+    database_url: str,
+    schema: str,
+    ops: list[tuple[str, int]],
+    batch_sizes: list[int],
+) -> None:
+    ids: list[uuid.UUID] = []
+    for step, (op, k) in enumerate(ops):
+        perform(ledger, clock, ids, op, k)
+        if step % 3 == 0:  # apply part of what is there, in a random batch size
+            for projection in (STATUS, AUDIT):
+                apply_batch(conn, schema, projection, batch_sizes[step % len(batch_sizes)])
+    catch_up(conn, schema, batch_size=batch_sizes[0])
+
+    assert view_rows(conn, schema, ids) == {i: expected_row(ledger, i) for i in ids}
+    for task_id in ids:
+        assert audit_rows(conn, schema, task_id) == expected_audit(ledger, task_id)
+
+    live = snapshot(conn, schema)
+    for projection in (STATUS, AUDIT):
+        rebuild(database_url, schema, projection, batch_size=50)
+    assert snapshot(conn, schema) == live
+
+
+# -- following the log live ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def runners(database_url: str, schema: str, ledger: Ledger) -> Iterator[list[ProjectionRunner]]:
+    started = [
+        ProjectionRunner(database_url, schema, p, poll_interval=0.5, standby_interval=0.1)
+        for p in all_projections().values()
+    ]
+    for runner in started:
+        runner.start()
+    yield started
+    for runner in started:
+        runner.stop()
+
+
+def head(ledger: Ledger) -> int:
+    return ledger.recorder.max_notification_id() or 0
+
+
+def test_runners_follow_new_events(ledger: Ledger, runners: list[ProjectionRunner]) -> None:
+    task_id = submit(ledger)
+    ledger.start_attempt(task_id, 1, "w1")
+    for runner in runners:
+        assert runner.wait_for(head(ledger), timeout=10), runner.projection.name
+
+
+def test_a_lost_notification_does_not_stall_the_view(
+    ledger: Ledger, database_url: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runner listens on a channel nobody notifies: only its safety-net poll is left.
+    monkeypatch.setattr(runner_module, "EVENTS_CHANNEL", "taskledger_nobody_notifies")
+    runner = ProjectionRunner(database_url, schema, STATUS, poll_interval=0.2)
+    runner.start()
+    try:
+        assert runner.is_leader.wait(10)
+        submit(ledger)
+        assert runner.wait_for(head(ledger), timeout=10)
+    finally:
+        runner.stop()
+
+
+def test_read_your_writes_waits_for_the_position(
+    ledger: Ledger, database_url: str, schema: str, runners: list[ProjectionRunner]
+) -> None:
+    submit(ledger)
+    position = head(ledger)
+    assert wait_for_position(database_url, schema, "task_status", position, timeout=10)
+    assert not wait_for_position(database_url, schema, "task_status", position + 100, 0.3)
+
+
+def test_a_position_already_moved_past_is_refused(
+    conn: psycopg.Connection[Any], ledger: Ledger, schema: str
+) -> None:
+    submit(ledger)
+    catch_up(conn, schema)
+    with conn.transaction(), pytest.raises(PositionConflict, match="another process"):
+        advance(conn, schema, "task_status", 1, 0, head(ledger))
+
+
+def test_rebuild_while_tasks_are_written_and_followed(
+    ledger: Ledger,
+    database_url: str,
+    schema: str,
+    conn: psycopg.Connection[Any],
+    runners: list[ProjectionRunner],
+) -> None:
+    ids = [submit(ledger, n) for n in range(300)]
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            task_id = submit(ledger, 1000 + n)
+            ledger.start_attempt(task_id, 1, "w")
+            ids.append(task_id)
+            n += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        reports = [rebuild(database_url, schema, p, batch_size=100) for p in (STATUS, AUDIT)]
+    finally:
+        stop.set()
+        thread.join()
+    assert [r.new_generation for r in reports] == [2, 2]
+    for runner in runners:
+        assert runner.wait_for(head(ledger), timeout=10)
+    assert view_rows(conn, schema, ids) == {i: expected_row(ledger, i) for i in ids}
+    events = conn.execute(
+        sql.SQL("SELECT count(*), count(DISTINCT position) FROM {}").format(
+            sql.Identifier(schema, "audit")
+        )
+    ).fetchone()
+    assert events == (head(ledger), head(ledger))
+    tables = {
+        r[0]
+        for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)
+        ).fetchall()
+    }
+    assert {"task_status_g2", "audit_g2"} <= tables
+    assert not {"task_status_g1", "audit_g1"} & tables
+    assert {s.name: s.lag for s in status(conn, schema)} == {"audit": 0, "task_status": 0}
+
+
+# -- queries -------------------------------------------------------------------------------------
+
+
+def test_keyset_pages_cover_every_task_once_newest_first(
+    ledger: Ledger, clock: ManualClock, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    ids = []
+    for n in range(23):
+        ids.append(submit(ledger, n))
+        clock.advance(1 if n % 3 else 0)  # some tasks share a creation time
+    submit(ledger, 99, tenant="globex")
+    catch_up(conn, schema)
+    seen: list[uuid.UUID] = []
+    cursor = None
+    while True:
+        page = list_tasks(conn, schema, tenant="acme", limit=5, cursor=cursor)
+        seen += [row["id"] for row in page.items]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert sorted(seen) == sorted(ids)
+    keys = [
+        (r["created_at"], r["id"]) for r in list_tasks(conn, schema, tenant="acme", limit=50).items
+    ]
+    assert keys == sorted(keys, reverse=True)
+
+
+def test_list_filters(
+    ledger: Ledger, clock: ManualClock, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    first = submit(ledger, 1)
+    clock.advance(10)
+    second = submit(ledger, 2, language="csharp")
+    ledger.start_attempt(second, 1, "w")
+    clock.advance(10)
+    third = submit(ledger, 3)
+    ledger.cancel(third, by="key")
+    catch_up(conn, schema)
+
+    def ids(**filters: Any) -> set[uuid.UUID]:
+        return {r["id"] for r in list_tasks(conn, schema, tenant="acme", **filters).items}
+
+    assert ids(statuses=["Pending"]) == {first}
+    assert ids(statuses=["InProgress", "Cancelled"]) == {second, third}
+    assert ids(language="csharp") == {second}
+    created = ledger.get(second).created_at
+    assert ids(created_after=created) == {third}
+    assert ids(created_before=created) == {first}
+    assert ids(
+        created_after=created - timedelta(seconds=1), created_before=created + timedelta(seconds=1)
+    ) == {second}
+    assert list_tasks(conn, schema, tenant="globex").items == []
+    assert len(list_tasks(conn, schema, tenant=None).items) == 3
+    assert counts_by_status(conn, schema, tenant="acme") == {
+        "Pending": 1,
+        "InProgress": 1,
+        "Cancelled": 1,
+    }
+
+
+@pytest.mark.parametrize("cursor", ["garbage!", "W10", "WyJ4Il0", "WzEsMiwzXQ"])
+def test_a_forged_cursor_is_refused(
+    conn: psycopg.Connection[Any], schema: str, cursor: str
+) -> None:
+    with pytest.raises(InvalidCursor):
+        list_tasks(conn, schema, tenant="acme", cursor=cursor)
+    with pytest.raises(InvalidCursor):
+        audit_events(conn, schema, tenant="acme", cursor=cursor)
+
+
+def test_audit_queries(
+    ledger: Ledger, clock: ManualClock, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    task_id = submit(ledger)
+    ledger.start_attempt(task_id, 1, "worker-7")
+    clock.advance(5)
+    ledger.complete_attempt(task_id, 1, AttemptResult(stdout="hi"))
+    other = submit(ledger, tenant="globex")
+    catch_up(conn, schema)
+
+    def types(**filters: Any) -> list[str]:
+        return [r["type"] for r in audit_events(conn, schema, **filters).items]
+
+    assert types(tenant="acme") == [
+        "AttemptCompleted",
+        "AttemptStarted",
+        "AttemptScheduled",
+        "TaskSubmitted",
+    ]
+    assert types(tenant="acme", worker_id="worker-7") == ["AttemptCompleted", "AttemptStarted"]
+    assert types(tenant="acme", types=["TaskSubmitted"]) == ["TaskSubmitted"]
+    assert types(tenant=None, task_id=other) == ["AttemptScheduled", "TaskSubmitted"]
+    assert types(tenant="acme", since=clock.now()) == ["AttemptCompleted"]
+    assert types(tenant="acme", until=clock.now()) == [
+        "AttemptStarted",
+        "AttemptScheduled",
+        "TaskSubmitted",
+    ]
+    first = audit_events(conn, schema, tenant="acme", limit=3)
+    rest = audit_events(conn, schema, tenant="acme", limit=3, cursor=first.next_cursor)
+    assert [r["type"] for r in first.items + rest.items] == types(tenant="acme")
+    assert rest.next_cursor is None
+    completed = audit_events(conn, schema, tenant="acme", types=["AttemptCompleted"]).items[0]
+    assert completed["payload"]["result"]["stdout"] == "hi"
+    assert completed["attempt"] == 1
