@@ -41,11 +41,13 @@ from ledger.domain import (
 from ledger.errors import (
     ContentionExhausted,
     IdempotencyConflict,
+    KeyNotFound,
     LedgerUnavailable,
     TaskNotFound,
     VersionMismatch,
 )
 from ledger.jsonvalue import JSONValue
+from ledger.keys import ApiKey, KeyAlreadyRevoked, key_stream_id, parse_key
 from ledger.persistence import EventMapper, OrjsonTranscoder
 from ledger.retry import RetryPolicy
 
@@ -161,6 +163,15 @@ class TaskState:
 class Submission:
     task: TaskState
     created: bool  # False when an idempotency key matched an earlier identical submission
+
+
+@dataclass(frozen=True)
+class KeyPrincipal:
+    """Who a valid API key speaks for."""
+
+    key_id: str
+    tenant: str
+    role: str
 
 
 @dataclass(frozen=True)
@@ -373,6 +384,46 @@ class Ledger(Application[UUID]):
             task_id, None, lambda t: t.expire(attempt, detected_by, self.clock.now())
         )
 
+    # -- API keys ---------------------------------------------------------------------------------
+
+    def issue_key(
+        self, *, tenant: str, role: str, issued_by: str, label: str = ""
+    ) -> tuple[KeyPrincipal, str]:
+        """Issue a key; returns who it speaks for and the token (shown this once)."""
+        key, token = ApiKey.issue(
+            tenant=tenant, role=role, issued_by=issued_by, label=label, now=self.clock.now()
+        )
+        with _store_errors():
+            self.save(key)
+        return KeyPrincipal(key.key_id, key.tenant, str(key.role)), token
+
+    def revoke_key(self, key_id: str, *, by: str) -> None:
+        key = self._load_key(key_id)
+        if key is None:
+            raise KeyNotFound(f"no API key with id {key_id}")
+        with contextlib.suppress(KeyAlreadyRevoked):
+            key.revoke(by, self.clock.now())
+            self._save(key)
+
+    def authenticate(self, token: str) -> KeyPrincipal | None:
+        """Who the token speaks for, or None if it is malformed, unknown or revoked."""
+        parsed = parse_key(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        key = self._load_key(key_id)
+        if key is None or not key.accepts(secret):
+            return None
+        return KeyPrincipal(key.key_id, key.tenant, str(key.role))
+
+    def _load_key(self, key_id: str) -> ApiKey | None:
+        try:
+            with _store_errors():
+                key: object = self.repository.get(key_stream_id(key_id))
+        except AggregateNotFoundError:
+            return None
+        return key if isinstance(key, ApiKey) else None
+
     # -- machinery --------------------------------------------------------------------------------
 
     def _load(self, task_id: UUID, tenant: str | None) -> Task:
@@ -385,9 +436,9 @@ class Ledger(Application[UUID]):
             raise TaskNotFound(task_id)
         return task
 
-    def _save(self, task: Task) -> None:
+    def _save(self, aggregate: Task | ApiKey) -> None:
         with _store_errors():
-            self.save(task)
+            self.save(aggregate)
 
     def _execute(
         self, task_id: UUID, tenant: str | None, decide: Callable[[Task], Any]

@@ -19,6 +19,10 @@ class TaskNotFound(LedgerError):
         self.task_id = task_id
 
 
+class KeyNotFound(LedgerError):
+    pass
+
+
 class InvalidTask(LedgerError):
     """A value given to a command is outside what the task accepts. Nothing was written."""
 

@@ -24,6 +24,7 @@ class Change:
     """One stored event as projections see it."""
 
     position: int  # the event's global position (notification id)
+    stream: str  # the aggregate class: "Task" (or "ApiKey", which views skip)
     task_id: UUID
     version: int
     type: str  # the event class name, e.g. "AttemptStarted"

@@ -34,6 +34,7 @@ def read_changes(conn: Connection[Any], schema: str, after: int, limit: int) -> 
         changes.append(
             Change(
                 position=position,
+                stream=topic.partition(":")[2].partition(".")[0],
                 task_id=task_id,
                 version=version,
                 type=type(event).__name__,

@@ -88,8 +88,10 @@ def apply_batch(
             return gen, 0
         if len(changes) == batch_size:
             changes = extend_to_transaction_end(conn, schema, changes)
-        with conn.cursor() as cur:
-            projection.apply(cur, sql.Identifier(schema, gen.table), changes)
+        task_changes = [c for c in changes if c.stream == "Task"]
+        if task_changes:
+            with conn.cursor() as cur:
+                projection.apply(cur, sql.Identifier(schema, gen.table), task_changes)
         new_position = changes[-1].position
         base.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
         conn.execute(

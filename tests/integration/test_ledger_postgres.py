@@ -172,3 +172,26 @@ def test_an_unreachable_store_is_reported_as_unavailable() -> None:
     env["POSTGRES_CONNECT_TIMEOUT"] = "1"
     with pytest.raises(LedgerUnavailable, match="check that PostgreSQL is running"):
         Ledger(env)
+
+
+def test_api_keys_are_issued_checked_and_revoked(ledger: Ledger) -> None:
+    principal, token = ledger.issue_key(tenant="acme", role="submit", issued_by="cli")
+    assert token.startswith("tlk_")
+    assert ledger.authenticate(token) == principal
+    assert (principal.tenant, principal.role) == ("acme", "submit")
+    assert ledger.authenticate(token[:-1] + ("x" if token[-1] != "x" else "y")) is None
+    assert ledger.authenticate("tlk_000000000000_nope") is None
+    assert ledger.authenticate("not-a-key") is None
+    ledger.revoke_key(principal.key_id, by="cli")
+    assert ledger.authenticate(token) is None
+    ledger.revoke_key(principal.key_id, by="cli")  # revoking twice is harmless
+    with pytest.raises(InvalidTask, match="role"):
+        ledger.issue_key(tenant="acme", role="root", issued_by="cli")
+
+
+def test_key_events_are_not_tasks(ledger: Ledger) -> None:
+    principal, _ = ledger.issue_key(tenant="acme", role="read", issued_by="cli")
+    from ledger.keys import key_stream_id
+
+    with pytest.raises(TaskNotFound):
+        ledger.get(key_stream_id(principal.key_id))

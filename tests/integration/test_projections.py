@@ -439,3 +439,18 @@ def test_audit_queries(
     completed = audit_events(conn, schema, tenant="acme", types=["AttemptCompleted"]).items[0]
     assert completed["payload"]["result"]["stdout"] == "hi"
     assert completed["attempt"] == 1
+
+
+def test_views_skip_key_events_but_move_past_them(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    ledger.issue_key(tenant="acme", role="read", issued_by="test")
+    task_id = submit(ledger)
+    ledger.issue_key(tenant="acme", role="read", issued_by="test")
+    catch_up(conn, schema)
+    assert {s.name: s.lag for s in status(conn, schema)} == {"audit": 0, "task_status": 0}
+    assert view_rows(conn, schema, [task_id]) == {task_id: expected_row(ledger, task_id)}
+    assert [r[1] for r in audit_rows(conn, schema, task_id)] == [
+        "TaskSubmitted",
+        "AttemptScheduled",
+    ]

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ledger.domain import Task
+from ledger.keys import ApiKey
 from ledger.persistence import EventMapper, InvalidDatabaseURL, OrjsonTranscoder, postgres_env
 
 MAPPER = EventMapper(transcoder=OrjsonTranscoder())
@@ -70,6 +71,16 @@ EVENT_FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
     Task.TaskExpired: {"attempt": st.integers(1, 100), "detected_by": texts},
     Task.TaskCancelled: {"attempt": st.integers(1, 100), "by": texts, "reason": texts},
     Task.TaskUpdated: {"changes": payloads, "by": texts},
+    ApiKey.KeyIssued: {
+        "originator_topic": st.just("ledger.keys:ApiKey"),
+        "key_id": texts,
+        "tenant": texts,
+        "role": texts,
+        "secret_sha256": texts,
+        "issued_by": texts,
+        "label": texts,
+    },
+    ApiKey.KeyRevoked: {"by": texts},
 }
 
 
@@ -89,9 +100,12 @@ def events() -> st.SearchStrategy[Any]:
 def test_every_event_type_is_covered() -> None:
     defined = {
         value
-        for value in vars(Task).values()
-        if isinstance(value, type) and issubclass(value, Task.Event | Task.Created)
-    } - {Task.Event, Task.Created}
+        for aggregate in (Task, ApiKey)
+        for value in vars(aggregate).values()
+        if isinstance(value, type)
+        and issubclass(value, aggregate.Event | aggregate.Created)
+        and value.__name__ not in ("Event", "Created")
+    }
     assert {cls.__name__ for cls in defined} == {cls.__name__ for cls in EVENT_FIELDS}
 
 
