@@ -11,12 +11,25 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+from psycopg_pool import ConnectionPool
+from starlette.applications import Starlette
+
+from api.app import create_app
+from api.auth import Authenticator, parse_configured_keys
+from api.context import ApiContext
+from api.metrics import ApiMetrics
+from api.watch import TaskWatcher
 from ledger import Ledger
 from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.runner import ProjectionRunner
 from taskledger.embedded import EmbeddedPostgres
-from taskledger.settings import Settings
+from taskledger.settings import ConfigError, Settings
+
+# Threads that may touch the ledger at once: its connection pool's size (5 + 10 overflow).
+LEDGER_THREADS = 15
+DEV_KEY_FILE = "dev-api-key"
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +55,50 @@ class Services:
             runner.start()
             self._stack.callback(runner.stop)
             self.projection_runners[name] = runner
+
+    def api_app(self) -> Starlette:
+        """The HTTP API over these services (its query pool closes with them)."""
+        spec = self.settings.api_keys.get_secret_value() if self.settings.api_keys else ""
+        try:
+            configured = parse_configured_keys(spec)
+        except ValueError as error:
+            raise ConfigError(f"TASKLEDGER_API_KEYS: {error}") from None
+        queries = ConnectionPool(
+            self.database_url,
+            min_size=1,
+            max_size=10,
+            kwargs={"autocommit": True},
+            open=True,
+            name="queries",
+        )
+        self._stack.callback(queries.close)
+        context = ApiContext(
+            ledger=self.ledger,
+            queries=queries,
+            database_url=self.database_url,
+            schema=self.schema,
+            authenticator=Authenticator(configured, self.ledger.authenticate),
+            watcher=TaskWatcher(self.database_url, self.schema),
+            metrics=ApiMetrics(),
+            limiter=anyio.CapacityLimiter(LEDGER_THREADS),
+        )
+        return create_app(context)
+
+    def dev_api_key(self) -> str:
+        """The dev key kept in the data directory, issued (admin of tenant `default`) if
+        there is none yet or it no longer works."""
+        path = self.settings.data_dir / DEV_KEY_FILE
+        if path.exists():
+            token = path.read_text().strip()
+            if self.ledger.authenticate(token) is not None:
+                return token
+        _, token = self.ledger.issue_key(
+            tenant="default", role="admin", issued_by="taskledger dev", label="dev"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(token + "\n")
+        return token
 
     def close(self) -> None:
         self._stack.close()

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from ledger.errors import LedgerError
 from projections import all_projections
 from projections.admin import rebuild, status
 from taskledger.bootstrap import Services, bootstrap
@@ -25,12 +26,27 @@ def _parser() -> argparse.ArgumentParser:
         "environment variables (see `taskledger config`).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
+    dev = commands.add_parser(
         "dev",
         help="run everything in one process on the embedded defaults",
-        description="Start the ledger on TASKLEDGER_DATABASE_URL, or on an embedded "
-        "PostgreSQL in TASKLEDGER_DATA_DIR when it is unset, and run until interrupted.",
+        description="Run the API and every role in one process, on TASKLEDGER_DATABASE_URL "
+        "or, when it is unset, an embedded PostgreSQL in TASKLEDGER_DATA_DIR. Prints the URL "
+        "and an API key (generated and kept in the data directory when none is configured).",
     )
+    _serve_options(dev)
+    api = commands.add_parser("api", help="run the API and the singleton roles")
+    _serve_options(api)
+    api.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    api.add_argument("--ssl-keyfile", help="… and this private key (PEM)")
+    keys = commands.add_parser("keys", help="API keys: create, revoke").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", help="issue a key; prints it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", required=True, choices=["read", "submit", "admin"])
+    create.add_argument("--label", default="", help="a note for whoever finds it in the audit")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (the part after tlk_)")
+    revoke.add_argument("key_id")
     commands.add_parser("config", help="print the effective configuration (secrets masked)")
 
     projections = commands.add_parser(
@@ -51,6 +67,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+
+
+def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
+    import uvicorn
+
+    app = services.api_app()
+    services.start_projections()
+    scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
+    url = f"{scheme}://{args.host}:{args.port}"
+    if dev and services.settings.api_keys is None:
+        key = services.dev_api_key()
+        print(
+            f"taskledger is running at {url} (Swagger UI: {url}/swagger)\n"
+            f"API key (admin of tenant 'default', kept in "
+            f"{services.settings.data_dir / 'dev-api-key'}):\n  {key}\n"
+            f"Try: curl -H 'Authorization: ApiKey {key}' {url}/api/stats",
+            file=sys.stderr,
+            flush=True,
+        )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        ssl_certfile=getattr(args, "ssl_certfile", None),
+        ssl_keyfile=getattr(args, "ssl_keyfile", None),
+    )
+    log.info("serving the API", extra={"url": url})
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    with bootstrap(load_settings()) as services:
+        if args.action == "create":
+            principal, token = services.ledger.issue_key(
+                tenant=args.tenant, role=args.role, issued_by="taskledger keys", label=args.label
+            )
+            print(token)
+            print(
+                f"key id {principal.key_id}: {principal.role} for tenant {principal.tenant}. "
+                "Keep the key: it is not stored and cannot be shown again.",
+                file=sys.stderr,
+            )
+            return 0
+        services.ledger.revoke_key(args.key_id, by="taskledger keys")
+        print(f"revoked key {args.key_id}", file=sys.stderr)
+        return 0
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -59,27 +129,16 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _run_dev(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    stop = _stop_on_signals()
-    with bootstrap(settings) as services:
-        services.start_projections()
-        position = services.ledger.recorder.max_notification_id() or 0
-        log.info(
-            "taskledger dev: ledger ready",
-            extra={
-                "database": settings.masked()["TASKLEDGER_DATABASE_URL"],
-                "events_stored": position,
-            },
-        )
-        print(
-            "taskledger is running: the ledger is ready on "
-            f"{settings.masked()['TASKLEDGER_DATABASE_URL']}. Press Ctrl-C to stop.",
-            file=sys.stderr,
-            flush=True,
-        )
-        stop.wait()
-        log.info("taskledger dev: stopping")
-    return 0
+    with bootstrap(load_settings()) as services:
+        return _serve(services, args, dev=True)
+
+
+def _run_api(args: argparse.Namespace) -> int:
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("taskledger: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    with bootstrap(load_settings()) as services:
+        return _serve(services, args, dev=False)
 
 
 def _run_projections(args: argparse.Namespace) -> int:
@@ -131,11 +190,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
     try:
-        if args.command == "dev":
-            return _run_dev(args)
-        if args.command == "projections":
-            return _run_projections(args)
-        return _run_config(args)
+        runners = {
+            "dev": _run_dev,
+            "api": _run_api,
+            "keys": _run_keys,
+            "projections": _run_projections,
+            "config": _run_config,
+        }
+        return runners[args.command](args)
     except ConfigError as error:
         print(f"taskledger: configuration error: {error}", file=sys.stderr)
         return 2
+    except LedgerError as error:
+        print(f"taskledger: {error}", file=sys.stderr)
+        return 1

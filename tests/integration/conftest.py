@@ -1,11 +1,25 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
+import anyio
+import httpx
+import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 
+from api.app import create_app
+from api.auth import Authenticator, ConfiguredKey
+from api.context import ApiContext
+from api.metrics import ApiMetrics
+from api.watch import TaskWatcher
 from ledger import Ledger, ManualClock, RetryPolicy
+from ledger.keys import Role
 from ledger.persistence import postgres_env
+from projections import all_projections
+from projections.base import ensure_installed
+from projections.runner import apply_batch
 
 
 @pytest.fixture
@@ -24,3 +38,72 @@ def ledger(store_env: dict[str, str], clock: ManualClock) -> Iterator[Ledger]:
     app = Ledger(store_env, clock=clock, retry_policy=RetryPolicy(base_seconds=1))
     yield app
     app.close()
+
+
+# -- the HTTP API over a real ledger and real views ---------------------------------------------
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    context: ApiContext
+    keys: dict[str, str]  # name -> key: "acme-admin", "acme-submit", "acme-read", "globex-submit"
+
+    def auth(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"ApiKey {self.keys[name]}"}
+
+    async def catch_up(self) -> None:
+        """Bring the views up to the log's head (the tests' stand-in for the runners)."""
+
+        def run() -> None:
+            with psycopg.connect(self.context.database_url) as conn:
+                for projection in all_projections().values():
+                    while apply_batch(conn, self.context.schema, projection, 1_000)[1]:
+                        pass
+
+        await anyio.to_thread.run_sync(run)
+
+
+CONFIGURED_KEYS = {
+    "acme-admin": ("acme", "admin"),
+    "acme-submit": ("acme", "submit"),
+    "acme-read": ("acme", "read"),
+    "globex-submit": ("globex", "submit"),
+}
+
+
+@pytest.fixture
+def api_context(ledger: Ledger, database_url: str, schema: str) -> Iterator[ApiContext]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for projection in all_projections().values():
+            ensure_installed(conn, schema, projection)
+    configured = [
+        ConfiguredKey(tenant, Role(role), f"{name}-key-0123456789")
+        for name, (tenant, role) in CONFIGURED_KEYS.items()
+    ]
+    pool = ConnectionPool(database_url, min_size=1, max_size=4, kwargs={"autocommit": True})
+    context = ApiContext(
+        ledger=ledger,
+        queries=pool,
+        database_url=database_url,
+        schema=schema,
+        authenticator=Authenticator(configured, ledger.authenticate),
+        watcher=TaskWatcher(database_url, schema, poll_interval=0.2),
+        metrics=ApiMetrics(),
+        limiter=anyio.CapacityLimiter(8),
+    )
+    yield context
+    pool.close()
+
+
+@pytest.fixture
+async def api(api_context: ApiContext) -> AsyncIterator[Api]:
+    app = create_app(api_context)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://taskledger.test") as client:
+        yield Api(
+            client,
+            api_context,
+            {name: f"{name}-key-0123456789" for name in CONFIGURED_KEYS},
+        )
+    await api_context.watcher.close()

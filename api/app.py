@@ -1,0 +1,135 @@
+"""The Starlette application: `create_app(context)`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from openapi_ui_bundles import swagger_ui
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import system, tasks
+from api.context import ApiContext
+from api.errors import EXCEPTION_HANDLERS
+from api.http import json_response
+from api.openapi import build_openapi
+
+log = logging.getLogger("api")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+SWAGGER_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>taskledger API</title>
+<link rel="stylesheet" href="/swagger/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/swagger/static/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});
+</script></body></html>
+"""
+
+
+class RequestLog:
+    """One JSON log line and the metrics of every request; a request id for each.
+
+    The id comes from a well-formed X-Request-ID header or is made up, and is echoed back.
+    """
+
+    def __init__(self, app: ASGIApp, context: ApiContext) -> None:
+        self.app = app
+        self.metrics = context.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+            self.metrics.request_seconds.labels(scope["method"], template).observe(elapsed)
+            fields: dict[str, Any] = {
+                "request_id": request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            }
+            for name in ("tenant", "key_id", "task_id"):
+                if name in state:
+                    fields[name] = state[name]
+            log.info("request", extra=fields)
+
+
+def create_app(context: ApiContext) -> Starlette:
+    spec = build_openapi()
+
+    async def openapi(request: Request) -> Response:
+        return json_response(spec)
+
+    async def swagger(request: Request) -> Response:
+        return HTMLResponse(SWAGGER_PAGE)
+
+    routes = [
+        Route("/api/tasks", tasks.submit_task, methods=["POST"]),
+        Route("/api/tasks", tasks.list_tasks_route, methods=["GET"]),
+        Route("/api/tasks/{task_id}", tasks.get_task, methods=["GET"]),
+        Route("/api/tasks/{task_id}", tasks.patch_task, methods=["PATCH"]),
+        Route("/api/tasks/{task_id}/retry", tasks.retry_task, methods=["POST"]),
+        Route("/api/tasks/{task_id}/cancel", tasks.cancel_task, methods=["POST"]),
+        Route("/api/tasks/{task_id}/history", tasks.task_history, methods=["GET"]),
+        Route("/api/audit", system.audit, methods=["GET"]),
+        Route("/api/stats", system.stats, methods=["GET"]),
+        Route("/healthz", system.healthz, methods=["GET"]),
+        Route("/readyz", system.readyz, methods=["GET"]),
+        Route("/metrics", system.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/swagger", swagger, methods=["GET"]),
+        Mount(
+            "/swagger/static", StaticFiles(directory=str(swagger_ui.static_path)), name="swagger"
+        ),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await context.watcher.close()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.ctx = context
+    app.add_middleware(RequestLog, context=context)
+    return app

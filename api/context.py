@@ -1,0 +1,38 @@
+"""What the API needs from the rest of taskledger, handed in by the composition root."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+from psycopg_pool import ConnectionPool
+
+from api.auth import Authenticator
+from api.metrics import ApiMetrics
+from api.watch import TaskWatcher
+from ledger import Ledger
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    request_body_bytes: int = 1024 * 1024
+    max_wait_seconds: float = 60.0
+    page_size: int = 50
+    max_page_size: int = 500
+    ready_max_projection_lag: int = 10_000
+
+
+@dataclass
+class ApiContext:
+    ledger: Ledger
+    queries: ConnectionPool  # for the views (autocommit connections)
+    database_url: str
+    schema: str
+    authenticator: Authenticator
+    watcher: TaskWatcher
+    metrics: ApiMetrics
+    limiter: anyio.CapacityLimiter
+    limits: ApiLimits = field(default_factory=ApiLimits)
+    # Extra readiness checks (the broker, …): name -> problem, or None when fine.
+    readiness: dict[str, Callable[[], str | None]] = field(default_factory=dict)

@@ -1,0 +1,182 @@
+"""Request and response bodies. These models are the OpenAPI schema, too."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Language = Literal["python", "csharp", "echo"]
+StatusName = Literal["Pending", "InProgress", "Completed", "Expired", "Failed", "Cancelled"]
+
+
+class _Request(BaseModel):
+    # Strict: "3" is not 3, and a field the API does not know is an error, not a silence.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TaskCreate(_Request):
+    description: str = Field(
+        default="", description="What the task is for (at most 1,000 characters)."
+    )
+    language: Language = Field(
+        description="`echo` runs no program and returns `data` (a pipeline check)."
+    )
+    code: str | None = Field(
+        default=None, description="The program (at most 64 KiB). Optional only for `echo`."
+    )
+    data: Any = Field(
+        default=None, description="Any JSON value (at most 256 KiB); the program reads it on stdin."
+    )
+    ttl_seconds: float = Field(
+        default=300.0, description="Time budget from scheduling, in (0, 86400]."
+    )
+    max_attempts: int = Field(
+        default=3, description="Attempts per run, counting automatic retries (1 to 10)."
+    )
+
+    @model_validator(mode="after")
+    def _code_unless_echo(self) -> TaskCreate:
+        if self.code is None and self.language != "echo":
+            raise ValueError("code is required unless language is echo")
+        return self
+
+
+class TaskPatch(_Request):
+    """A JSON merge patch (RFC 7396). `data` is merged; `null` inside it removes a key."""
+
+    description: str | None = None
+    data: Any = None
+    code: str | None = None
+    ttl_seconds: float | None = None
+    max_attempts: int | None = None
+
+
+class RetryRequest(_Request):
+    ttl_seconds: float | None = Field(
+        default=None, description="A new time budget for the new attempt."
+    )
+
+
+class CancelRequest(_Request):
+    reason: str = Field(default="", max_length=1_000)
+
+
+class Result(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration_ms: float
+    truncated: bool
+
+
+class TaskError(BaseModel):
+    kind: str = Field(description="program_error, compile_error, unknown_language, worker_lost, …")
+    message: str
+
+
+class TaskOut(BaseModel):
+    id: UUID
+    description: str
+    language: str
+    code: str | None = Field(default=None, description="Omitted in lists.")
+    data: Any = Field(default=None, description="Omitted in lists.")
+    status: StatusName
+    attempt: int
+    max_attempts: int
+    ttl_seconds: float
+    deadline: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker_id: str | None
+    result: Result | None
+    error: TaskError | None
+    version: int
+
+
+class TaskSummaryOut(BaseModel):
+    """A task as the list shows it (from the status view)."""
+
+    id: UUID
+    description: str
+    language: str
+    status: StatusName
+    attempt: int
+    max_attempts: int
+    ttl_seconds: float
+    deadline: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker_id: str | None
+    summary: str | None = Field(description="The start of stdout, or the error message.")
+    error_kind: str | None
+    version: int
+
+
+class TaskList(BaseModel):
+    items: list[TaskSummaryOut]
+    next_cursor: str | None
+
+
+class HistoryItem(BaseModel):
+    version: int
+    type: str
+    at: datetime
+    data: dict[str, Any]
+
+
+class History(BaseModel):
+    items: list[HistoryItem]
+
+
+class AuditItem(BaseModel):
+    position: int
+    task_id: UUID
+    type: str
+    attempt: int | None
+    worker_id: str | None
+    at: datetime
+    version: int
+    data: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    items: list[AuditItem]
+    next_cursor: str | None
+
+
+class ProjectionLag(BaseModel):
+    position: int
+    lag_events: int
+
+
+class Stats(BaseModel):
+    counts: dict[str, int]
+    projections: dict[str, ProjectionLag]
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldProblem] | None = None
+    request_id: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,277 @@
+"""The /api/tasks routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.errors import ApiProblem
+from api.http import (
+    authenticate,
+    choice_params,
+    context,
+    float_param,
+    in_thread,
+    int_param,
+    json_response,
+    read_json,
+    reject_unknown_params,
+    task_id_param,
+    time_param,
+)
+from api.schemas import CancelRequest, RetryRequest, TaskCreate, TaskPatch
+from ledger import Status, TaskState
+from ledger.keys import Role
+from projections.queries import list_tasks
+
+STATUSES = tuple(str(s) for s in Status)
+LANGUAGES = ("python", "csharp", "echo")
+
+
+def task_body(task: TaskState) -> dict[str, Any]:
+    result = task.result
+    error = task.error
+    return {
+        "id": task.id,
+        "description": task.description,
+        "language": task.language,
+        "code": task.code,
+        "data": task.data,
+        "status": str(task.status),
+        "attempt": task.attempt,
+        "max_attempts": task.max_attempts,
+        "ttl_seconds": task.ttl_seconds,
+        "deadline": task.deadline,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "started_at": task.started_at,
+        "finished_at": task.finished_at,
+        "worker_id": task.worker_id,
+        "result": {
+            "stdout": result.get("stdout", ""),
+            "stderr": result.get("stderr", ""),
+            "exit_code": result.get("exit_code", 0),
+            "duration_ms": result.get("duration_ms", 0.0),
+            "truncated": result.get("truncated", False),
+        }
+        if result is not None and task.status is Status.COMPLETED
+        else None,
+        "error": {"kind": error.get("kind", ""), "message": error.get("message", "")}
+        if error is not None and task.status is not Status.COMPLETED
+        else None,
+        "version": task.version,
+    }
+
+
+def task_response(
+    task: TaskState, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return json_response(task_body(task), status, {"ETag": f'"{task.version}"', **(headers or {})})
+
+
+def _expected_version(request: Request) -> int | None:
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    value = raw.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise ApiProblem(
+            400,
+            "invalid-if-match",
+            f'If-Match must be the task\'s version as its ETag gives it, e.g. "3" (got {raw!r})',
+            errors=[{"field": "If-Match", "message": "must be a version number"}],
+        )
+    return int(value)
+
+
+async def submit_task(request: Request) -> Response:
+    principal = await authenticate(request, Role.SUBMIT)
+    reject_unknown_params(request, set())
+    body = await read_json(request, TaskCreate)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ApiProblem(
+            422,
+            "invalid-request",
+            "Idempotency-Key must be 1 to 255 characters",
+            errors=[{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}],
+        )
+    ctx = context(request)
+    submission = await in_thread(
+        request,
+        lambda: ctx.ledger.submit(
+            description=body.description,
+            language=body.language,
+            code=body.code or "",
+            data=body.data,
+            ttl_seconds=body.ttl_seconds,
+            max_attempts=body.max_attempts,
+            tenant=principal.tenant,
+            submitted_by=principal.key_id,
+            idempotency_key=key,
+        ),
+    )
+    task = submission.task
+    request.state.task_id = str(task.id)
+    if submission.created:
+        ctx.metrics.tasks_submitted.labels(task.language).inc()
+    return task_response(
+        task,
+        201 if submission.created else 200,
+        {"Location": f"/api/tasks/{task.id}"},
+    )
+
+
+async def get_task(request: Request) -> Response:
+    principal = await authenticate(request, Role.READ)
+    reject_unknown_params(request, {"wait"})
+    task_id = task_id_param(request)
+    ctx = context(request)
+    wait = float_param(request, "wait", 0.0, 0.0, ctx.limits.max_wait_seconds)
+
+    def load() -> TaskState:
+        return ctx.ledger.get(task_id, tenant=principal.scope)
+
+    if wait <= 0:
+        return task_response(await in_thread(request, load))
+    deadline = time.monotonic() + wait
+    with ctx.watcher.subscribe(task_id) as changed:
+        while True:
+            changed.clear()
+            task = await in_thread(request, load)
+            remaining = deadline - time.monotonic()
+            if task.status.is_terminal or remaining <= 0:
+                return task_response(task)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+
+async def list_tasks_route(request: Request) -> Response:
+    principal = await authenticate(request, Role.READ)
+    ctx = context(request)
+    reject_unknown_params(
+        request, {"status", "language", "created_after", "created_before", "limit", "cursor"}
+    )
+    statuses = choice_params(request, "status", STATUSES)
+    languages = choice_params(request, "language", LANGUAGES)
+    if len(languages) > 1:
+        raise ApiProblem(
+            422,
+            "invalid-request",
+            "language: give at most one",
+            errors=[{"field": "language", "message": "give at most one"}],
+        )
+    limit = int_param(request, "limit", ctx.limits.page_size, 1, ctx.limits.max_page_size)
+    created_after = time_param(request, "created_after")
+    created_before = time_param(request, "created_before")
+    cursor = request.query_params.get("cursor")
+
+    def query() -> Any:
+        with ctx.queries.connection() as conn:
+            return list_tasks(
+                conn,
+                ctx.schema,
+                tenant=principal.scope,
+                statuses=statuses,
+                language=languages[0] if languages else None,
+                created_after=created_after,
+                created_before=created_before,
+                limit=limit,
+                cursor=cursor,
+            )
+
+    page = await in_thread(request, query)
+    items = [{k: row[k] for k in _SUMMARY_FIELDS} | {"id": row["id"]} for row in page.items]
+    return json_response({"items": items, "next_cursor": page.next_cursor})
+
+
+_SUMMARY_FIELDS = (
+    "description",
+    "language",
+    "status",
+    "attempt",
+    "max_attempts",
+    "ttl_seconds",
+    "deadline",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "finished_at",
+    "worker_id",
+    "summary",
+    "error_kind",
+    "version",
+)
+
+
+async def patch_task(request: Request) -> Response:
+    principal = await authenticate(request, Role.SUBMIT)
+    reject_unknown_params(request, set())
+    task_id = task_id_param(request)
+    expected = _expected_version(request)
+    body = await read_json(request, TaskPatch)
+    patch = {name: getattr(body, name) for name in body.model_fields_set}
+    if not patch:
+        raise ApiProblem(
+            422,
+            "invalid-request",
+            "the patch is empty; send the fields to change",
+            errors=[{"field": "body", "message": "must change at least one field"}],
+        )
+    ctx = context(request)
+    task = await in_thread(
+        request,
+        lambda: ctx.ledger.update(
+            task_id,
+            patch,
+            by=principal.key_id,
+            expected_version=expected,
+            tenant=principal.scope,
+        ),
+    )
+    return task_response(task)
+
+
+async def retry_task(request: Request) -> Response:
+    principal = await authenticate(request, Role.SUBMIT)
+    reject_unknown_params(request, set())
+    task_id = task_id_param(request)
+    body = await read_json(request, RetryRequest, optional=True)
+    ctx = context(request)
+    task = await in_thread(
+        request,
+        lambda: ctx.ledger.retry(
+            task_id, by=principal.key_id, ttl_seconds=body.ttl_seconds, tenant=principal.scope
+        ),
+    )
+    return task_response(task)
+
+
+async def cancel_task(request: Request) -> Response:
+    principal = await authenticate(request, Role.SUBMIT)
+    reject_unknown_params(request, set())
+    task_id = task_id_param(request)
+    body = await read_json(request, CancelRequest, optional=True)
+    ctx = context(request)
+    task = await in_thread(
+        request,
+        lambda: ctx.ledger.cancel(
+            task_id, by=principal.key_id, reason=body.reason, tenant=principal.scope
+        ),
+    )
+    return task_response(task)
+
+
+async def task_history(request: Request) -> Response:
+    principal = await authenticate(request, Role.READ)
+    reject_unknown_params(request, set())
+    task_id = task_id_param(request)
+    ctx = context(request)
+    entries = await in_thread(request, lambda: ctx.ledger.history(task_id, tenant=principal.scope))
+    items = [{"version": e.version, "type": e.type, "at": e.at, "data": e.data} for e in entries]
+    return json_response({"items": items})

@@ -1,0 +1,112 @@
+"""Wake long-polling requests when their task gets a new event.
+
+One LISTEN connection per API process follows the event log's positions (ids only, no
+payloads) and sets the waiters of the tasks that changed; a waiter then rereads its task
+from the ledger. A poll every `poll_interval` covers a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from ledger.application import EVENTS_CHANNEL, EVENTS_TABLE
+
+log = logging.getLogger(__name__)
+
+
+class TaskWatcher:
+    def __init__(self, database_url: str, schema: str, *, poll_interval: float = 1.0) -> None:
+        self.database_url = database_url
+        self.schema = schema
+        self.poll_interval = poll_interval
+        self._waiters: defaultdict[UUID, set[asyncio.Event]] = defaultdict(set)
+        self._task: asyncio.Task[None] | None = None
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    @contextlib.contextmanager
+    def subscribe(self, task_id: UUID) -> Iterator[asyncio.Event]:
+        """An event set whenever the task gets a new event, while the block runs.
+
+        Subscribe before reading the task, so a change between the read and the wait
+        still wakes the waiter.
+        """
+        self._ensure_running()
+        event = asyncio.Event()
+        self._waiters[task_id].add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[task_id]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._follow_once()
+            except (psycopg.Error, OSError) as error:
+                log.warning(
+                    "task watcher lost its connection; retrying", extra={"error": str(error)}
+                )
+                self._wake_all()  # waiters reread their task rather than miss a change
+                await asyncio.sleep(self.poll_interval)
+
+    async def _follow_once(self) -> None:
+        table = sql.Identifier(self.schema, EVENTS_TABLE)
+        async with await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True
+        ) as conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+            cur = await conn.execute(
+                sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(table)
+            )
+            row = await cur.fetchone()
+            last = int(row[0]) if row else 0
+            while True:
+                if self._waiters:
+                    cur = await conn.execute(
+                        sql.SQL(
+                            "SELECT notification_id, originator_id FROM {}"
+                            " WHERE notification_id > %s ORDER BY notification_id"
+                        ).format(table),
+                        (last,),
+                    )
+                    for position, task_id in await cur.fetchall():
+                        last = position
+                        for event in self._waiters.get(task_id, ()):
+                            event.set()
+                else:
+                    cur = await conn.execute(
+                        sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(table)
+                    )
+                    row = await cur.fetchone()
+                    last = int(row[0]) if row else last
+                    # Someone subscribed while we skipped ahead: they may have missed a
+                    # change below `last`; a spurious wake only costs them a reread.
+                    self._wake_all()
+                async for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
+                    pass
+
+    def _wake_all(self) -> None:
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
