@@ -7,6 +7,7 @@ import anyio
 import httpx
 import psycopg
 import pytest
+import pytest_asyncio
 from psycopg_pool import ConnectionPool
 
 from api.app import create_app
@@ -81,7 +82,9 @@ def api_context(ledger: Ledger, database_url: str, schema: str) -> Iterator[ApiC
         ConfiguredKey(tenant, Role(role), f"{name}-key-0123456789")
         for name, (tenant, role) in CONFIGURED_KEYS.items()
     ]
-    pool = ConnectionPool(database_url, min_size=1, max_size=4, kwargs={"autocommit": True})
+    pool = ConnectionPool(
+        database_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True
+    )
     context = ApiContext(
         ledger=ledger,
         queries=pool,
@@ -96,7 +99,7 @@ def api_context(ledger: Ledger, database_url: str, schema: str) -> Iterator[ApiC
     pool.close()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def api(api_context: ApiContext) -> AsyncIterator[Api]:
     app = create_app(api_context)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
