@@ -129,7 +129,9 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _run_dev(args: argparse.Namespace) -> int:
-    with bootstrap(load_settings()) as services:
+    settings = load_settings()
+    configure_logging(role="dev", log_dir=settings.log_dir)
+    with bootstrap(settings) as services:
         return _serve(services, args, dev=True)
 
 
@@ -137,7 +139,9 @@ def _run_api(args: argparse.Namespace) -> int:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("taskledger: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
-    with bootstrap(load_settings()) as services:
+    settings = load_settings()
+    configure_logging(role="api", log_dir=settings.log_dir)
+    with bootstrap(settings) as services:
         return _serve(services, args, dev=False)
 
 

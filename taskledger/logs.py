@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import orjson
 
@@ -27,9 +28,50 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+class DailyFileHandler(logging.Handler):
+    """Append to `<directory>/<role>-YYYY-MM-DD.log`, a new file each UTC day."""
+
+    def __init__(self, directory: Path, role: str) -> None:
+        super().__init__()
+        self.directory = directory
+        self.role = role
+        self._day = ""
+        self._stream: TextIO | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            day = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%d")
+            if day != self._day or self._stream is None:
+                if self._stream is not None:
+                    self._stream.close()
+                self.directory.mkdir(parents=True, exist_ok=True)
+                path = self.directory / f"{self.role}-{day}.log"
+                self._stream = path.open("a", encoding="utf-8")
+                self._day = day
+            self._stream.write(self.format(record) + "\n")
+            self._stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never take the process down
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        super().close()
+
+
+def configure_logging(
+    level: int = logging.INFO, *, role: str | None = None, log_dir: Path | None = None
+) -> None:
+    """JSON lines to stdout, and to `log_dir/<role>-YYYY-MM-DD.log` when both are given."""
+    formatter = JsonFormatter()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if role is not None and log_dir is not None:
+        handlers.append(DailyFileHandler(log_dir, role))
+    for handler in handlers:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    root.handlers[:] = handlers
     root.setLevel(level)
