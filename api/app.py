@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -122,8 +123,14 @@ def create_app(context: ApiContext) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        await context.watcher.close()
+        stop = asyncio.Event()
+        roles = [asyncio.create_task(role(stop)) for role in context.background]
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*roles, return_exceptions=True)
+            await context.watcher.close()
 
     app = Starlette(
         routes=routes,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from psycopg_pool import ConnectionPool
@@ -35,4 +37,9 @@ class ApiContext:
     limiter: anyio.CapacityLimiter
     limits: ApiLimits = field(default_factory=ApiLimits)
     # Extra readiness checks (the broker, …): name -> problem, or None when fine.
-    readiness: dict[str, Callable[[], str | None]] = field(default_factory=dict)
+    readiness: dict[str, Callable[[], Awaitable[str | None]]] = field(default_factory=dict)
+    # Roles this process runs beside the API (dispatcher, reaper, a worker pool in dev):
+    # started with the app, stopped (through the event) when it shuts down.
+    background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
+        default_factory=list
+    )

@@ -136,12 +136,12 @@ async def readyz(request: Request) -> Response:
             checks[f"projection:{row.name}"] = (
                 "ok" if row.lag <= limit else f"behind by {row.lag} events (limit {limit})"
             )
-        for name, probe in ctx.readiness.items():
-            problem = probe()
-            checks[name] = "ok" if problem is None else problem
         return checks
 
     checks = await in_thread(request, check)
+    for name, probe in ctx.readiness.items():
+        problem = await probe()
+        checks[name] = "ok" if problem is None else problem
     ready = all(value == "ok" for value in checks.values())
     return json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503

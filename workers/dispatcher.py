@@ -1,0 +1,207 @@
+"""The dispatcher: the outbox relay from the event log to the broker.
+
+Commands are derived from the log, never sent by the API directly, so a crash between a
+commit and a publish loses nothing: the dispatcher's position (in `projection_tracking`,
+as projection `dispatcher`) only moves after the broker confirmed the commands up to it,
+and after a restart it publishes again from there. A command published twice is
+harmless: the worker drops a command whose attempt is not the current one, or already
+started.
+
+- `AttemptScheduled` due now → publish at once (woken by the ledger's NOTIFY, so a
+  submitted task reaches a worker within milliseconds, not on a poll);
+- `AttemptScheduled` with a later `not_before` (a retry's backoff) → a timer, published
+  when due; the timers are rebuilt from the task status view after a restart;
+- `TaskCancelled` → a cancel broadcast, so the worker running it kills the program.
+
+One dispatcher per deployment is active (a PostgreSQL advisory lock); the others wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from ledger.application import EVENTS_CHANNEL
+from ledger.clock import Clock
+from projections.log import read_changes
+from workers.broker import Broker, RunAttempt
+
+log = logging.getLogger(__name__)
+
+NAME = "dispatcher"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        database_url: str,
+        schema: str,
+        broker: Broker,
+        clock: Clock,
+        *,
+        batch_size: int = 1_000,
+        poll_interval: float = 1.0,
+        standby_interval: float = 0.5,
+    ) -> None:
+        self.database_url = database_url
+        self.schema = schema
+        self.broker = broker
+        self.clock = clock
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.standby_interval = standby_interval
+        self.position = 0
+        self.published = 0
+        self.is_leader = asyncio.Event()
+        self._timers: list[tuple[datetime, str, int]] = []  # (due, task id, attempt)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._run_once(stop)
+            except (psycopg.OperationalError, OSError) as error:
+                log.warning("dispatcher lost a connection; retrying", extra={"error": str(error)})
+            except Exception:
+                log.exception("dispatcher failed; retrying in 2 s")
+                await _sleep_or_stop(stop, 2.0)
+            self.is_leader.clear()
+            await _sleep_or_stop(stop, self.standby_interval)
+
+    async def _run_once(self, stop: asyncio.Event) -> None:
+        key = f"taskledger.dispatcher.{self.schema}"
+        async with await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True
+        ) as session:
+            while not stop.is_set():
+                cur = await session.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+                row = await cur.fetchone()
+                if row and row[0]:
+                    break
+                await _sleep_or_stop(stop, self.standby_interval)
+            else:
+                return
+            await session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+            with psycopg.connect(self.database_url, autocommit=True) as conn:
+                await asyncio.to_thread(self._start, conn)
+                self.is_leader.set()
+                log.info("dispatcher active", extra={"position": self.position})
+                await self._follow(stop, session, conn)
+
+    def _start(self, conn: psycopg.Connection[Any]) -> None:
+        """Load the position and the timers of retries still waiting for their backoff."""
+        s = sql.Identifier(self.schema)
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.projection_tracking (projection, generation, position)"
+                " VALUES (%s, 0, 0) ON CONFLICT DO NOTHING"
+            ).format(s),
+            (NAME,),
+        )
+        row = conn.execute(
+            sql.SQL(
+                "SELECT position FROM {}.projection_tracking"
+                " WHERE projection = %s AND generation = 0"
+            ).format(s),
+            (NAME,),
+        ).fetchone()
+        saved = int(row[0]) if row else 0
+        # Timers come from the view; whatever the view has not applied yet is replayed
+        # from the log (a due command published twice is harmless, a lost one is not).
+        view = conn.execute(
+            sql.SQL(
+                "SELECT t.position FROM {s}.projection_current c JOIN {s}.projection_tracking t"
+                " ON t.projection = c.projection AND t.generation = c.generation"
+                " WHERE c.projection = 'task_status'"
+            ).format(s=s)
+        ).fetchone()
+        self.position = min(saved, int(view[0]) if view else 0)
+        waiting = conn.execute(
+            sql.SQL(
+                "SELECT id, attempt, not_before FROM {}"
+                " WHERE status = 'Pending' AND not_before > %s"
+            ).format(sql.Identifier(self.schema, "task_status")),
+            (self.clock.now(),),
+        ).fetchall()
+        self._timers = [(due, str(task_id), attempt) for task_id, attempt, due in waiting]
+        heapq.heapify(self._timers)
+
+    async def _follow(
+        self,
+        stop: asyncio.Event,
+        session: psycopg.AsyncConnection[Any],
+        conn: psycopg.Connection[Any],
+    ) -> None:
+        while not stop.is_set():
+            applied = await self._dispatch_batch(conn)
+            await self._publish_due()
+            if applied >= self.batch_size:
+                continue
+            timeout = self.poll_interval
+            if self._timers:
+                until_due = (self._timers[0][0] - self.clock.now()).total_seconds()
+                timeout = max(0.0, min(timeout, until_due))
+            gen = session.notifies(timeout=timeout, stop_after=1)
+            async for _ in gen:
+                pass
+
+    async def _dispatch_batch(self, conn: psycopg.Connection[Any]) -> int:
+        changes = await asyncio.to_thread(
+            read_changes, conn, self.schema, self.position, self.batch_size
+        )
+        if not changes:
+            return 0
+        now = self.clock.now()
+        due: list[RunAttempt] = []
+        cancelled: list[UUID] = []
+        for change in changes:
+            if change.type == "AttemptScheduled":
+                not_before = change.data["not_before"]
+                if not_before <= now:
+                    due.append(RunAttempt(change.task_id, change.data["attempt"]))
+                else:
+                    heapq.heappush(
+                        self._timers, (not_before, str(change.task_id), change.data["attempt"])
+                    )
+            elif change.type == "TaskCancelled":
+                cancelled.append(change.task_id)
+        if due:
+            await self.broker.publish(due)
+            self.published += len(due)
+        for task_id in cancelled:
+            await self.broker.broadcast_cancel(task_id)
+        new_position = changes[-1].position
+        await asyncio.to_thread(self._save_position, conn, new_position)
+        self.position = new_position
+        return len(changes)
+
+    def _save_position(self, conn: psycopg.Connection[Any], position: int) -> None:
+        conn.execute(
+            sql.SQL(
+                "UPDATE {}.projection_tracking SET position = %s, updated_at = now()"
+                " WHERE projection = %s AND generation = 0"
+            ).format(sql.Identifier(self.schema)),
+            (position, NAME),
+        )
+
+    async def _publish_due(self) -> None:
+        now = self.clock.now()
+        due = []
+        while self._timers and self._timers[0][0] <= now:
+            _, task_id, attempt = heapq.heappop(self._timers)
+            due.append(RunAttempt(UUID(task_id), attempt))
+        if due:
+            await self.broker.publish(due)
+            self.published += len(due)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,245 @@
+"""The worker: takes attempt commands from the broker, runs them, records their outcome.
+
+For each command: append AttemptStarted (losing that race means someone else has it:
+drop), run the program in the sandbox, append the outcome, then acknowledge. The ack
+comes last, so a worker that dies mid-attempt leaves the message unacknowledged; the
+broker redelivers it, and the next worker, finding the attempt InProgress under another
+worker, records AttemptFailed(kind=worker_lost), after which the normal retry rule applies.
+
+Shutdown (SIGTERM): stop taking commands, let running attempts finish for up to
+`grace_seconds`, then kill them and hand their commands back to the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import anyio.to_thread
+
+from ledger import AttemptError, Ledger, TaskState
+from ledger.errors import (
+    AttemptAlreadyStarted,
+    DeadlinePassed,
+    LedgerUnavailable,
+    TaskNotFound,
+    TransitionRefused,
+)
+from workers.broker import Broker, Delivery
+from workers.executors.base import Executor, RunOutcome, RunRequest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Worker:
+    def __init__(
+        self,
+        ledger: Ledger,
+        broker: Broker,
+        executors: Mapping[str, Executor],
+        *,
+        concurrency: int = 2,
+        worker_id: str | None = None,
+        grace_seconds: float = 30.0,
+    ) -> None:
+        self.ledger = ledger
+        self.broker = broker
+        self.executors = executors
+        self.concurrency = concurrency
+        self.worker_id = worker_id or default_worker_id()
+        self.grace_seconds = grace_seconds
+        self.busy = 0
+        self.handled = 0
+        self._running: dict[str, asyncio.Event] = {}  # task id -> its cancel event
+        self._shutting_down = False
+        self._slots: asyncio.Queue[int] = asyncio.Queue()
+        for slot in range(concurrency):
+            self._slots.put_nowait(slot)
+        self._limiter = anyio.CapacityLimiter(max(4, concurrency * 2))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then drain (see the module docstring)."""
+        log.info(
+            "worker started", extra={"worker_id": self.worker_id, "concurrency": self.concurrency}
+        )
+        handlers: set[asyncio.Task[None]] = set()
+        cancels = asyncio.create_task(self._follow_cancels())
+        consumer = asyncio.create_task(self._consume(handlers))
+        await stop.wait()
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        if handlers:
+            log.info(
+                "worker stopping: waiting for running attempts",
+                extra={"running": len(handlers), "grace_seconds": self.grace_seconds},
+            )
+            _, pending = await asyncio.wait(handlers, timeout=self.grace_seconds)
+            if pending:
+                self._shutting_down = True
+                for event in self._running.values():
+                    event.set()
+                await asyncio.wait(pending)
+        cancels.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cancels
+        log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
+
+    async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
+        async for delivery in self.broker.consume(prefetch=self.concurrency):
+            task = asyncio.create_task(self._handle(delivery))
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+
+    async def _follow_cancels(self) -> None:
+        while True:
+            try:
+                async for task_id in self.broker.cancels():
+                    event = self._running.get(str(task_id))
+                    if event is not None:
+                        log.info("cancelling a running attempt", extra={"task_id": str(task_id)})
+                        event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - keep listening whatever the broker did
+                log.warning("cancel listener failed; retrying", extra={"error": str(error)})
+                await asyncio.sleep(1)
+
+    async def _ledger(self, call: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        command = delivery.command
+        context = {"task_id": str(command.task_id), "attempt": command.attempt}
+        try:
+            task = await self._start(delivery)
+            if task is None:
+                await delivery.ack()
+                return
+            outcome = await self._run(task)
+            if outcome is None:  # shutting down: hand the command back
+                await delivery.requeue()
+                return
+            await self._record(task, outcome)
+            await delivery.ack()
+            self.handled += 1
+        except LedgerUnavailable as error:
+            log.error(
+                "ledger unavailable: the command goes back to the queue",
+                extra={**context, "error": str(error)},
+            )
+            await asyncio.sleep(1)
+            await delivery.requeue()
+        except Exception:
+            log.exception("worker failed on a command; it goes back to the queue", extra=context)
+            await delivery.requeue()
+
+    async def _start(self, delivery: Delivery) -> TaskState | None:
+        """AttemptStarted by us, or None when the command is not ours to run."""
+        command = delivery.command
+        task_id, attempt = command.task_id, command.attempt
+        context = {"task_id": str(task_id), "attempt": attempt}
+        try:
+            return await self._ledger(
+                lambda: self.ledger.start_attempt(task_id, attempt, self.worker_id)
+            )
+        except AttemptAlreadyStarted:
+            if delivery.redelivered:
+                # The worker that started it held this message and lost its channel.
+                await self._settle(
+                    lambda: self.ledger.fail_attempt(
+                        task_id,
+                        attempt,
+                        AttemptError(
+                            "worker_lost",
+                            f"the worker running attempt {attempt} stopped answering",
+                        ),
+                        retryable=True,
+                    ),
+                    context,
+                )
+                log.warning("attempt's worker was lost; recorded as failed", extra=context)
+            else:
+                log.info("duplicate command for a started attempt; dropped", extra=context)
+        except DeadlinePassed:
+            await self._settle(
+                lambda: self.ledger.expire(task_id, attempt, detected_by="worker"), context
+            )
+        except (TransitionRefused, TaskNotFound) as refused:
+            log.info("stale command dropped", extra={**context, "reason": str(refused)})
+        return None
+
+    async def _run(self, task: TaskState) -> RunOutcome | None:
+        executor = self.executors.get(task.language)
+        if executor is None:
+            return RunOutcome(
+                "failed",
+                error=AttemptError(
+                    "unknown_language",
+                    f"no executor for language {task.language!r} on worker {self.worker_id}",
+                ),
+                retryable=False,
+            )
+        cancelled = asyncio.Event()
+        key = str(task.id)
+        self._running[key] = cancelled
+        slot = await self._slots.get()
+        self.busy += 1
+        try:
+            outcome = await executor.run(
+                RunRequest(task.id, task.attempt, task.code, task.data, task.deadline, slot),
+                cancelled,
+            )
+        finally:
+            self.busy -= 1
+            self._slots.put_nowait(slot)
+            self._running.pop(key, None)
+        if outcome.kind == "cancelled" and self._shutting_down:
+            return None
+        return outcome
+
+    async def _record(self, task: TaskState, outcome: RunOutcome) -> None:
+        task_id, attempt = task.id, task.attempt
+        context = {"task_id": str(task_id), "attempt": attempt, "outcome": outcome.kind}
+        if outcome.kind == "completed":
+            assert outcome.result is not None
+            result = outcome.result
+            await self._settle(
+                lambda: self.ledger.complete_attempt(task_id, attempt, result), context
+            )
+        elif outcome.kind == "failed":
+            assert outcome.error is not None
+            error = outcome.error
+            await self._settle(
+                lambda: self.ledger.fail_attempt(
+                    task_id, attempt, error, retryable=outcome.retryable
+                ),
+                context,
+            )
+        elif outcome.kind == "expired":
+            await self._settle(
+                lambda: self.ledger.expire(task_id, attempt, detected_by="worker"), context
+            )
+        # "cancelled": the TaskCancelled event is already there; nothing to add.
+        log.info("attempt finished", extra=context)
+
+    async def _settle(self, call: Callable[[], object], context: dict[str, object]) -> None:
+        """Record an outcome; if the rules refuse it, someone else recorded one first."""
+        try:
+            await self._ledger(call)
+        except TransitionRefused as refused:
+            log.info(
+                "outcome not recorded: another came first",
+                extra={**context, "reason": str(refused)},
+            )
