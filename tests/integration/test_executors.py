@@ -1,0 +1,441 @@
+"""Executors against real processes in the real sandbox (root here and in CI).
+
+Containment tests assert on what the sandbox reported it could do: where it could not
+(not root, no network namespace), they say so and skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from ledger.jsonvalue import JSONValue
+from tests import services
+from workers.executors import executors
+from workers.executors.base import RunOutcome, RunRequest
+from workers.executors.csharp import CSharpExecutor
+from workers.executors.python import PythonExecutor
+from workers.sandbox import Limits, Sandbox, uid_processes
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    # A sandbox holds no event-loop state, so one serves every test's loop.
+    sandbox = Sandbox(2)
+    asyncio.run(sandbox.start())
+    yield sandbox
+    asyncio.run(sandbox.close())
+
+
+@pytest.fixture
+def python(sandbox: Sandbox) -> PythonExecutor:
+    return PythonExecutor(sandbox)
+
+
+def request(code: str, data: JSONValue = None, *, seconds: float = 20, slot: int = 0) -> RunRequest:
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
+    return RunRequest(uuid.uuid4(), 1, code, data, deadline, slot)
+
+
+async def run(executor: PythonExecutor | CSharpExecutor, req: RunRequest) -> RunOutcome:
+    return await executor.run(req, asyncio.Event())
+
+
+def slot_processes(sandbox: Sandbox, slot: int = 0) -> list[int]:
+    uid = sandbox.slot_uid(slot)
+    assert uid is not None
+    return uid_processes(uid)
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 15) -> None:
+    """Poll a condition that no event announces (a process appearing in /proc)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + seconds
+    while not condition():
+        assert loop.time() < give_up, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+needs_users = pytest.mark.skipif(os.geteuid() != 0, reason="slot users need root")
+
+
+# -- Python: results and failures -------------------------------------------------------
+
+
+async def test_completed_with_stdout_stderr_and_duration(python: PythonExecutor) -> None:
+    outcome = await run(
+        python, request("import sys\nprint('hello')\nprint('warn', file=sys.stderr)")
+    )
+    assert outcome.kind == "completed"
+    assert outcome.result is not None
+    assert outcome.result.stdout == "hello\n"
+    assert outcome.result.stderr == "warn\n"
+    assert outcome.result.exit_code == 0
+    assert outcome.result.duration_ms > 0
+    assert not outcome.result.truncated
+
+
+async def test_data_arrives_on_stdin_and_as_a_global(python: PythonExecutor) -> None:
+    code = "import json, sys\nprint(json.dumps([json.load(sys.stdin), data]))"
+    data = {"n": 3, "s": "é", "l": [1, None, True]}
+    outcome = await run(python, request(code, data))
+    assert outcome.result is not None
+    assert json.loads(outcome.result.stdout) == [data, data]
+
+
+async def test_uncaught_exception_is_a_retryable_program_error(python: PythonExecutor) -> None:
+    code = "def f():\n    raise ValueError('boom')\nf()"
+    outcome = await run(python, request(code))
+    assert outcome.kind == "failed"
+    assert outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "program_error"
+    assert outcome.error.message == "ValueError: boom"
+    assert outcome.error.exit_code == 1
+    assert 'File "main.py", line 2, in f' in outcome.error.stderr
+    assert "raise ValueError('boom')" in outcome.error.stderr  # the program's source line
+
+
+async def test_nonzero_exit_is_a_program_error(python: PythonExecutor) -> None:
+    outcome = await run(python, request("import sys\nprint('bye')\nsys.exit(3)"))
+    assert outcome.kind == "failed"
+    assert outcome.retryable
+    assert outcome.error is not None
+    assert (outcome.error.kind, outcome.error.message, outcome.error.exit_code) == (
+        "program_error",
+        "exit status 3",
+        3,
+    )
+
+
+async def test_syntax_error_is_a_permanent_compile_error(python: PythonExecutor) -> None:
+    outcome = await run(python, request("print('ok')\ndef (:\n"))
+    assert outcome.kind == "failed"
+    assert not outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "compile_error"
+    assert outcome.error.message.startswith("SyntaxError")
+    assert 'File "main.py", line 2' in outcome.error.stderr
+
+
+async def test_code_too_large_or_not_utf8_is_invalid(python: PythonExecutor) -> None:
+    too_large = "x = 1\n" * (python.sandbox.limits.code_bytes // 6 + 1)
+    for code in (too_large, "print('\ud800')"):
+        outcome = await run(python, request(code))
+        assert outcome.kind == "failed"
+        assert not outcome.retryable
+        assert outcome.error is not None
+        assert outcome.error.kind == "invalid_code"
+
+
+async def test_output_over_the_cap_is_truncated(python: PythonExecutor) -> None:
+    cap = python.sandbox.limits.output_bytes
+    code = f"import sys\nsys.stdout.write('x' * {3 * cap})\nsys.stderr.write('e' * {2 * cap})"
+    outcome = await run(python, request(code))
+    assert outcome.kind == "completed"
+    assert outcome.result is not None
+    assert outcome.result.truncated
+    assert outcome.result.stdout == "x" * cap
+    assert outcome.result.stderr == "e" * cap
+
+
+async def test_slots_run_at_once(python: PythonExecutor) -> None:
+    code = "import os\nprint(os.getcwd())"
+    first, second = await asyncio.gather(
+        run(python, request(code, slot=0)), run(python, request(code, slot=1))
+    )
+    assert first.result is not None
+    assert second.result is not None
+    assert first.result.stdout != second.result.stdout
+
+
+async def test_each_run_has_its_own_directory_removed_afterwards(python: PythonExecutor) -> None:
+    code = "import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd(), os.environ['HOME'])"
+    outcome = await run(python, request(code))
+    assert outcome.result is not None
+    cwd, home = outcome.result.stdout.split()
+    assert cwd == home
+    assert Path(cwd).parent == python.sandbox.work_dir
+    assert not Path(cwd).exists()
+
+
+# -- deadlines and cancellation ---------------------------------------------------------
+
+
+@needs_users
+async def test_busy_loop_expires_at_its_deadline_and_dies(python: PythonExecutor) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    outcome = await run(python, request("while True: pass", seconds=1))
+    assert outcome.kind == "expired"
+    assert loop.time() - started < 5  # liveness bound: 1 s deadline plus generous margin
+    assert slot_processes(python.sandbox) == []
+
+
+async def test_deadline_already_passed_runs_nothing(python: PythonExecutor) -> None:
+    outcome = await run(python, request("print('never')", seconds=-1))
+    assert outcome.kind == "expired"
+
+
+@needs_users
+async def test_cancel_kills_the_program(python: PythonExecutor) -> None:
+    cancelled = asyncio.Event()
+    running = asyncio.ensure_future(python.run(request("import time\ntime.sleep(600)"), cancelled))
+    await wait_until(lambda: bool(slot_processes(python.sandbox)))
+    cancelled.set()
+    outcome = await asyncio.wait_for(running, 10)
+    assert outcome.kind == "cancelled"
+    assert slot_processes(python.sandbox) == []
+
+
+DOUBLE_FORK = """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        null = os.open('/dev/null', os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        while True:
+            time.sleep(1)
+    os._exit(0)
+os.wait()
+print('daemon started')
+"""
+
+
+@needs_users
+async def test_a_daemon_left_behind_is_killed_when_the_run_ends(python: PythonExecutor) -> None:
+    outcome = await run(python, request(DOUBLE_FORK))
+    assert outcome.kind == "completed"
+    assert slot_processes(python.sandbox) == []
+
+
+@needs_users
+async def test_a_daemon_dies_with_the_deadline(python: PythonExecutor) -> None:
+    outcome = await run(python, request(DOUBLE_FORK + "while True: pass\n", seconds=1.5))
+    assert outcome.kind == "expired"
+    assert slot_processes(python.sandbox) == []
+
+
+# -- containment --------------------------------------------------------------------------
+
+
+@needs_users
+async def test_runs_as_the_slot_user_without_groups(python: PythonExecutor) -> None:
+    outcome = await run(python, request("import os\nprint(os.getuid(), os.getgroups())", slot=1))
+    assert outcome.result is not None
+    assert outcome.result.stdout == f"{python.sandbox.slot_uid(1)} []\n"
+
+
+async def test_no_network(python: PythonExecutor) -> None:
+    caps = python.sandbox.capabilities
+    if not caps.network_isolated:
+        pytest.skip(f"the sandbox reported no network isolation here: {caps.network_note}")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        code = (
+            "import socket\n"
+            f"for port in ({port}, 5432):\n"
+            "    try:\n"
+            "        socket.create_connection(('127.0.0.1', port), timeout=2).close()\n"
+            "        print('connected', port)\n"
+            "    except OSError as e:\n"
+            "        print('refused', port, e)\n"
+        )
+        outcome = await run(python, request(code))
+    assert outcome.result is not None
+    assert "connected" not in outcome.result.stdout
+    assert outcome.result.stdout.count("refused") == 2
+
+
+async def test_the_workers_environment_does_not_leak(
+    python: PythonExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKLEDGER_SANDBOX_TEST_SECRET", "hunter2-secret")
+    outcome = await run(python, request("import json, os\nprint(json.dumps(dict(os.environ)))"))
+    assert outcome.result is not None
+    env = json.loads(outcome.result.stdout)
+    assert set(env) == {"PATH", "HOME", "LANG", "TMPDIR"}
+    assert env["LANG"] == "C.UTF-8"
+    assert "hunter2-secret" not in outcome.result.stdout
+
+
+async def test_unbounded_allocation_fails(python: PythonExecutor) -> None:
+    code = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))"
+    outcome = await run(python, request(code))
+    assert outcome.kind == "failed"
+    assert outcome.error is not None
+    assert outcome.error.message == "MemoryError" or "SIGKILL" in outcome.error.message
+
+
+async def test_a_huge_file_is_stopped(python: PythonExecutor) -> None:
+    limit = python.sandbox.limits.file_size_bytes
+    code = (
+        "import os\n"
+        "with open('big', 'wb') as f:\n"
+        "    for _ in range(64):\n"
+        f"        f.write(b'x' * {limit // 8})\n"
+    )
+    outcome = await run(python, request(code))
+    assert outcome.kind == "failed"
+    assert outcome.error is not None
+    assert "File too large" in outcome.error.message
+
+
+@needs_users
+async def test_process_count_is_limited_per_slot(python: PythonExecutor) -> None:
+    code = (
+        "import os, time\n"
+        "count = 0\n"
+        "for _ in range(500):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(600)\n"
+        "        os._exit(0)\n"
+        "    count += 1\n"
+        "print(count)\n"
+    )
+    outcome = await run(python, request(code))
+    assert outcome.result is not None
+    assert int(outcome.result.stdout) < python.sandbox.limits.processes
+    assert slot_processes(python.sandbox) == []
+
+
+@needs_users
+@pytest.mark.slow
+async def test_a_fork_bomb_is_contained(python: PythonExecutor) -> None:
+    code = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
+    outcome = await run(python, request(code, seconds=2))
+    assert outcome.kind == "expired"
+    assert slot_processes(python.sandbox) == []
+    # The worker (this test process) and the slot are still fine.
+    after = await run(python, request("print('alive')"))
+    assert after.result is not None
+    assert after.result.stdout == "alive\n"
+
+
+@pytest.mark.slow
+async def test_cpu_time_limit(tmp_path: Path) -> None:
+    sandbox = Sandbox(1, Limits(cpu_seconds=1), work_dir=tmp_path / "work")
+    await sandbox.start()
+    try:
+        outcome = await run(PythonExecutor(sandbox), request("while True: pass", seconds=30))
+    finally:
+        await sandbox.close()
+    assert outcome.kind == "failed"
+    assert outcome.error is not None
+    assert outcome.error.message.startswith(("killed by SIGXCPU", "killed by SIGKILL"))
+
+
+async def test_registry_has_every_language(sandbox: Sandbox, tmp_path: Path) -> None:
+    registry = executors(sandbox, tmp_path / "csharp")
+    assert set(registry) == {"python", "csharp", "echo"}
+    outcome = await registry["echo"].run(request("", {"a": [1]}), asyncio.Event())
+    assert outcome.result is not None
+    assert json.loads(outcome.result.stdout) == {"a": [1]}
+
+
+# -- C# -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def csharp(sandbox: Sandbox, tmp_path: Path) -> CSharpExecutor:
+    executor = CSharpExecutor(sandbox, tmp_path / "csharp-cache")
+    if not executor.available:
+        services.unavailable(
+            "Mono", "mcs or mono not found (apt-get install mono-mcs mono-runtime)"
+        )
+    return executor
+
+
+HELLO = """
+using System;
+class Program {
+    static void Main() {
+        Console.WriteLine("hello " + Console.In.ReadToEnd());
+    }
+}
+"""
+
+
+async def test_csharp_hello_with_data_on_stdin_and_cache(csharp: CSharpExecutor) -> None:
+    outcome = await run(csharp, request(HELLO, {"who": "mono"}))
+    assert outcome.kind == "completed", outcome
+    assert outcome.result is not None
+    assert outcome.result.stdout == 'hello {"who":"mono"}\n'
+    assembly = csharp.cache_dir / f"{hashlib.sha256(HELLO.encode()).hexdigest()}.exe"
+    assert assembly.is_file()
+    assert csharp.compilations == 1
+    again = await run(csharp, request(HELLO, [1, 2], slot=1))
+    assert again.result is not None
+    assert again.result.stdout == "hello [1,2]\n"
+    assert csharp.compilations == 1  # the second run did not invoke mcs
+
+
+async def test_csharp_compile_error_is_permanent(csharp: CSharpExecutor) -> None:
+    outcome = await run(csharp, request('class P { static void Main() { int x = "a"; } }'))
+    assert outcome.kind == "failed"
+    assert not outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "compile_error"
+    assert "error CS0029" in outcome.error.message
+    assert not any(csharp.cache_dir.iterdir())
+
+
+async def test_csharp_unhandled_exception_is_a_program_error(csharp: CSharpExecutor) -> None:
+    code = 'class P { static void Main() { throw new System.InvalidOperationException("boom"); } }'
+    outcome = await run(csharp, request(code))
+    assert outcome.kind == "failed"
+    assert outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "program_error"
+    assert outcome.error.message == "System.InvalidOperationException: boom"
+
+
+async def test_csharp_code_too_large_is_invalid(csharp: CSharpExecutor) -> None:
+    code = "//" + "x" * csharp.sandbox.limits.code_bytes
+    outcome = await run(csharp, request(code))
+    assert outcome.error is not None
+    assert (outcome.kind, outcome.error.kind, outcome.retryable) == (
+        "failed",
+        "invalid_code",
+        False,
+    )
+    assert csharp.compilations == 0
+
+
+@needs_users
+@pytest.mark.slow
+async def test_csharp_busy_loop_expires(csharp: CSharpExecutor) -> None:
+    code = "class P { static void Main() { while (true) {} } }"
+    outcome = await run(csharp, request(code, seconds=5))
+    assert outcome.kind == "expired"
+    assert slot_processes(csharp.sandbox) == []
+
+
+async def test_csharp_without_mono_fails_at_once(sandbox: Sandbox, tmp_path: Path) -> None:
+    executor = CSharpExecutor(sandbox, tmp_path, mcs="/nonexistent/mcs", mono="/nonexistent/mono")
+    outcome = await run(executor, request(HELLO))
+    assert outcome.kind == "failed"
+    assert not outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "language_unavailable"
+    assert "mono-mcs" in outcome.error.message
+    assert "mono-runtime" in outcome.error.message

@@ -1,0 +1,66 @@
+"""Turning how a sandboxed process ended into the attempt's outcome."""
+
+from __future__ import annotations
+
+import signal
+
+from ledger import AttemptError, AttemptResult
+from workers.executors.base import RunOutcome
+from workers.sandbox import Ended, Limits
+
+
+def text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def invalid_code(message: str) -> RunOutcome:
+    """The code can never run: permanent."""
+    return RunOutcome("failed", error=AttemptError("invalid_code", message), retryable=False)
+
+
+def exit_description(returncode: int, limits: Limits) -> str:
+    """`exit status N`, or which signal killed it and the likely reason."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    if number == signal.SIGKILL:
+        return "killed by SIGKILL (CPU time limit?)"
+    if number == signal.SIGXCPU:
+        return f"killed by SIGXCPU (CPU time limit of {limits.cpu_seconds} s)"
+    if number == signal.SIGXFSZ:
+        return f"killed by SIGXFSZ (file size limit of {limits.file_size_bytes} bytes)"
+    return f"killed by {name}"
+
+
+def outcome(
+    ended: Ended,
+    limits: Limits,
+    *,
+    failure_kind: str = "program_error",
+    message: str | None = None,
+    retryable: bool = True,
+) -> RunOutcome:
+    """Completed on exit 0; else failed with `message` (or the exit description)."""
+    if ended.how != "exited":
+        return RunOutcome(ended.how)
+    assert ended.returncode is not None
+    if ended.returncode == 0:
+        result = AttemptResult(
+            stdout=text(ended.stdout),
+            stderr=text(ended.stderr),
+            exit_code=0,
+            duration_ms=round(ended.duration_ms, 3),
+            truncated=ended.truncated,
+        )
+        return RunOutcome("completed", result=result)
+    error = AttemptError(
+        kind=failure_kind,
+        message=message or exit_description(ended.returncode, limits),
+        stderr=text(ended.stderr),
+        exit_code=ended.returncode,
+    )
+    return RunOutcome("failed", error=error, retryable=retryable)
