@@ -31,7 +31,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, Protocol
+
+from workers.executors.zygote import Zygote, ZygoteLost, ZygoteRun
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ CHILD_SOURCE = (Path(__file__).parent / "executors" / "child.py").read_text(enco
 # After the program's main process ends and its slot is killed, its pipes close at once;
 # this only bounds the wait for a pipe held by something the sandbox could not kill.
 PIPE_GRACE_SECONDS = 1.0
+KILL_WAIT_SECONDS = 10.0  # SIGKILLed processes are gone well before this
+ZOMBIE_WAIT_SECONDS = 3.0  # for pid 1 to bury orphans (see wait_for_no_processes)
 
 
 class SandboxError(Exception):
@@ -81,6 +85,7 @@ class Capabilities:
     network_isolated: bool
     network_note: str  # why not, when not
     python: str  # the interpreter programs run on
+    zygote: bool = False  # programs are forked by a warm zygote (else spawned)
 
     @property
     def separate_users(self) -> bool:
@@ -125,6 +130,7 @@ class Workspace:
     slot: int
     path: Path
     env: dict[str, str] = field(default_factory=dict)
+    clean: bool = True  # no process of the slot can be left (none ran, or it was killed)
 
 
 def loop_deadline(deadline: datetime) -> float:
@@ -141,6 +147,7 @@ class Sandbox:
         *,
         work_dir: Path | None = None,
         lock_dir: Path | None = None,
+        zygote: bool = True,
     ) -> None:
         if slots < 1:
             raise ValueError("a sandbox needs at least one slot")
@@ -153,6 +160,8 @@ class Sandbox:
             if Path("/run/lock").is_dir()
             else base / "taskledger-sandbox-locks"
         )
+        self.use_zygote = zygote
+        self._zygote: Zygote | None = None
         self._capabilities: Capabilities | None = None
         self._locks: list[IO[bytes]] = []
         self._tools: dict[str, str] = {}
@@ -186,11 +195,43 @@ class Sandbox:
             await self._kill_uid(user)  # leftovers of a worker that died holding this user
         python = await self._choose_python()
         self._capabilities = replace(self._capabilities, python=python)
+        if root and self.use_zygote:
+            self._zygote = await self._start_zygote()
+            self._capabilities = replace(self._capabilities, zygote=self._zygote is not None)
         self._log_capabilities()
         return self._capabilities
 
+    async def _start_zygote(self) -> Zygote | None:
+        """Start the zygote and run one program through it; None (spawn) if that fails."""
+        env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"}
+        zygote = await Zygote.start(self.capabilities.python, CHILD_SOURCE, env)
+        self._zygote = zygote
+        problem = ""
+        try:
+            async with self.workspace(0) as workspace:
+                ended = await self.run(
+                    workspace,
+                    PythonSource(b"print(data)"),
+                    stdin=b"1",
+                    deadline=asyncio.get_running_loop().time() + 30,
+                    cancelled=asyncio.Event(),
+                )
+            if ended.returncode != 0 or ended.stdout != b"1\n":
+                problem = f"{ended.how} {ended.returncode}: {ended.stderr.decode(errors='replace')}"
+        except SandboxError as error:
+            problem = str(error)
+        if not problem:
+            return zygote
+        log.error("sandbox: the zygote does not work, spawning instead: %s", problem)
+        self._zygote = None
+        await zygote.close()
+        return None
+
     async def close(self) -> None:
         """Kill whatever the slots still run and release the slot users."""
+        if self._zygote is not None:
+            await self._zygote.close()  # it kills what it started
+            self._zygote = None
         if self._capabilities is not None:
             for slot in range(self.slots):
                 await self.kill_slot(slot)
@@ -219,12 +260,19 @@ class Sandbox:
             if caps.network_isolated
             else f"NETWORK IS NOT ISOLATED: {caps.network_note}"
         )
+        start = (
+            "programs are forked by a warm zygote process (spawned if it dies)"
+            if caps.zygote
+            else "every program is spawned through util-linux wrappers"
+        )
         log.info(
-            "sandbox ready: %s; %s; python programs run on %s",
+            "sandbox ready: %s; %s; python programs run on %s; %s",
             who,
             network,
             caps.python,
+            start,
             extra={
+                "zygote": caps.zygote,
                 "root": caps.root,
                 "slot_users": [u.name for u in caps.users],
                 "network_isolated": caps.network_isolated,
@@ -315,10 +363,12 @@ class Sandbox:
         if user is not None:
             os.chown(path, user.uid, user.gid)
         env = {"PATH": CLEAN_PATH, "HOME": str(path), "TMPDIR": str(path), "LANG": "C.UTF-8"}
+        workspace = Workspace(slot=slot, path=path, env=env)
         try:
-            yield Workspace(slot=slot, path=path, env=env)
+            yield workspace
         finally:
-            await self.kill_slot(slot)
+            if not workspace.clean:
+                await self.kill_slot(slot)
             shutil.rmtree(path, ignore_errors=True)
 
     async def run(
@@ -332,46 +382,33 @@ class Sandbox:
         limits: Limits | None = None,
     ) -> Ended:
         """Run one process in `workspace` until it ends, the loop clock passes `deadline`,
-        or `cancelled` is set; then kill the slot. Output is captured up to the caps."""
+        or `cancelled` is set; then kill the slot. Output is captured up to the caps.
+
+        Raises `SandboxError` when the zygote died under the run (its slot is killed)."""
         limits = limits or self.limits
         loop = asyncio.get_running_loop()
         if cancelled.is_set():
             return Ended("cancelled", None, b"", b"", False, b"", 0.0)
         if loop.time() >= deadline:
             return Ended("expired", None, b"", b"", False, b"", 0.0)
-        stdin_fd = _memfd("stdin", stdin)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         report_r, report_w = os.pipe()
-        extra_fds: tuple[int, ...] = ()
+        # The child's descriptors, in the order it gets them (0, 1, 2, then Python's).
+        child_fds = [_memfd("stdin", stdin), out_w, err_w]
+        if isinstance(command, PythonSource):
+            child_fds += [_memfd("code", command.source), report_w]
+        workspace.clean = False
         try:
-            if isinstance(command, PythonSource):
-                code_fd = _memfd("code", command.source)
-                extra_fds = (code_fd, report_w)
-                python = self.capabilities.python
-                argv = [python, "-I", "-S", "-c", CHILD_SOURCE, "run", str(code_fd)]
-                argv.append(str(report_w))
-            else:
-                argv = list(command.argv)
             started = time.perf_counter()
-            process = await asyncio.create_subprocess_exec(
-                *self._wrap(workspace, argv, limits),
-                stdin=stdin_fd,
-                stdout=out_w,
-                stderr=err_w,
-                pass_fds=extra_fds,
-                env=workspace.env,
-                cwd=workspace.path,
-                start_new_session=True,
-            )
+            process = await self._launch(workspace, command, child_fds, limits)
         except BaseException:
             for fd in (out_r, err_r, report_r):
                 os.close(fd)
             raise
         finally:
-            for fd in (stdin_fd, out_w, err_w, report_w, *extra_fds):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fd in {*child_fds, report_w}:
+                os.close(fd)
         stdout = await _Capture.attach(out_r, limits.output_bytes)
         stderr = await _Capture.attach(err_r, limits.output_bytes)
         report = await _Capture.attach(report_r, 64 * 1024)
@@ -386,16 +423,19 @@ class Sandbox:
             )
             if waiter not in done:
                 how = "cancelled" if canceller in done else "expired"
-                _kill_group(process.pid)
+                await process.kill()
         finally:
             canceller.cancel()
-            # Whatever happens to this coroutine, nothing of the slot outlives it.
-            if not waiter.done():
-                _kill_group(process.pid)
-            await self.kill_slot(workspace.slot, process.pid)
-            returncode = await waiter
-        duration_ms = (time.perf_counter() - started) * 1000
-        await _Capture.drain(stdout, stderr, report)
+            try:
+                # Whatever happens to this coroutine, nothing of the slot outlives it.
+                if not waiter.done():
+                    await process.kill()
+                returncode = await waiter
+                await process.clean()
+                workspace.clean = True
+            finally:
+                duration_ms = (time.perf_counter() - started) * 1000
+                await _Capture.drain(stdout, stderr, report)
         return Ended(
             how=how,
             returncode=returncode if how == "exited" else None,
@@ -405,6 +445,43 @@ class Sandbox:
             report=report.data(),
             duration_ms=duration_ms,
         )
+
+    async def _launch(
+        self, workspace: Workspace, command: Command, child_fds: list[int], limits: Limits
+    ) -> _Process:
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            user = self._user(workspace.slot)
+            request: dict[str, object] = {
+                "uid": user.uid if user else None,
+                "gid": user.gid if user else None,
+                "cwd": str(workspace.path),
+                "env": workspace.env,
+                "netns": self.capabilities.network_isolated,
+                "limits": _rlimits(limits, per_user=user is not None),
+                "argv": list(command.argv) if isinstance(command, Argv) else None,
+            }
+            try:
+                return _ZygoteProcess(self, workspace.slot, await zygote.run(request, child_fds))
+            except ZygoteLost:
+                pass  # logged by the zygote client; spawn this one
+        if isinstance(command, PythonSource):
+            code_fd, report_fd = child_fds[3:]
+            python = self.capabilities.python
+            argv = [python, "-I", "-S", "-c", CHILD_SOURCE, "run", str(code_fd), str(report_fd)]
+        else:
+            argv = list(command.argv)
+        process = await asyncio.create_subprocess_exec(
+            *self._wrap(workspace, argv, limits),
+            stdin=child_fds[0],
+            stdout=child_fds[1],
+            stderr=child_fds[2],
+            pass_fds=child_fds[3:],
+            env=workspace.env,
+            cwd=workspace.path,
+            start_new_session=True,
+        )
+        return _SpawnedProcess(self, workspace.slot, process)
 
     def _wrap(
         self, workspace: Workspace, argv: list[str], limits: Limits | None = None
@@ -429,17 +506,17 @@ class Sandbox:
                 "--no-new-privs",
                 "--",
             ]
-        wrapped += [
-            self._tools["prlimit"],
-            # SIGXCPU at the soft limit says why; SIGKILL a second later if ignored.
-            f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",
-            f"--as={limits.memory_bytes}",
-            f"--fsize={limits.file_size_bytes}",
-            f"--nofile={limits.open_files}",
-            "--core=0",
-        ]
-        if user is not None:  # RLIMIT_NPROC counts the real user's processes
-            wrapped.append(f"--nproc={limits.processes}")
+        options = {
+            "RLIMIT_CPU": "--cpu",
+            "RLIMIT_AS": "--as",
+            "RLIMIT_FSIZE": "--fsize",
+            "RLIMIT_NOFILE": "--nofile",
+            "RLIMIT_CORE": "--core",
+            "RLIMIT_NPROC": "--nproc",
+        }
+        wrapped.append(self._tools["prlimit"])
+        for name, (soft, hard) in _rlimits(limits, per_user=user is not None).items():
+            wrapped.append(f"{options[name]}={soft}:{hard}")
         return [*wrapped, "--", *argv]
 
     # -- killing ----------------------------------------------------------------------
@@ -450,16 +527,28 @@ class Sandbox:
         if process_group is not None:
             _kill_group(process_group)
         user = self._user(slot)
-        if user is not None:
+        # No process of the user left means none can appear: only its own processes
+        # (or we) could start one. That saves spawning the killer after most runs.
+        if user is not None and uid_processes(user.uid, zombies=True):
             await self._kill_uid(user)
+            await wait_for_no_processes(user)
 
     async def _kill_uid(self, user: SlotUser) -> None:
         # kill(-1) by a process running as the user reaches all its processes in one
-        # step, under the kernel's task-list lock: a fork bomb cannot outrun it.
+        # step, under the kernel's task-list lock: a fork bomb cannot outrun it. setpriv
+        # rather than subprocess's user=, which cannot use vfork: ~1 ms less per run.
+        # (Its exit status says nothing: kill(-1) succeeds if any process exists.)
+        setuid = [
+            self._tools["setpriv"],
+            f"--reuid={user.uid}",
+            f"--regid={user.gid}",
+            "--clear-groups",
+            "--",
+        ]
         if self._tools.get("kill"):
-            argv = [self._tools["kill"], "-9", "-1"]
+            argv = [*setuid, self._tools["kill"], "-9", "-1"]
         else:
-            argv = [sys.executable, "-I", "-S", "-c", "import os; os.kill(-1, 9)"]
+            argv = [*setuid, sys.executable, "-I", "-S", "-c", "import os; os.kill(-1, 9)"]
         killer = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -467,26 +556,8 @@ class Sandbox:
             stderr=asyncio.subprocess.DEVNULL,
             env={"PATH": CLEAN_PATH},
             cwd="/",
-            user=user.uid,
-            group=user.gid,
-            extra_groups=[],
         )
-        await killer.wait()  # exit 1 just means there was nothing to kill
-        # Belt and braces: anything still there (a process that was between setuid and
-        # exec, say) is found by its real uid in /proc.
-        for _ in range(100):
-            survivors = uid_processes(user.uid)
-            if not survivors:
-                return
-            for pid in survivors:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(0.001)
-        log.error(
-            "sandbox: processes of %s survive SIGKILL",
-            user.name,
-            extra={"slot_user": user.name, "pids": uid_processes(user.uid)},
-        )
+        await killer.wait()
 
     def _user(self, slot: int) -> SlotUser | None:
         users = self.capabilities.users
@@ -497,8 +568,116 @@ class Sandbox:
         return None if user is None else user.uid
 
 
-def uid_processes(uid: int) -> list[int]:
-    """Live (not zombie) processes whose real uid is `uid`, read from /proc."""
+class _Process(Protocol):
+    async def wait(self) -> int:
+        """The return code (negative: killed by that signal)."""
+        ...
+
+    async def kill(self) -> None:
+        """Kill the run now: its process, its group and its slot's user."""
+        ...
+
+    async def clean(self) -> None:
+        """After the end: return once no process of the slot is left."""
+        ...
+
+
+class _SpawnedProcess:
+    def __init__(self, sandbox: Sandbox, slot: int, process: asyncio.subprocess.Process) -> None:
+        self.sandbox = sandbox
+        self.slot = slot
+        self.process = process
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def kill(self) -> None:
+        await self.sandbox.kill_slot(self.slot, self.process.pid)
+
+    async def clean(self) -> None:
+        await self.sandbox.kill_slot(self.slot, self.process.pid)
+
+
+class _ZygoteProcess:
+    def __init__(self, sandbox: Sandbox, slot: int, run: ZygoteRun) -> None:
+        self.sandbox = sandbox
+        self.slot = slot
+        self.run = run
+        self.clean_checked = False
+
+    async def wait(self) -> int:
+        try:
+            exited = await self.run.wait()
+        except ZygoteLost as error:
+            await self.sandbox.kill_slot(self.slot)
+            raise SandboxError(f"the zygote died during the run ({error})") from None
+        self.clean_checked = exited.clean
+        return exited.returncode
+
+    async def kill(self) -> None:
+        try:
+            await self.run.kill()  # the zygote kills it and its slot's user, then reports
+        except ZygoteLost:
+            await self.sandbox.kill_slot(self.slot)
+
+    async def clean(self) -> None:
+        # The zygote cleans the slot before it reports the exit, unless it could not
+        # tell what was left.
+        if not self.clean_checked:
+            await self.sandbox.kill_slot(self.slot)
+
+
+def _rlimits(limits: Limits, *, per_user: bool) -> dict[str, tuple[int, int]]:
+    """The limits as setrlimit pairs (soft, hard); what `_wrap` gives prlimit."""
+    pairs = {
+        # SIGXCPU at the soft limit says why; SIGKILL a second later if ignored.
+        "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
+        "RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
+        "RLIMIT_FSIZE": (limits.file_size_bytes, limits.file_size_bytes),
+        "RLIMIT_NOFILE": (limits.open_files, limits.open_files),
+        "RLIMIT_CORE": (0, 0),
+    }
+    if per_user:  # RLIMIT_NPROC counts the real user's processes
+        pairs["RLIMIT_NPROC"] = (limits.processes, limits.processes)
+    return pairs
+
+
+async def wait_for_no_processes(user: SlotUser) -> None:
+    """Wait until /proc shows no process of the user, killing again whatever lives.
+
+    SIGKILL is delivered, not yet acted on, when kill() returns. The dead stay as zombies
+    until their parent buries them, and zombies count against RLIMIT_NPROC: orphans of
+    a spawned program go to pid 1, which may bury them late (or never, in a container
+    without an init). So zombies are waited for too, but only for a while."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        alive = uid_processes(user.uid)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not alive and not uid_processes(user.uid, zombies=True):
+            return
+        waited = loop.time() - started
+        if waited > (KILL_WAIT_SECONDS if alive else ZOMBIE_WAIT_SECONDS):
+            break
+        await asyncio.sleep(0.002)
+    log.warning(
+        "sandbox: %s of %s are still there after %.1f s%s",
+        "processes" if alive else "zombies",
+        user.name,
+        waited,
+        ""
+        if alive
+        else " (pid 1 does not bury orphans: they count against the slot's "
+        "process limit until it does)",
+        extra={"slot_user": user.name, "pids": uid_processes(user.uid, zombies=True)},
+    )
+
+
+def uid_processes(uid: int, *, zombies: bool = False) -> list[int]:
+    """Processes whose real uid is `uid`, read from /proc: the live ones, or (`zombies`)
+    the dead that no parent has buried yet as well."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -515,7 +694,7 @@ def uid_processes(uid: int) -> list[int]:
             elif line.startswith(b"Uid:"):
                 uid_field = int(line.split()[1])
                 break
-        if uid_field == uid and state not in (b"Z", b"X"):
+        if uid_field == uid and (zombies or state not in (b"Z", b"X")):
             found.append(int(entry.name))
     return found
 

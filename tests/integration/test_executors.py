@@ -12,11 +12,12 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from ledger.jsonvalue import JSONValue
 from tests import services
@@ -26,16 +27,18 @@ from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
 from workers.sandbox import Limits, Sandbox, uid_processes
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    # A sandbox holds no event-loop state, so one serves every test's loop.
-    sandbox = Sandbox(2)
-    asyncio.run(sandbox.start())
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["zygote", "spawn"])
+async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
+    """Every test runs twice: programs forked by the zygote, and spawned."""
+    sandbox = Sandbox(2, zygote=request.param == "zygote")
+    caps = await sandbox.start()
+    if request.param == "zygote" and caps.root:
+        assert caps.zygote
     yield sandbox
-    asyncio.run(sandbox.close())
+    await sandbox.close()
 
 
 @pytest.fixture
@@ -342,6 +345,30 @@ async def test_cpu_time_limit(tmp_path: Path) -> None:
     assert outcome.kind == "failed"
     assert outcome.error is not None
     assert outcome.error.message.startswith(("killed by SIGXCPU", "killed by SIGKILL"))
+
+
+@needs_users
+async def test_when_the_zygote_dies_runs_fail_retryably_and_then_spawn(tmp_path: Path) -> None:
+    sandbox = Sandbox(1, work_dir=tmp_path / "work")
+    assert (await sandbox.start()).zygote
+    python = PythonExecutor(sandbox)
+    try:
+        sleeper = request("import time\ntime.sleep(600)")
+        running = asyncio.ensure_future(python.run(sleeper, asyncio.Event()))
+        await wait_until(lambda: bool(slot_processes(sandbox)))
+        assert sandbox._zygote is not None
+        sandbox._zygote.kill_now()
+        outcome = await asyncio.wait_for(running, 15)
+        assert outcome.kind == "failed"
+        assert outcome.retryable
+        assert outcome.error is not None
+        assert outcome.error.kind == "sandbox_error"
+        assert slot_processes(sandbox) == []
+        after = await run(python, request("print('spawned')"))
+        assert after.result is not None
+        assert after.result.stdout == "spawned\n"
+    finally:
+        await sandbox.close()
 
 
 async def test_registry_has_every_language(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -1,17 +1,27 @@
-"""What runs inside the sandbox, on the sandboxed interpreter: the Python bootstrap.
+"""What runs on the sandbox's interpreter: the Python bootstrap, and the zygote.
 
 This file imports the standard library only: it is handed to `python -I -S -c`, which
 sees neither the project nor its virtualenv (and the slot user may not be able to read
-either). The worker passes it its file descriptors on the command line:
+either). Two ways in:
 
-    python -I -S -c <this source> run CODE_FD REPORT_FD
+    python -I -S -c <this source> run CODE_FD REPORT_FD    (one program, spawned)
+    python -I -S -c <this source> zygote CONTROL_FD         (as root, forks programs)
 
-- fd 0 is a memfd holding the task's data as JSON (the program may read it as stdin; the
+The bootstrap (`run_python`) sees:
+
+- fd 0: a memfd holding the task's data as JSON (the program may read it as stdin; the
   bootstrap reads it with pread, so the program still sees it from the start);
-- CODE_FD is a memfd holding the program's source (UTF-8), closed once read;
-- REPORT_FD is a pipe to the worker: one JSON line when the program did not compile
+- CODE_FD: a memfd holding the program's source (UTF-8), closed once read;
+- REPORT_FD: a pipe to the worker: one JSON line when the program did not compile
   (`compile_error`) or raised an uncaught exception (`exception`), with the last line of
   the traceback as `message`. It is not inherited by the program's children.
+
+The zygote is a pre-started, pre-imported, single-threaded interpreter that forks one
+child per run: the child puts itself in the sandbox (new session, network namespace,
+resource limits, the slot user, no new privileges) and either runs Python source in the
+already warm interpreter or execs a program. The worker talks to it over a SOCK_SEQPACKET
+socket: JSON requests with the run's file descriptors attached, JSON replies. It reaps
+everything (it is a child subreaper) and kills a slot's user after each run.
 """
 
 from __future__ import annotations
@@ -97,13 +107,308 @@ def _last_line(error: BaseException) -> str:
     return traceback.format_exception_only(type(error), error)[-1].strip()
 
 
+def _uid(pid: int) -> int | None:
+    """The real uid of a process, from /proc (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _exit_status(error: SystemExit) -> int:
+    """The exit status the interpreter gives an uncaught SystemExit."""
+    if error.code is None:
+        return 0
+    if isinstance(error.code, int):
+        return error.code
+    print(error.code, file=sys.stderr)
+    return 1
+
+
+# -- the zygote --------------------------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+# Imported before the first fork, so that programs (and the bootstrap) find them warm.
+WARM_MODULES = [
+    "atexit",
+    "collections",
+    "datetime",
+    "functools",
+    "heapq",
+    "itertools",
+    "json",
+    "linecache",
+    "math",
+    "random",
+    "re",
+    "string",
+    "textwrap",
+    "threading",
+    "time",
+    "traceback",
+]
+
+
+class Zygote:
+    def __init__(self, control_fd: int) -> None:
+        import ctypes
+        import selectors
+        import signal
+        import socket
+
+        for name in WARM_MODULES:
+            __import__(name)
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.control = socket.socket(fileno=control_fd)
+        self.pid = os.getpid()
+        self.runs: dict[int, tuple[int, int | None]] = {}  # pid -> (run id, uid)
+        self.ended: list[tuple[int, int]] = []  # (pid, wait status) of runs, to report
+        self.uids: set[int] = set()
+        # SIGCHLD wakes the selector through this pipe.
+        self.wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_r, False)
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self._prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of programs come back to us
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, "child")
+
+    def _prctl(self, option: int, value: int) -> None:
+        if self.libc.prctl(option, value, 0, 0, 0) != 0:
+            raise OSError(self.ctypes.get_errno(), f"prctl({option})")
+
+    def serve(self) -> None:
+        import socket
+
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "child":
+                    while True:
+                        try:
+                            if not os.read(self.wakeup_r, 512):
+                                break
+                        except BlockingIOError:
+                            break
+                    self._reap()
+                    continue
+                message, fds, _, _ = socket.recv_fds(self.control, 1 << 16, 8)
+                if not message:  # the worker is gone: so is everything we started
+                    for uid in self.uids:
+                        self._kill_uid(uid)
+                    for pid in self.runs:
+                        self._kill_group(pid)
+                    return
+                request = json.loads(message)
+                if request["op"] == "run":
+                    self._start(request, fds)
+                elif request["op"] == "kill":
+                    self._kill(request["id"])
+
+    def _send(self, reply: dict[str, object]) -> None:
+        self.control.send(json.dumps(reply).encode())
+
+    def _start(self, request: dict[str, object], fds: list[int]) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._child(request, fds)
+            except BaseException:  # noqa: BLE001 - say why on stderr; never return to the loop
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(127)
+        for fd in fds:
+            os.close(fd)
+        uid = request.get("uid")
+        assert uid is None or isinstance(uid, int)
+        if uid is not None:
+            self.uids.add(uid)
+        run_id = request["id"]
+        assert isinstance(run_id, int)
+        self.runs[pid] = (run_id, uid)
+        self._send({"op": "started", "id": run_id, "pid": pid})
+
+    def _kill(self, run_id: int) -> None:
+        import signal
+
+        for pid, (rid, uid) in self.runs.items():
+            if rid == run_id:
+                self._kill_group(pid)
+                try:  # noqa: SIM105 - no contextlib import in the zygote
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                if uid is not None:
+                    self._kill_uid(uid)
+
+    def _reap(self) -> None:
+        """Bury every child that ended; for each run among them, clean its slot and
+        report its end."""
+        self._bury()
+        while self.ended:
+            pid, status = self.ended.pop(0)
+            run_id, uid = self.runs.pop(pid)
+            clean = self._clean(uid) if uid is not None else not self._kill_group(pid)
+            returncode = os.waitstatus_to_exitcode(status)
+            self._send({"op": "exited", "id": run_id, "returncode": returncode, "clean": clean})
+
+    def _bury(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.runs:
+                self.ended.append((pid, status))
+            # else an orphan of some program (we are the subreaper): buried
+
+    def _clean(self, uid: int) -> bool:
+        """After a run of `uid` ended: kill whatever of `uid` is left and wait until it
+        is gone. False if it could not be checked (the worker then looks in /proc)."""
+        import time
+
+        left = self._left(uid)
+        if left == []:
+            return True  # the common case: no fork, no kill
+        self._kill_uid(uid)
+        give_up = time.monotonic() + 5
+        while left != [] and time.monotonic() < give_up:
+            time.sleep(0.0002)  # SIGKILL is on its way; the dying come here to be buried
+            self._bury()
+            left = self._left(uid)
+        return left == []
+
+    def _left(self, uid: int) -> list[int] | None:
+        """Processes of `uid` still here, or None when this kernel cannot say.
+
+        Every process a run starts descends from the zygote, and its orphans come to the
+        zygote (the subreaper): once the run's own child has ended, whatever is left of
+        its user is a child of the zygote, or the descendant of one with the same user."""
+        try:
+            with open(f"/proc/self/task/{self.pid}/children", "rb") as children:
+                pids = [int(pid) for pid in children.read().split()]
+        except OSError:
+            return None
+        return [pid for pid in pids if pid not in self.runs and _uid(pid) == uid]
+
+    def _kill_group(self, pgid: int) -> bool:
+        import signal
+
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _kill_uid(self, uid: int) -> None:
+        """kill(-1, SIGKILL) as `uid`: every process of the user, atomically (under the
+        kernel's task-list lock, so a fork bomb cannot outrun it)."""
+        import signal
+
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+    def _child(self, request: dict[str, object], fds: list[int]) -> None:
+        """In the forked child: enter the sandbox, then run the program. Never returns."""
+        import fcntl
+        import resource
+        import signal
+
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        if request["netns"] and self.libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(self.ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        # Move the run's descriptors above any target number, then onto 0, 1, 2, ...
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+        os.closerange(len(high), 1 << 16)
+        cwd = request["cwd"]
+        assert isinstance(cwd, str)
+        os.chdir(cwd)
+        limits = request["limits"]
+        assert isinstance(limits, dict)
+        for name, (soft, hard) in limits.items():
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        uid, gid = request["uid"], request["gid"]
+        if isinstance(uid, int) and isinstance(gid, int):
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        self._prctl(PR_SET_NO_NEW_PRIVS, 1)
+        self._prctl(PR_SET_DUMPABLE, 1)  # /proc/self is the program's, as after exec
+        self._prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # (setuid cleared it)
+        if os.getppid() != self.pid:
+            return
+        env = request["env"]
+        assert isinstance(env, dict)
+        os.environ.clear()
+        os.environ.update(env)
+        argv = request["argv"]
+        if isinstance(argv, list):
+            # What Python ignores for itself, a program it execs gets back.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            try:
+                os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is ours
+            except OSError as error:
+                print(f"cannot run {argv[0]}: {error}", file=sys.stderr)
+            return
+        self._python()
+
+    def _python(self) -> None:
+        try:
+            status = run_python(3, 4)
+        except SystemExit as error:
+            status = _exit_status(error)
+        # What the interpreter does at exit: join threads, run atexit, flush.
+        try:
+            threading = sys.modules.get("threading")
+            if threading is not None:
+                threading._shutdown()
+            import atexit
+
+            atexit._run_exitfuncs()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    status = status or 120
+            os._exit(status)
+
+
 def _main(argv: list[str]) -> None:
     if argv[1:2] == ["run"]:
         raise SystemExit(run_python(int(argv[2]), int(argv[3])))
+    if argv[1:2] == ["zygote"]:
+        Zygote(int(argv[2])).serve()
+        return
     if argv[1:2] == ["probe"]:
         print(json.dumps({"uid": os.getuid(), "executable": sys.executable}))
         return
-    raise SystemExit(f"usage: child.py run CODE_FD REPORT_FD | probe (got {argv[1:]})")
+    raise SystemExit(f"usage: child.py run CODE_FD REPORT_FD | zygote FD | probe; got {argv[1:]}")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,16 @@ import orjson
 
 from ledger import AttemptError
 from workers.executors.base import RunOutcome, RunRequest
-from workers.executors.outcome import invalid_code, outcome, text
-from workers.sandbox import CLEAN_PATH, Argv, Ended, Sandbox, Workspace, loop_deadline
+from workers.executors.outcome import invalid_code, outcome, sandbox_failure, text
+from workers.sandbox import (
+    CLEAN_PATH,
+    Argv,
+    Ended,
+    Sandbox,
+    SandboxError,
+    Workspace,
+    loop_deadline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,14 @@ class CSharpExecutor:
         if len(source) > limits.code_bytes:
             return invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
         assembly = self.cache_dir / f"{hashlib.sha256(source).hexdigest()}.exe"
+        try:
+            return await self._compile_and_run(request, source, assembly, cancelled)
+        except SandboxError as error:
+            return sandbox_failure(error)
+
+    async def _compile_and_run(
+        self, request: RunRequest, source: bytes, assembly: Path, cancelled: asyncio.Event
+    ) -> RunOutcome:
         deadline = loop_deadline(request.deadline)
         async with self.sandbox.workspace(request.slot) as workspace:
             if not assembly.exists():
@@ -100,7 +116,7 @@ class CSharpExecutor:
                 deadline=deadline,
                 cancelled=cancelled,
             )
-        return outcome(ended, limits, message=_unhandled_exception(ended))
+        return outcome(ended, self.sandbox.limits, message=_unhandled_exception(ended))
 
     async def _compile(
         self,

@@ -6,7 +6,7 @@ import signal
 
 from ledger import AttemptError, AttemptResult
 from workers.executors.base import RunOutcome
-from workers.sandbox import Ended, Limits
+from workers.sandbox import Ended, Limits, SandboxError
 
 
 def text(raw: bytes) -> str:
@@ -16,6 +16,11 @@ def text(raw: bytes) -> str:
 def invalid_code(message: str) -> RunOutcome:
     """The code can never run: permanent."""
     return RunOutcome("failed", error=AttemptError("invalid_code", message), retryable=False)
+
+
+def sandbox_failure(error: SandboxError) -> RunOutcome:
+    """The sandbox lost the run (its zygote died): the program may be fine, retry it."""
+    return RunOutcome("failed", error=AttemptError("sandbox_error", str(error)), retryable=True)
 
 
 def exit_description(returncode: int, limits: Limits) -> str:

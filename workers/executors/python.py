@@ -8,8 +8,8 @@ import asyncio
 import orjson
 
 from workers.executors.base import RunOutcome, RunRequest
-from workers.executors.outcome import invalid_code, outcome
-from workers.sandbox import PythonSource, Sandbox, loop_deadline
+from workers.executors.outcome import invalid_code, outcome, sandbox_failure
+from workers.sandbox import PythonSource, Sandbox, SandboxError, loop_deadline
 
 
 class PythonExecutor:
@@ -27,14 +27,17 @@ class PythonExecutor:
         if len(source) > limits.code_bytes:
             return invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
         stdin = orjson.dumps(request.data)
-        async with self.sandbox.workspace(request.slot) as workspace:
-            ended = await self.sandbox.run(
-                workspace,
-                PythonSource(source),
-                stdin=stdin,
-                deadline=loop_deadline(request.deadline),
-                cancelled=cancelled,
-            )
+        try:
+            async with self.sandbox.workspace(request.slot) as workspace:
+                ended = await self.sandbox.run(
+                    workspace,
+                    PythonSource(source),
+                    stdin=stdin,
+                    deadline=loop_deadline(request.deadline),
+                    cancelled=cancelled,
+                )
+        except SandboxError as error:
+            return sandbox_failure(error)
         kind, message = _reported(ended.report)
         if kind == "compile_error":
             return outcome(

@@ -1,0 +1,171 @@
+"""The worker's side of the zygote (see `child.Zygote`): start it, send it runs, hear
+back when they end.
+
+Bound to the event loop that started it. Every request carries the run's descriptors
+(SCM_RIGHTS over a SOCK_SEQPACKET socket, so each message arrives whole); replies say a
+run `started` (its pid) and `exited` (its return code, and whether the zygote made sure
+that nothing of its slot's user is left). If the zygote dies, every waiting run fails
+with `ZygoteLost` and the zygote stays dead: the sandbox then spawns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class ZygoteLost(Exception):
+    """The zygote died or stopped answering: the run's fate is unknown."""
+
+
+@dataclass(frozen=True)
+class Exited:
+    returncode: int
+    clean: bool  # the zygote saw to it that no process of the slot is left
+
+
+class ZygoteRun:
+    def __init__(self, zygote: Zygote, run_id: int) -> None:
+        self.zygote = zygote
+        self.id = run_id
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[int] = loop.create_future()
+        self.exited: asyncio.Future[Exited] = loop.create_future()
+
+    async def wait(self) -> Exited:
+        return await self.exited
+
+    async def kill(self) -> None:
+        await self.zygote.send({"op": "kill", "id": self.id}, ())
+
+
+class Zygote:
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+        self.alive = True
+        self._ids = itertools.count(1)
+        self._runs: dict[int, ZygoteRun] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(control.fileno(), self._on_readable)
+
+    @classmethod
+    async def start(cls, python: str, source: str, env: Mapping[str, str]) -> Zygote:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                python,
+                "-I",
+                "-S",
+                "-c",
+                source,
+                "zygote",
+                str(theirs.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=dict(env),
+                cwd="/",
+                start_new_session=True,  # the worker's terminal signals are not its
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return cls(process, ours)
+
+    async def run(self, request: dict[str, object], fds: Sequence[int]) -> ZygoteRun:
+        """Ask for a run; returns once the zygote has forked it (the fds are then its)."""
+        run = ZygoteRun(self, next(self._ids))
+        self._runs[run.id] = run
+        try:
+            await self.send({**request, "op": "run", "id": run.id}, fds)
+            await run.started
+        except BaseException:
+            self._runs.pop(run.id, None)
+            raise
+        return run
+
+    async def send(self, message: dict[str, object], fds: Sequence[int]) -> None:
+        if not self.alive:
+            raise ZygoteLost("the zygote is not running")
+        data = json.dumps(message).encode()
+        while True:
+            try:
+                socket.send_fds(self.control, [data], list(fds))
+                return
+            except BlockingIOError:
+                writable = self._loop.create_future()
+                self._loop.add_writer(self.control.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    self._loop.remove_writer(self.control.fileno())
+            except OSError as error:
+                self._lost(f"cannot write to it: {error}")
+                raise ZygoteLost(str(error)) from None
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data = self.control.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._lost(str(error))
+                return
+            if not data:
+                self._lost("it closed its socket")
+                return
+            reply = json.loads(data)
+            run = self._runs.get(reply["id"])
+            if run is None:
+                continue
+            if reply["op"] == "started" and not run.started.done():
+                run.started.set_result(reply["pid"])
+            elif reply["op"] == "exited":
+                self._runs.pop(run.id, None)
+                if not run.exited.done():
+                    run.exited.set_result(Exited(reply["returncode"], reply["clean"]))
+
+    def _lost(self, why: str) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        self._loop.remove_reader(self.control.fileno())
+        log.error(
+            "sandbox: the zygote died (%s); programs are spawned from now on",
+            why,
+            extra={"zygote_pid": self.process.pid},
+        )
+        for run in self._runs.values():
+            for future in (run.started, run.exited):
+                if not future.done():
+                    future.set_exception(ZygoteLost(why))
+        self._runs.clear()
+
+    async def close(self) -> None:
+        """Stop the zygote: closing its socket makes it kill what it started and exit."""
+        if self.alive:
+            self.alive = False
+            self._loop.remove_reader(self.control.fileno())
+        self.control.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+    def kill_now(self) -> None:
+        """For tests of the fallback: the zygote dies as if it crashed."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, 9)
