@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
 import os
-import pwd
 import shutil
 import signal
 import sys
@@ -33,26 +30,40 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
+from workers.executors.capture import OutputCapture
+from workers.executors.slot_users import (
+    CLEAN_PATH,
+    SandboxError,
+    SlotUser,
+    claim_users,
+    run_quietly,
+    uid_processes,
+    wait_for_no_processes,
+)
 from workers.executors.zygote import Zygote, ZygoteLost, ZygoteRun
+
+__all__ = [
+    "CLEAN_PATH",
+    "Argv",
+    "Capabilities",
+    "Command",
+    "Ended",
+    "Limits",
+    "PythonSource",
+    "Sandbox",
+    "SandboxError",
+    "SlotUser",
+    "Workspace",
+    "loop_deadline",
+    "uid_processes",
+]
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-USER_PREFIX = "tlsbx"
-MAX_USERS = 256
-CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 # The bootstrap handed to the sandboxed interpreter with -c (stdlib only; read here, not
 # imported, so that the slot user needs no access to the project's files).
 CHILD_SOURCE = (Path(__file__).parent / "executors" / "child.py").read_text(encoding="utf-8")
-# After the program's main process ends and its slot is killed, its pipes close at once;
-# this only bounds the wait for a pipe held by something the sandbox could not kill.
-PIPE_GRACE_SECONDS = 1.0
-KILL_WAIT_SECONDS = 10.0  # SIGKILLed processes are gone well before this
-ZOMBIE_WAIT_SECONDS = 3.0  # for pid 1 to bury orphans (see wait_for_no_processes)
-
-
-class SandboxError(Exception):
-    """The sandbox cannot run programs on this machine (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +81,6 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class SlotUser:
-    name: str
-    uid: int
-    gid: int
-
-
-@dataclass(frozen=True)
 class Capabilities:
     """What the sandbox could do on this machine, as detected by `Sandbox.start`."""
 
@@ -86,10 +90,6 @@ class Capabilities:
     network_note: str  # why not, when not
     python: str  # the interpreter programs run on
     zygote: bool = False  # programs are forked by a warm zygote (else spawned)
-
-    @property
-    def separate_users(self) -> bool:
-        return bool(self.users)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,10 @@ class Sandbox:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # Root-owned and not listable: a slot user can enter only its own run directory.
         os.chmod(self.work_dir, 0o711)  # noqa: S103
-        users = tuple(await self._claim_users()) if root else ()
+        users: tuple[SlotUser, ...] = ()
+        if root:
+            claimed, self._locks = await claim_users(self.slots, self.lock_dir)
+            users = tuple(claimed)
         isolated, note = await self._probe_network(root)
         self._capabilities = Capabilities(
             root=root, users=users, network_isolated=isolated, network_note=note, python=""
@@ -287,30 +290,11 @@ class Sandbox:
             },
         )
 
-    async def _claim_users(self) -> list[SlotUser]:
-        """One user per slot, each held by an flock so that two workers on one machine
-        never share a user (killing by uid would kill the other's programs)."""
-        self.lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        users: list[SlotUser] = []
-        for n in range(MAX_USERS):
-            if len(users) == self.slots:
-                return users
-            name = f"{USER_PREFIX}{n}"
-            lock = (self.lock_dir / f"{name}.lock").open("wb")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
-                continue
-            self._locks.append(lock)
-            users.append(await _ensure_user(name))
-        raise SandboxError(f"no free sandbox user among {USER_PREFIX}0..{MAX_USERS - 1}")
-
     async def _probe_network(self, root: bool) -> tuple[bool, str]:
         argv = [self._tools["unshare"], "--net", "--", "true"]
         if not root:
             argv[1:1] = ["--user", "--map-current-user"]
-        code, output = await _run_quietly(argv)
+        code, output = await run_quietly(argv)
         if code == 0:
             return True, ""
         return False, f"`{' '.join(argv[:-2])}` failed here ({output.strip() or code})"
@@ -409,9 +393,9 @@ class Sandbox:
         finally:
             for fd in {*child_fds, report_w}:
                 os.close(fd)
-        stdout = await _Capture.attach(out_r, limits.output_bytes)
-        stderr = await _Capture.attach(err_r, limits.output_bytes)
-        report = await _Capture.attach(report_r, 64 * 1024)
+        stdout = await OutputCapture.attach(out_r, limits.output_bytes)
+        stderr = await OutputCapture.attach(err_r, limits.output_bytes)
+        report = await OutputCapture.attach(report_r, 64 * 1024)
         how: Literal["exited", "expired", "cancelled"] = "exited"
         waiter = asyncio.ensure_future(process.wait())
         canceller = asyncio.ensure_future(cancelled.wait())
@@ -435,7 +419,7 @@ class Sandbox:
                 workspace.clean = True
             finally:
                 duration_ms = (time.perf_counter() - started) * 1000
-                await _Capture.drain(stdout, stderr, report)
+                await OutputCapture.drain(stdout, stderr, report)
         return Ended(
             how=how,
             returncode=returncode if how == "exited" else None,
@@ -548,7 +532,8 @@ class Sandbox:
         if self._tools.get("kill"):
             argv = [*setuid, self._tools["kill"], "-9", "-1"]
         else:
-            argv = [*setuid, sys.executable, "-I", "-S", "-c", "import os; os.kill(-1, 9)"]
+            python = self.capabilities.python or sys.executable
+            argv = [*setuid, python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"]
         killer = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -642,63 +627,6 @@ def _rlimits(limits: Limits, *, per_user: bool) -> dict[str, tuple[int, int]]:
     return pairs
 
 
-async def wait_for_no_processes(user: SlotUser) -> None:
-    """Wait until /proc shows no process of the user, killing again whatever lives.
-
-    SIGKILL is delivered, not yet acted on, when kill() returns. The dead stay as zombies
-    until their parent buries them, and zombies count against RLIMIT_NPROC: orphans of
-    a spawned program go to pid 1, which may bury them late (or never, in a container
-    without an init). So zombies are waited for too, but only for a while."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while True:
-        alive = uid_processes(user.uid)
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if not alive and not uid_processes(user.uid, zombies=True):
-            return
-        waited = loop.time() - started
-        if waited > (KILL_WAIT_SECONDS if alive else ZOMBIE_WAIT_SECONDS):
-            break
-        await asyncio.sleep(0.002)
-    log.warning(
-        "sandbox: %s of %s are still there after %.1f s%s",
-        "processes" if alive else "zombies",
-        user.name,
-        waited,
-        ""
-        if alive
-        else " (pid 1 does not bury orphans: they count against the slot's "
-        "process limit until it does)",
-        extra={"slot_user": user.name, "pids": uid_processes(user.uid, zombies=True)},
-    )
-
-
-def uid_processes(uid: int, *, zombies: bool = False) -> list[int]:
-    """Processes whose real uid is `uid`, read from /proc: the live ones, or (`zombies`)
-    the dead that no parent has buried yet as well."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status", "rb") as status:
-                text = status.read()
-        except OSError:
-            continue
-        state = uid_field = None
-        for line in text.splitlines():
-            if line.startswith(b"State:"):
-                state = line.split()[1]
-            elif line.startswith(b"Uid:"):
-                uid_field = int(line.split()[1])
-                break
-        if uid_field == uid and (zombies or state not in (b"Z", b"X")):
-            found.append(int(entry.name))
-    return found
-
-
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -711,99 +639,3 @@ def _memfd(name: str, content: bytes) -> int:
         view = view[os.write(fd, view) :]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
-
-async def _ensure_user(name: str) -> SlotUser:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        code, output = await _run_quietly(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--comment",
-                "taskledger sandbox slot",
-                name,
-            ]
-        )
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            raise SandboxError(f"could not create the sandbox user {name}: {output}") from None
-        if code == 0:
-            log.info("sandbox: created the system user %s", name, extra={"slot_user": name})
-    if entry.pw_uid == 0:
-        raise SandboxError(f"sandbox user {name} has uid 0")
-    return SlotUser(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
-
-
-async def _run_quietly(argv: list[str]) -> tuple[int, str]:
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={"PATH": CLEAN_PATH + ":/usr/sbin:/sbin", "LANG": "C.UTF-8"},
-        )
-    except OSError as error:
-        return error.errno or errno.ENOENT, str(error)
-    output, _ = await process.communicate()
-    return process.returncode or 0, output.decode(errors="replace")
-
-
-class _Capture(asyncio.Protocol):
-    """Reads a pipe to its end, keeping the first `cap` bytes and dropping the rest."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.size = 0
-        self.truncated = False
-        self.chunks: list[bytes] = []
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.BaseTransport | None = None
-
-    @classmethod
-    async def attach(cls, fd: int, cap: int) -> _Capture:
-        capture = cls(cap)
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: capture, pipe)
-        capture.transport = transport
-        return capture
-
-    @staticmethod
-    async def drain(*captures: _Capture) -> None:
-        """Wait for the pipes' ends; a pipe still open after the grace period (held by
-        a process the sandbox could not kill) is closed with what it gave so far."""
-        waits = [c.closed for c in captures]
-        _, pending = await asyncio.wait(waits, timeout=PIPE_GRACE_SECONDS)
-        for capture in captures:
-            if capture.transport is not None and not capture.closed.done():
-                capture.truncated = True
-                capture.transport.close()
-        if pending:
-            await asyncio.wait(pending)
-
-    def data_received(self, data: bytes) -> None:
-        room = self.cap - self.size
-        if room > 0:
-            kept = data[:room]
-            self.chunks.append(kept)
-            self.size += len(kept)
-        if len(data) > room:
-            self.truncated = True
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def data(self) -> bytes:
-        return b"".join(self.chunks)

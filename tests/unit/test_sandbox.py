@@ -11,11 +11,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from workers.executors.base import RunRequest
+from workers.executors.capture import OutputCapture
 from workers.executors.csharp import _unhandled_exception
 from workers.executors.echo import EchoExecutor
 from workers.executors.outcome import exit_description, outcome
 from workers.executors.python import _reported
-from workers.sandbox import Ended, Limits, Sandbox, _Capture, _memfd
+from workers.sandbox import Ended, Limits, Sandbox, _memfd
 
 LIMITS = Limits()
 
@@ -27,7 +28,7 @@ def ended(returncode: int | None, how: str = "exited", stderr: bytes = b"") -> E
 @pytest.mark.asyncio
 async def test_capture_keeps_the_cap_and_drains_the_rest() -> None:
     read_end, write_end = os.pipe()
-    capture = await _Capture.attach(read_end, 10)
+    capture = await OutputCapture.attach(read_end, 10)
 
     def write_and_close() -> None:  # more than a pipe's buffer: the reader must keep up
         for chunk in (b"abcdef", b"ghijkl", b"x" * 1_000_000):
@@ -37,7 +38,7 @@ async def test_capture_keeps_the_cap_and_drains_the_rest() -> None:
         os.close(write_end)
 
     writer = asyncio.get_running_loop().run_in_executor(None, write_and_close)
-    await _Capture.drain(capture)
+    await OutputCapture.drain(capture)
     await writer
     assert capture.data() == b"abcdefghij"
     assert capture.truncated
@@ -46,10 +47,10 @@ async def test_capture_keeps_the_cap_and_drains_the_rest() -> None:
 @pytest.mark.asyncio
 async def test_capture_under_the_cap_is_whole() -> None:
     read_end, write_end = os.pipe()
-    capture = await _Capture.attach(read_end, 10)
+    capture = await OutputCapture.attach(read_end, 10)
     os.write(write_end, b"0123456789")
     os.close(write_end)
-    await _Capture.drain(capture)
+    await OutputCapture.drain(capture)
     assert capture.data() == b"0123456789"
     assert not capture.truncated
 

@@ -166,6 +166,9 @@ class Zygote:
 
         for name in WARM_MODULES:
             __import__(name)
+        import gc
+
+        gc.freeze()  # what is here now is never collected: children copy fewer pages
         self.ctypes = ctypes
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.control = socket.socket(fileno=control_fd)
