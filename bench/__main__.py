@@ -16,6 +16,7 @@ from typing import cast
 # name -> module; each module has main(argv: list[str] | None) -> int.
 BENCHMARKS: dict[str, str] = {
     "ledger_writes": "bench.ledger_writes",
+    "projections": "bench.projections",
 }
 
 
