@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +14,7 @@ import pytest
 
 from workers.executors.base import RunRequest
 from workers.executors.capture import OutputCapture
+from workers.executors.child import parse_json
 from workers.executors.csharp import _unhandled_exception
 from workers.executors.echo import EchoExecutor
 from workers.executors.outcome import exit_description, outcome
@@ -61,6 +64,16 @@ def test_memfd_reads_from_the_start() -> None:
         assert os.read(fd, 100) == b'{"a": 1}'
     finally:
         os.close(fd)
+
+
+def test_parse_json_without_the_json_module_matches_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "json")  # as in a spawned interpreter
+    for text in ('{"a": [1, 2.5, "\\u00e9", null, true, false]}', "  3 ", '"x"', "[NaN]"):
+        parsed = parse_json(text)
+        assert repr(parsed) == repr(json.loads(text))
+    for bad in ("", "{", "1 2", "[1,]"):
+        with pytest.raises(ValueError, match=r"JSON|Expecting|extra"):
+            parse_json(bad)
 
 
 def test_exit_descriptions() -> None:
