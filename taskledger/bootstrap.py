@@ -6,8 +6,10 @@ own (a clock, a retry policy, a ready-made ledger) as overrides.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,10 @@ from projections import all_projections
 from projections.runner import ProjectionRunner
 from taskledger.embedded import EmbeddedPostgres
 from taskledger.settings import ConfigError, Settings
+from workers.broker import Broker, broker_for
+from workers.dispatcher import Dispatcher
+from workers.reaper import Reaper
+from workers.worker import Worker
 
 # Threads that may touch the ledger at once: its connection pool's size (5 + 10 overflow).
 LEDGER_THREADS = 15
@@ -41,7 +47,34 @@ class Services:
     database_url: str
     schema: str
     projection_runners: dict[str, ProjectionRunner] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+    _broker: Broker | None = None
+
+    @property
+    def broker(self) -> Broker:
+        """The broker (created on first use; queues are namespaced by the schema)."""
+        if self._broker is None:
+            self._broker = self.overrides.get("broker") or broker_for(
+                self.settings.broker_url,
+                "taskledger" if self.schema == "public" else f"taskledger.{self.schema}",
+            )
+        return self._broker
+
+    def singleton_roles(self) -> list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]:
+        """The dispatcher and the reaper (each elects its leader across processes)."""
+        clock = self.ledger.clock
+        dispatcher = Dispatcher(self.database_url, self.schema, self.broker, clock)
+        reaper = Reaper(self.database_url, self.schema, self.ledger, clock)
+        return [dispatcher.run, reaper.run]
+
+    def worker(self, concurrency: int, **options: Any) -> Worker:
+        executors = self.overrides.get("executors")
+        if executors is None:
+            from workers.executors import build_executors
+
+            executors = build_executors(concurrency=concurrency, data_dir=self.settings.data_dir)
+        return Worker(self.ledger, self.broker, executors, concurrency=concurrency, **options)
 
     def start_projections(self, names: list[str] | None = None, **options: Any) -> None:
         """Run the projections (all, or `names`) in background threads of this process.
@@ -56,8 +89,11 @@ class Services:
             self._stack.callback(runner.stop)
             self.projection_runners[name] = runner
 
-    def api_app(self) -> Starlette:
-        """The HTTP API over these services (its query pool closes with them)."""
+    def api_app(
+        self, background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] | None = None
+    ) -> Starlette:
+        """The HTTP API over these services (its query pool closes with them), running
+        `background` roles beside it for as long as it serves."""
         spec = self.settings.api_keys.get_secret_value() if self.settings.api_keys else ""
         try:
             configured = parse_configured_keys(spec)
@@ -78,6 +114,9 @@ class Services:
             database_url=self.database_url,
             schema=self.schema,
             authenticator=Authenticator(configured, self.ledger.authenticate),
+            readiness={"broker": self.broker.problem},
+            background=list(background or []),
+            shutdown=[self.broker.close],
             watcher=TaskWatcher(self.database_url, self.schema),
             metrics=ApiMetrics(),
             limiter=anyio.CapacityLimiter(LEDGER_THREADS),
@@ -114,8 +153,11 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
     """Start what the settings ask for: the database (embedded if no URL) and the ledger.
 
     Overrides: `ledger` (a ready Ledger), or `clock`, `retry_policy`, `limits` for the one
-    built here.
+    built here; `broker`, `executors` for the workers.
     """
+    role_overrides: dict[str, Any] = {
+        k: overrides.pop(k) for k in ("broker", "executors") if k in overrides
+    }
     stack = contextlib.ExitStack()
     try:
         database_url = settings.database_url
@@ -133,6 +175,7 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
             ledger=ledger,
             database_url=database_url,
             schema=settings.database_schema,
+            overrides=role_overrides,
             _stack=stack,
         )
     except BaseException:

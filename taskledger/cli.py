@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -34,10 +35,19 @@ def _parser() -> argparse.ArgumentParser:
         "and an API key (generated and kept in the data directory when none is configured).",
     )
     _serve_options(dev)
+    dev.add_argument("--concurrency", type=int, default=2, help="attempts run at once")
     api = commands.add_parser("api", help="run the API and the singleton roles")
     _serve_options(api)
     api.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
     api.add_argument("--ssl-keyfile", help="… and this private key (PEM)")
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker: take attempts from the broker, run them, record outcomes",
+    )
+    worker.add_argument("--concurrency", type=int, default=2, help="attempts run at once")
+    worker.add_argument(
+        "--grace", type=float, default=30.0, help="seconds running attempts get on SIGTERM"
+    )
     keys = commands.add_parser("keys", help="API keys: create, revoke").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
@@ -75,7 +85,10 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
 def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
     import uvicorn
 
-    app = services.api_app()
+    roles = services.singleton_roles()
+    if dev:
+        roles.append(services.worker(concurrency=args.concurrency).run)
+    app = services.api_app(background=roles)
     services.start_projections()
     scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
     url = f"{scheme}://{args.host}:{args.port}"
@@ -100,6 +113,31 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
     )
     log.info("serving the API", extra={"url": url})
     uvicorn.Server(config).run()
+    return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if settings.broker_url.startswith("memory://"):
+        raise ConfigError(
+            "TASKLEDGER_BROKER_URL: memory:// only works inside one process (taskledger dev); "
+            "a separate worker needs amqp://user:password@host:port/"
+        )
+    configure_logging(role="worker", log_dir=settings.log_dir)
+    with bootstrap(settings) as services:
+        worker = services.worker(concurrency=args.concurrency, grace_seconds=args.grace)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            try:
+                await worker.run(stop)
+            finally:
+                await services.broker.close()
+
+        asyncio.run(main())
     return 0
 
 
@@ -198,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dev": _run_dev,
             "api": _run_api,
             "keys": _run_keys,
+            "worker": _run_worker,
             "projections": _run_projections,
             "config": _run_config,
         }
