@@ -61,6 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+ZYGOTE_ANSWER_SECONDS = 10.0  # for the zygote to report the end of a run it killed
 # The code handed to the sandboxed interpreter with -c (stdlib only; read here, not
 # imported, so that the slot user needs no access to the project's files): all of it for
 # the zygote, the bootstrap part for a spawned program (compiling less is faster).
@@ -168,6 +169,8 @@ class Sandbox:
         self.use_zygote = zygote
         self._zygote: Zygote | None = None
         self._capabilities: Capabilities | None = None
+        self._started = False
+        self._starting: asyncio.Lock | None = None
         self._locks: list[IO[bytes]] = []
         self._tools: dict[str, str] = {}
 
@@ -180,7 +183,21 @@ class Sandbox:
         return self._capabilities
 
     async def start(self) -> Capabilities:
-        """Detect what this machine allows, claim one user per slot, log it once."""
+        """Detect what this machine allows, claim one user per slot, log it once.
+
+        Idempotent: the executors call it before each run, so a sandbox nobody started
+        starts on first use (in the event loop that uses it, as the zygote must)."""
+        if self._started:
+            return self.capabilities
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if not self._started:
+                await self._start()
+                self._started = True
+        return self.capabilities
+
+    async def _start(self) -> None:
         for tool in ("unshare", "setpriv", "prlimit"):
             found = shutil.which(tool, path=CLEAN_PATH + ":/usr/sbin:/sbin")
             if found is None:
@@ -199,15 +216,14 @@ class Sandbox:
         self._capabilities = Capabilities(
             root=root, users=users, network_isolated=isolated, network_note=note, python=""
         )
-        for user in users:
-            await self._kill_uid(user)  # leftovers of a worker that died holding this user
+        for slot in range(len(users)):
+            await self.kill_slot(slot)  # leftovers of a worker that died holding the user
         python = await self._choose_python()
         self._capabilities = replace(self._capabilities, python=python)
         if root and self.use_zygote:
             self._zygote = await self._start_zygote()
             self._capabilities = replace(self._capabilities, zygote=self._zygote is not None)
         self._log_capabilities()
-        return self._capabilities
 
     async def _start_zygote(self) -> Zygote | None:
         """Start the zygote and run one program through it; None (spawn) if that fails."""
@@ -246,6 +262,8 @@ class Sandbox:
         for lock in self._locks:
             lock.close()
         self._locks.clear()
+        self._capabilities = None  # a later start() claims users again
+        self._started = False
 
     def _log_capabilities(self) -> None:
         caps = self.capabilities
@@ -609,6 +627,12 @@ class _ZygoteProcess:
             await self.run.kill()  # the zygote kills it and its slot's user, then reports
         except ZygoteLost:
             await self.sandbox.kill_slot(self.slot)
+            return
+        # The zygote reports the end of a killed run at once. If it does not, it is
+        # broken: kill it, and the run fails with SandboxError after its slot is killed.
+        loop = asyncio.get_running_loop()
+        watchdog = loop.call_later(ZYGOTE_ANSWER_SECONDS, self.run.zygote.kill_now)
+        self.run.exited.add_done_callback(lambda _: watchdog.cancel())
 
     async def clean(self) -> None:
         # The zygote cleans the slot before it reports the exit, unless it could not

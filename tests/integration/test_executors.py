@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from ledger.jsonvalue import JSONValue
 from tests import services
-from workers.executors import executors
+from workers.executors import build_executors, executors
 from workers.executors.base import RunOutcome, RunRequest
 from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
@@ -369,6 +369,17 @@ async def test_when_the_zygote_dies_runs_fail_retryably_and_then_spawn(tmp_path:
         assert after.result.stdout == "spawned\n"
     finally:
         await sandbox.close()
+
+
+async def test_built_executors_start_their_sandbox_on_first_use(tmp_path: Path) -> None:
+    registry = build_executors(1, tmp_path)
+    try:
+        outcome = await registry["python"].run(request("print(data)", [1]), asyncio.Event())
+        assert outcome.result is not None
+        assert outcome.result.stdout == "[1]\n"
+    finally:
+        for executor in registry.values():
+            await executor.close()
 
 
 async def test_registry_has_every_language(sandbox: Sandbox, tmp_path: Path) -> None:

@@ -94,6 +94,7 @@ class CSharpExecutor:
             return invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
         assembly = self.cache_dir / f"{hashlib.sha256(source).hexdigest()}.exe"
         try:
+            await self.sandbox.start()
             return await self._compile_and_run(request, source, assembly, cancelled)
         except SandboxError as error:
             return sandbox_failure(error)
@@ -154,7 +155,8 @@ class CSharpExecutor:
         return None
 
     async def close(self) -> None:
-        return None
+        """Stop the sandbox (shared with the other executors: close them together)."""
+        await self.sandbox.close()
 
 
 def _compile_error(ended: Ended) -> RunOutcome:

@@ -28,6 +28,7 @@ class PythonExecutor:
             return invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
         stdin = orjson.dumps(request.data)
         try:
+            await self.sandbox.start()
             async with self.sandbox.workspace(request.slot) as workspace:
                 ended = await self.sandbox.run(
                     workspace,
@@ -46,7 +47,8 @@ class PythonExecutor:
         return outcome(ended, limits, message=message)
 
     async def close(self) -> None:
-        return None
+        """Stop the sandbox (shared with the other executors: close them together)."""
+        await self.sandbox.close()
 
 
 def _reported(report: bytes) -> tuple[str | None, str | None]:

@@ -166,6 +166,7 @@ class Zygote:
             await self.process.wait()
 
     def kill_now(self) -> None:
-        """For tests of the fallback: the zygote dies as if it crashed."""
+        """SIGKILL the zygote (it stopped answering; or a test of the fallback): its
+        runs fail with ZygoteLost once its socket closes."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, 9)
