@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from openapi_ui_bundles import swagger_ui
@@ -92,6 +92,17 @@ class RequestLog:
             log.info("request", extra=fields)
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def by_method(**endpoints: Endpoint) -> Endpoint:
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await endpoints[method](request)
+
+    return dispatch
+
+
 def create_app(context: ApiContext) -> Starlette:
     spec = build_openapi()
 
@@ -102,10 +113,17 @@ def create_app(context: ApiContext) -> Starlette:
         return HTMLResponse(SWAGGER_PAGE)
 
     routes = [
-        Route("/api/tasks", tasks.submit_task, methods=["POST"]),
-        Route("/api/tasks", tasks.list_tasks_route, methods=["GET"]),
-        Route("/api/tasks/{task_id}", tasks.get_task, methods=["GET"]),
-        Route("/api/tasks/{task_id}", tasks.patch_task, methods=["PATCH"]),
+        # One route per resource, so a 405's Allow header names all of its methods.
+        Route(
+            "/api/tasks",
+            by_method(GET=tasks.list_tasks_route, POST=tasks.submit_task),
+            methods=["GET", "POST"],
+        ),
+        Route(
+            "/api/tasks/{task_id}",
+            by_method(GET=tasks.get_task, PATCH=tasks.patch_task),
+            methods=["GET", "PATCH"],
+        ),
         Route("/api/tasks/{task_id}/retry", tasks.retry_task, methods=["POST"]),
         Route("/api/tasks/{task_id}/cancel", tasks.cancel_task, methods=["POST"]),
         Route("/api/tasks/{task_id}/history", tasks.task_history, methods=["GET"]),
@@ -130,6 +148,8 @@ def create_app(context: ApiContext) -> Starlette:
         finally:
             stop.set()
             await asyncio.gather(*roles, return_exceptions=True)
+            for close in context.shutdown:
+                await close()
             await context.watcher.close()
 
     app = Starlette(

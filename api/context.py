@@ -43,3 +43,5 @@ class ApiContext:
     background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
     )
+    # Called once the background roles have stopped (closing the broker, …).
+    shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)

@@ -158,6 +158,10 @@ def _param_problem(name: str, message: str) -> ApiProblem:
 
 
 def reject_unknown_params(request: Request, known: set[str]) -> None:
+    """Refuse parameters the endpoint does not know, and values no query could hold."""
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise _param_problem(unknown[0], "is not a parameter of this endpoint")
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value:
+            raise _param_problem(name, "contains a NUL character (U+0000)")

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from api import schemas
+from api.system import EVENT_TYPES
 
 PROBLEM_RESPONSES = {
     "400": "Malformed parameter or header",
@@ -52,6 +53,7 @@ class Operation:
 
 TASK_ID = Param("task_id", "path", {"type": "string", "format": "uuid"}, "The task's id.", True)
 TIME = {"type": "string", "format": "date-time"}
+CURSOR = {"type": "string", "minLength": 1, "pattern": "^[A-Za-z0-9_-]+$"}
 
 OPERATIONS = (
     Operation(
@@ -101,7 +103,7 @@ OPERATIONS = (
                 {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
                 "Page size.",
             ),
-            Param("cursor", "query", {"type": "string"}, "`next_cursor` of the previous page."),
+            Param("cursor", "query", CURSOR, "`next_cursor` of the previous page."),
         ),
         problems=("400", "401", "403", "422"),
     ),
@@ -134,7 +136,7 @@ OPERATIONS = (
             Param(
                 "If-Match",
                 "header",
-                {"type": "string"},
+                {"type": "string", "pattern": '^(W/)?"?[0-9]+"?$'},
                 "The version (ETag) you read; 412 if the task has changed since.",
             ),
         ),
@@ -181,7 +183,7 @@ OPERATIONS = (
             Param(
                 "type",
                 "query",
-                {"type": "string"},
+                {"type": "string", "enum": list(EVENT_TYPES)},
                 "Only events of this type (repeatable).",
                 repeatable=True,
             ),
@@ -197,7 +199,7 @@ OPERATIONS = (
                 {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
                 "Page size.",
             ),
-            Param("cursor", "query", {"type": "string"}, "`next_cursor` of the previous page."),
+            Param("cursor", "query", CURSOR, "`next_cursor` of the previous page."),
         ),
         problems=("400", "401", "403", "422"),
     ),

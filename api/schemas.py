@@ -19,7 +19,7 @@ class _Request(BaseModel):
 
 class TaskCreate(_Request):
     description: str = Field(
-        default="", description="What the task is for (at most 1,000 characters)."
+        default="", max_length=1_000, description="What the task is for (at most 1,000 characters)."
     )
     language: Language = Field(
         description="`echo` runs no program and returns `data` (a pipeline check)."
@@ -31,10 +31,10 @@ class TaskCreate(_Request):
         default=None, description="Any JSON value (at most 256 KiB); the program reads it on stdin."
     )
     ttl_seconds: float = Field(
-        default=300.0, description="Time budget from scheduling, in (0, 86400]."
+        default=300.0, gt=0, le=86_400, description="Time budget from scheduling, in seconds."
     )
     max_attempts: int = Field(
-        default=3, description="Attempts per run, counting automatic retries (1 to 10)."
+        default=3, ge=1, le=10, description="Attempts per run, counting automatic retries."
     )
 
     @model_validator(mode="after")
@@ -47,16 +47,16 @@ class TaskCreate(_Request):
 class TaskPatch(_Request):
     """A JSON merge patch (RFC 7396). `data` is merged; `null` inside it removes a key."""
 
-    description: str | None = None
+    description: str | None = Field(default=None, max_length=1_000)
     data: Any = None
     code: str | None = None
-    ttl_seconds: float | None = None
-    max_attempts: int | None = None
+    ttl_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    max_attempts: int | None = Field(default=None, ge=1, le=10)
 
 
 class RetryRequest(_Request):
     ttl_seconds: float | None = Field(
-        default=None, description="A new time budget for the new attempt."
+        default=None, gt=0, le=86_400, description="A new time budget for the new attempt."
     )
 
 

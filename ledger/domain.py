@@ -32,7 +32,7 @@ from ledger.errors import (
     NotRetryable,
     TaskIsTerminal,
 )
-from ledger.jsonvalue import JSONValue, json_problem, merge_patch
+from ledger.jsonvalue import NUL_PROBLEM, JSONValue, json_problem, merge_patch, without_nul
 from ledger.retry import RetryPolicy
 
 
@@ -102,8 +102,8 @@ class AttemptResult:
 
     def as_payload(self) -> dict[str, Any]:
         return {
-            "stdout": self.stdout,
-            "stderr": self.stderr,
+            "stdout": without_nul(self.stdout),
+            "stderr": without_nul(self.stderr),
             "exit_code": self.exit_code,
             "duration_ms": self.duration_ms,
             "truncated": self.truncated,
@@ -122,9 +122,9 @@ class AttemptError:
 
     def as_payload(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "message": self.message,
-            "stderr": self.stderr,
+            "kind": without_nul(self.kind),
+            "message": without_nul(self.message),
+            "stderr": without_nul(self.stderr),
             "exit_code": self.exit_code,
         }
 
@@ -354,6 +354,9 @@ class Task(Aggregate):
         for name, value in (("tenant", tenant), ("submitted_by", submitted_by)):
             if not isinstance(value, str) or not value:
                 raise InvalidTask(name, "must be a non-empty string")
+            check_text(name, value)
+        if idempotency_key is not None:
+            check_text("idempotency_key", idempotency_key)
         task = cls._create(
             cls.TaskSubmitted,
             id=task_id,
@@ -455,6 +458,7 @@ class Task(Aggregate):
         )
 
     def cancel(self, by: str, reason: str, now: datetime) -> None:
+        check_text("reason", reason)
         self._require_not_terminal("it cannot be cancelled")
         self.trigger_event(
             self.TaskCancelled,
@@ -567,9 +571,15 @@ class Task(Aggregate):
 # -- field checks (shared by submit and update) ------------------------------------------------
 
 
+def check_text(field: str, value: str) -> None:
+    if "\x00" in value:
+        raise InvalidTask(field, NUL_PROBLEM)
+
+
 def check_description(value: object, limits: TaskLimits) -> None:
     if not isinstance(value, str):
         raise InvalidTask("description", "must be a string")
+    check_text("description", value)
     if len(value) > limits.description_chars:
         raise InvalidTask(
             "description", f"is {len(value)} characters; at most {limits.description_chars}"
@@ -584,6 +594,7 @@ def check_language(value: object) -> None:
 def check_code(value: object, limits: TaskLimits) -> None:
     if not isinstance(value, str):
         raise InvalidTask("code", "must be a string")
+    check_text("code", value)
     size = len(value.encode())
     if size > limits.code_bytes:
         raise InvalidTask("code", f"is {size} bytes; at most {limits.code_bytes}")

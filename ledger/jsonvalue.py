@@ -16,14 +16,23 @@ JSONValue = Any  # None | bool | int | float | str | list[JSONValue] | dict[str,
 MIN_INT = -(2**63)
 MAX_INT = 2**64 - 1
 MAX_DEPTH = 128
+# PostgreSQL text and jsonb cannot hold U+0000; a task carrying one could not be projected.
+NUL_PROBLEM = "contains a NUL character (U+0000), which cannot be stored"
+
+
+def without_nul(text: str) -> str:
+    """Program output may contain NUL bytes; they are stored as U+FFFD."""
+    return text.replace("\x00", "\ufffd")
 
 
 def json_problem(value: object, path: str = "$", depth: int = 0) -> str | None:
     """Return why `value` is not a JSON value we can store exactly, or None if it is."""
     if depth > MAX_DEPTH:
         return f"{path}: nested deeper than {MAX_DEPTH} levels"
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, str):
+        return f"{path}: {NUL_PROBLEM}" if "\x00" in value else None
     if isinstance(value, int):
         if MIN_INT <= value <= MAX_INT:
             return None
@@ -40,6 +49,8 @@ def json_problem(value: object, path: str = "$", depth: int = 0) -> str | None:
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path}: key {key!r} is not a string"
+            if "\x00" in key:
+                return f"{path}: key {key!r}: {NUL_PROBLEM}"
             problem = json_problem(item, f"{path}.{key}", depth + 1)
             if problem:
                 return problem

@@ -8,6 +8,7 @@ from eventsourcing.persistence import StoredEvent
 from psycopg import Connection, sql
 
 from ledger.application import EVENTS_TABLE, event_payload
+from ledger.jsonvalue import without_nul
 from ledger.persistence import EventMapper, OrjsonTranscoder
 from projections.base import Change
 
@@ -31,6 +32,11 @@ def read_changes(conn: Connection[Any], schema: str, after: int, limit: int) -> 
     changes = []
     for position, task_id, version, topic, state in rows:
         event = _MAPPER.to_domain_event(StoredEvent(task_id, version, topic, bytes(state)))
+        data = event_payload(event)
+        if b"\\u0000" in state:
+            # The ledger refuses NUL in what clients send and replaces it in program output,
+            # but a view must never stall on one: PostgreSQL text cannot hold it.
+            data = without_nul_deep(data)
         changes.append(
             Change(
                 position=position,
@@ -39,10 +45,20 @@ def read_changes(conn: Connection[Any], schema: str, after: int, limit: int) -> 
                 version=version,
                 type=type(event).__name__,
                 at=vars(event)["timestamp"],
-                data=event_payload(event),
+                data=data,
             )
         )
     return changes
+
+
+def without_nul_deep(value: Any) -> Any:
+    if isinstance(value, str):
+        return without_nul(value)
+    if isinstance(value, list):
+        return [without_nul_deep(v) for v in value]
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul_deep(v) for k, v in value.items()}
+    return value
 
 
 def head_position(conn: Connection[Any], schema: str) -> int:

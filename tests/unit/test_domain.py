@@ -86,6 +86,8 @@ def test_submit_records_submission_and_first_attempt_with_deadline() -> None:
         ("data", {1: "non-string key"}),
         ("data", {"x": {1, 2}}),
         ("tenant", ""),
+        ("description", "nul\x00"),
+        ("code", "print(1)\x00"),
     ],
 )
 def test_submit_refuses_invalid_fields_naming_the_field(field: str, value: object) -> None:
@@ -287,6 +289,14 @@ def test_update_refuses_bad_patches_naming_the_field(patch: dict[str, Any], fiel
     with pytest.raises(InvalidTask) as refused:
         task.update(patch, "key-1", at(1), LIMITS)
     assert refused.value.field == field
+
+
+def test_program_output_with_nul_bytes_is_kept_storable() -> None:
+    task = submit()
+    task.start_attempt(1, "w1", at(1))
+    task.complete_attempt(1, AttemptResult(stdout="a\x00b", stderr="\x00"), at(2))
+    assert task.current.result is not None
+    assert (task.current.result["stdout"], task.current.result["stderr"]) == ("a\ufffdb", "\ufffd")
 
 
 def test_a_refused_command_changes_nothing() -> None:

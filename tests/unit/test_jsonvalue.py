@@ -64,6 +64,8 @@ def test_every_generated_json_value_is_acceptable(value: Any) -> None:
         ([{3: 1}], "$[0]"),
         ({"a": b"bytes"}, "$.a"),
         ({"a": (1, 2)}, "$.a"),
+        ({"a": ["ok", "nul\x00"]}, "$.a[1]"),
+        ({"a": {"k\x00": 1}}, "$.a"),
     ],
 )
 def test_json_problems_name_the_path(value: Any, where: str) -> None:
