@@ -361,6 +361,8 @@ class Zygote:
         if left == []:
             return True  # the common case: no fork, no kill
         self._kill_uid(uid)
+        if left is None:
+            return False
         give_up = time.monotonic() + 5
         while left != [] and time.monotonic() < give_up:
             time.sleep(0.0002)  # SIGKILL is on its way; the dying come here to be buried
