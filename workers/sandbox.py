@@ -240,7 +240,9 @@ class Sandbox:
                     deadline=asyncio.get_running_loop().time() + 30,
                     cancelled=asyncio.Event(),
                 )
-            if ended.returncode != 0 or ended.stdout != b"1\n":
+            if not zygote.alive:  # (the probe was spawned instead)
+                problem = "it died at start (its traceback is on the worker's stderr)"
+            elif ended.returncode != 0 or ended.stdout != b"1\n":
                 problem = f"{ended.how} {ended.returncode}: {ended.stderr.decode(errors='replace')}"
         except SandboxError as error:
             problem = str(error)

@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from ledger.jsonvalue import JSONValue
 from tests import services
+from workers import sandbox as sandbox_module
 from workers.executors import build_executors, executors
 from workers.executors.base import RunOutcome, RunRequest
 from workers.executors.csharp import CSharpExecutor
@@ -367,6 +368,24 @@ async def test_when_the_zygote_dies_runs_fail_retryably_and_then_spawn(tmp_path:
         after = await run(python, request("print('spawned')"))
         assert after.result is not None
         assert after.result.stdout == "spawned\n"
+    finally:
+        await sandbox.close()
+
+
+@needs_users
+async def test_a_zygote_that_cannot_start_means_spawning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = sandbox_module.CHILD_SOURCE.replace(
+        "        import ctypes\n", "        raise RuntimeError('broken zygote')\n", 1
+    )
+    monkeypatch.setattr(sandbox_module, "CHILD_SOURCE", broken)
+    sandbox = Sandbox(1, work_dir=tmp_path / "work")
+    try:
+        assert not (await sandbox.start()).zygote
+        outcome = await run(PythonExecutor(sandbox), request("print('spawned')"))
+        assert outcome.result is not None
+        assert outcome.result.stdout == "spawned\n"
     finally:
         await sandbox.close()
 

@@ -147,9 +147,11 @@ class Zygote:
             extra={"zygote_pid": self.process.pid},
         )
         for run in self._runs.values():
-            for future in (run.started, run.exited):
-                if not future.done():
-                    future.set_exception(ZygoteLost(why))
+            if not run.started.done():
+                run.started.set_exception(ZygoteLost(why))
+                run.exited.cancel()  # nobody waits for the end of a run that never began
+            elif not run.exited.done():
+                run.exited.set_exception(ZygoteLost(why))
         self._runs.clear()
 
     async def close(self) -> None:
