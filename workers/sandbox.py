@@ -173,6 +173,7 @@ class Sandbox:
         self._starting: asyncio.Lock | None = None
         self._locks: list[IO[bytes]] = []
         self._tools: dict[str, str] = {}
+        self._orphaned: set[int] = set()  # slots whose killed processes may be zombies
 
     # -- start and stop -------------------------------------------------------------
 
@@ -367,8 +368,11 @@ class Sandbox:
         directory removed."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is not in 0..{self.slots - 1}")
-        path = Path(tempfile.mkdtemp(prefix=f"slot{slot}-", dir=self.work_dir))
         user = self._user(slot)
+        if slot in self._orphaned and user is not None:
+            self._orphaned.discard(slot)
+            await wait_for_no_processes(user, zombies=True)  # they count against NPROC
+        path = Path(tempfile.mkdtemp(prefix=f"slot{slot}-", dir=self.work_dir))
         if user is not None:
             os.chown(path, user.uid, user.gid)
         env = {"PATH": CLEAN_PATH, "HOME": str(path), "TMPDIR": str(path), "LANG": "C.UTF-8"}
@@ -538,9 +542,10 @@ class Sandbox:
         user = self._user(slot)
         # No process of the user left means none can appear: only its own processes
         # (or we) could start one. That saves spawning the killer after most runs.
-        if user is not None and uid_processes(user.uid, zombies=True):
+        if user is not None and uid_processes(user.uid):
             await self._kill_uid(user)
             await wait_for_no_processes(user)
+            self._orphaned.add(slot)  # their zombies may wait for pid 1 a while
 
     async def _kill_uid(self, user: SlotUser) -> None:
         # kill(-1) by a process running as the user reaches all its processes in one

@@ -88,13 +88,15 @@ async def ensure_user(name: str) -> SlotUser:
     return SlotUser(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
 
 
-async def wait_for_no_processes(user: SlotUser) -> None:
-    """Wait until /proc shows no process of the user, killing again whatever lives.
+async def wait_for_no_processes(user: SlotUser, *, zombies: bool = False) -> None:
+    """Wait until /proc shows no live process of the user, killing again whatever lives
+    (SIGKILL is delivered, not yet acted on, when kill() returns); with `zombies`, until
+    it shows no unburied dead either.
 
-    SIGKILL is delivered, not yet acted on, when kill() returns. The dead stay as zombies
-    until their parent buries them, and zombies count against RLIMIT_NPROC: orphans of
-    a spawned program go to pid 1, which may bury them late (or never, in a container
-    without an init). So zombies are waited for too, but only for a while."""
+    The dead count against RLIMIT_NPROC until their parent buries them, and orphans of a
+    spawned program go to pid 1, which may bury them late (here: within a second), or
+    never, in a container without an init. So zombies are waited for only for a while,
+    and only before the slot's next run (not at the end of this one: it is over)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     while True:
@@ -102,7 +104,7 @@ async def wait_for_no_processes(user: SlotUser) -> None:
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if not alive and not uid_processes(user.uid, zombies=True):
+        if not alive and not (zombies and uid_processes(user.uid, zombies=True)):
             return
         waited = loop.time() - started
         if waited > (KILL_WAIT_SECONDS if alive else ZOMBIE_WAIT_SECONDS):
