@@ -23,7 +23,7 @@ import orjson
 
 from ledger import AttemptError
 from workers.executors.base import RunOutcome, RunRequest
-from workers.executors.outcome import invalid_code, outcome, sandbox_failure, text
+from workers.executors.outcome import outcome, sandbox_failure, source_of, text
 from workers.sandbox import (
     CLEAN_PATH,
     Argv,
@@ -85,13 +85,9 @@ class CSharpExecutor:
         if not self.available:
             error = AttemptError("language_unavailable", UNAVAILABLE)
             return RunOutcome("failed", error=error, retryable=False)
-        limits = self.sandbox.limits
-        try:
-            source = request.code.encode("utf-8")
-        except UnicodeEncodeError as error:
-            return invalid_code(f"the code is not valid UTF-8 ({error.reason} at {error.start})")
-        if len(source) > limits.code_bytes:
-            return invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
+        source = source_of(request.code, self.sandbox.limits)
+        if isinstance(source, RunOutcome):
+            return source
         assembly = self.cache_dir / f"{hashlib.sha256(source).hexdigest()}.exe"
         try:
             await self.sandbox.start()

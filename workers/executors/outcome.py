@@ -13,8 +13,19 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def invalid_code(message: str) -> RunOutcome:
-    """The code can never run: permanent."""
+def source_of(code: str, limits: Limits) -> bytes | RunOutcome:
+    """The code as UTF-8, or the permanent failure of code that is not valid UTF-8 (lone
+    surrogates) or is too large."""
+    try:
+        source = code.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return _invalid_code(f"the code is not valid UTF-8 ({error.reason} at {error.start})")
+    if len(source) > limits.code_bytes:
+        return _invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
+    return source
+
+
+def _invalid_code(message: str) -> RunOutcome:
     return RunOutcome("failed", error=AttemptError("invalid_code", message), retryable=False)
 
 

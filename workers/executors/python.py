@@ -8,7 +8,7 @@ import asyncio
 import orjson
 
 from workers.executors.base import RunOutcome, RunRequest
-from workers.executors.outcome import invalid_code, outcome, sandbox_failure
+from workers.executors.outcome import outcome, sandbox_failure, source_of
 from workers.sandbox import PythonSource, Sandbox, SandboxError, loop_deadline
 
 
@@ -20,12 +20,9 @@ class PythonExecutor:
 
     async def run(self, request: RunRequest, cancelled: asyncio.Event) -> RunOutcome:
         limits = self.sandbox.limits
-        try:
-            source = request.code.encode("utf-8")
-        except UnicodeEncodeError as error:
-            return invalid_code(f"the code is not valid UTF-8 ({error.reason} at {error.start})")
-        if len(source) > limits.code_bytes:
-            return invalid_code(f"the code is {len(source)} bytes; at most {limits.code_bytes}")
+        source = source_of(request.code, limits)
+        if isinstance(source, RunOutcome):
+            return source
         stdin = orjson.dumps(request.data)
         try:
             await self.sandbox.start()
