@@ -456,6 +456,18 @@ async def test_csharp_compile_error_is_permanent(csharp: CSharpExecutor) -> None
     assert not any(csharp.cache_dir.iterdir())
 
 
+async def test_csharp_compile_time_limit(sandbox: Sandbox, tmp_path: Path) -> None:
+    executor = CSharpExecutor(sandbox, tmp_path / "cache", compile_seconds=0.01)
+    if not executor.available:
+        services.unavailable("Mono", "mcs or mono not found")
+    outcome = await run(executor, request(HELLO))  # mcs alone starts in ~0.1 s
+    assert outcome.kind == "failed"
+    assert not outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "compile_error"
+    assert outcome.error.message == "compilation took longer than 0.01 s"
+
+
 async def test_csharp_unhandled_exception_is_a_program_error(csharp: CSharpExecutor) -> None:
     code = 'class P { static void Main() { throw new System.InvalidOperationException("boom"); } }'
     outcome = await run(csharp, request(code))

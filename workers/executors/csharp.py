@@ -23,7 +23,13 @@ import orjson
 
 from ledger import AttemptError
 from workers.executors.base import RunOutcome, RunRequest
-from workers.executors.outcome import outcome, sandbox_failure, source_of, text
+from workers.executors.outcome import (
+    exit_description,
+    outcome,
+    sandbox_failure,
+    source_of,
+    text,
+)
 from workers.sandbox import (
     CLEAN_PATH,
     Argv,
@@ -145,9 +151,18 @@ class CSharpExecutor:
             message = f"compilation took longer than {self.compile_seconds:g} s"
             error = AttemptError("compile_error", message, stderr=text(ended.stderr))
             return RunOutcome("failed", error=error, retryable=False)
+        assert ended.returncode is not None
+        if ended.returncode < 0:  # the compiler crashed or hit a limit: not the code's fault
+            message = f"mcs was {exit_description(ended.returncode, compile_limits)}"
+            error = AttemptError("sandbox_error", message, stderr=text(ended.stderr))
+            return RunOutcome("failed", error=error, retryable=True)
         if ended.returncode != 0:
             return _compile_error(ended)
-        _store(workspace.path / COMPILED_NAME, assembly)
+        try:
+            _store(workspace.path / COMPILED_NAME, assembly)
+        except OSError as problem:
+            error = AttemptError("sandbox_error", f"cannot cache the assembly: {problem}")
+            return RunOutcome("failed", error=error, retryable=True)
         return None
 
     async def close(self) -> None:
