@@ -94,6 +94,8 @@ class Worker:
         cancels.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cancels
+        for executor in {id(e): e for e in self.executors.values()}.values():
+            await executor.close()
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
 
     async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
