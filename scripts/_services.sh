@@ -382,3 +382,18 @@ tl_check_rabbitmq() {
 tl_services_cleanup() {
     tl_stop_embedded_postgres
 }
+
+# tl_provide_mono: the C# executor needs Mono's compiler and runtime (Debian packages
+# mono-mcs and mono-runtime). Installs them as root with apt-get; returns 1, after saying
+# why, when they are missing and cannot be installed.
+tl_provide_mono() {
+    if tl_have mcs && tl_have mono; then
+        return 0
+    fi
+    if tl_can_apt; then
+        tl_say "installing Mono (mono-mcs, mono-runtime) for the C# executor"
+        tl_apt_install mono-mcs mono-runtime && tl_have mcs && tl_have mono && return 0
+    fi
+    tl_warn "Mono (mcs, mono) is not installed and cannot be installed here: C# tasks fail with language_unavailable"
+    return 1
+}
