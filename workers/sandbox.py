@@ -77,7 +77,9 @@ class Limits:
     """Per-run limits. Memory is the address space of each process; processes count
     every process of the slot's user at once (root mode only)."""
 
-    cpu_seconds: int = 10
+    # A backstop only: the deadline (at most the longest ttl) kills first. A lower cap would
+    # kill legitimate long computations that still fit their ttl.
+    cpu_seconds: int = 86_400
     memory_bytes: int = 512 * MiB
     processes: int = 64
     file_size_bytes: int = 16 * MiB
