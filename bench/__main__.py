@@ -17,6 +17,7 @@ from typing import cast
 BENCHMARKS: dict[str, str] = {
     "ledger_writes": "bench.ledger_writes",
     "projections": "bench.projections",
+    "api_requests": "bench.api_requests",
 }
 
 
