@@ -1228,11 +1228,12 @@ def code_version() -> dict[str, Any]:
             )
         except (OSError, subprocess.SubprocessError):
             return ""
-        return done.stdout.strip()
+        # Not stripped: porcelain lines start with a two-letter status that may be a space.
+        return done.stdout
 
     changed = git("status", "--porcelain", "--", "ledger", "projections")
     return {
-        "commit": git("rev-parse", "HEAD") or None,
+        "commit": git("rev-parse", "HEAD").strip() or None,
         "uncommitted": [line[3:] for line in changed.splitlines()],
     }
 
