@@ -10,6 +10,7 @@ attempt, exactly one is stored and the other is refused by the rules it re-check
 from __future__ import annotations
 
 import contextlib
+import logging
 import typing
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,6 +65,8 @@ EVENTS_CHANNEL = EVENTS_TABLE
 SCHEMA_LOCK_KEY = 0x7461736B6C6564  # "taskled"
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -437,8 +440,21 @@ class Ledger(Application[UUID]):
         return task
 
     def _save(self, aggregate: Task | ApiKey) -> None:
+        events = [type(e).__name__ for e in aggregate.pending_events]
         with _store_errors():
             self.save(aggregate)
+        if isinstance(aggregate, Task):
+            # One line per transition, for whoever follows a task through the logs.
+            log.info(
+                "task transition",
+                extra={
+                    "task_id": str(aggregate.id),
+                    "attempt": aggregate.current.number,
+                    "events": events,
+                    "status": str(aggregate.status),
+                    "version": aggregate.version,
+                },
+            )
 
     def _execute(
         self, task_id: UUID, tenant: str | None, decide: Callable[[Task], Any]

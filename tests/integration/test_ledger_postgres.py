@@ -195,3 +195,16 @@ def test_key_events_are_not_tasks(ledger: Ledger) -> None:
 
     with pytest.raises(TaskNotFound):
         ledger.get(key_stream_id(principal.key_id))
+
+
+def test_each_transition_is_logged_with_its_task(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="ledger.application")
+    task = ledger.submit(**TASK).task
+    ledger.cancel(task.id, by="key-1")
+    lines = [r for r in caplog.records if r.getMessage() == "task transition"]
+    assert [(r.task_id, r.events, r.status) for r in lines] == [  # type: ignore[attr-defined]
+        (str(task.id), ["TaskSubmitted", "AttemptScheduled"], "Pending"),
+        (str(task.id), ["TaskCancelled"], "Cancelled"),
+    ]
