@@ -20,6 +20,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     AbstractRobustExchange,
 )
+from aio_pika.connection import make_url
 
 from workers.broker import Broker, BrokerUnavailable, Delivery, RunAttempt
 
@@ -54,22 +55,36 @@ class RabbitMQBroker(Broker):
         self._publish_channel: AbstractRobustChannel | None = None
         self._cancel_exchange: AbstractRobustExchange | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     async def _connect(self) -> AbstractRobustConnection:
         async with self._lock:
+            if self._closed:
+                # A task still running after close() (a worker's cancel listener retries)
+                # must not open a connection nobody will close.
+                raise BrokerUnavailable(f"the client of RabbitMQ at {_safe(self.url)} is closed")
             if self._connection is None:
+                # A robust connection reconnects in a task of its own that ignores
+                # cancellation until the connection is closed: one left open (a connect or a
+                # declare that failed or was cancelled half-way) keeps the event loop from
+                # ever finishing its tasks at shutdown. So it is closed on any way out.
+                connection = aio_pika.RobustConnection(make_url(self.url))
                 try:
-                    connection = await aio_pika.connect_robust(self.url, timeout=10)
-                except (OSError, aio_pika.exceptions.AMQPError) as error:
-                    raise BrokerUnavailable(
-                        f"cannot reach RabbitMQ at {_safe(self.url)}: {error}; "
-                        "check TASKLEDGER_BROKER_URL and that RabbitMQ is running"
-                    ) from None
-                channel = await connection.channel(publisher_confirms=True)
-                await self._declare(channel)
-                self._cancel_exchange = await channel.declare_exchange(
-                    self.cancel_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-                )
+                    try:
+                        await connection.connect(timeout=10)
+                    except (OSError, aio_pika.exceptions.AMQPError) as error:
+                        raise BrokerUnavailable(
+                            f"cannot reach RabbitMQ at {_safe(self.url)}: {error}; "
+                            "check TASKLEDGER_BROKER_URL and that RabbitMQ is running"
+                        ) from None
+                    channel = await connection.channel(publisher_confirms=True)
+                    await self._declare(channel)
+                    self._cancel_exchange = await channel.declare_exchange(
+                        self.cancel_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+                    )
+                except BaseException:
+                    await connection.close()
+                    raise
                 self._publish_channel = channel
                 self._connection = connection
             return self._connection
@@ -178,9 +193,14 @@ class RabbitMQBroker(Broker):
         await channel.close()
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        """Close the connection for good: later calls raise BrokerUnavailable rather than
+        reconnect. A connect in progress finishes first, and is closed too."""
+        async with self._lock:
+            self._closed = True
+            connection, self._connection = self._connection, None
+            self._publish_channel = self._cancel_exchange = None
+        if connection is not None:
+            await connection.close()
 
 
 def _safe(url: str) -> str:

@@ -90,10 +90,14 @@ async def rabbitmq(schema: str) -> AsyncIterator[Callable[[], RabbitMQBroker]]:
         return broker
 
     yield make
-    if made:
-        await made[0].delete_all()
     for broker in made:
         await broker.close()
+    if made:  # a closed broker does not reconnect: the queues go with a client of their own
+        cleaner = RabbitMQBroker(services.BROKER_URL, namespace=f"test.{schema}")
+        try:
+            await cleaner.delete_all()
+        finally:
+            await cleaner.close()
 
 
 @contextlib.asynccontextmanager
@@ -205,9 +209,11 @@ async def test_a_lost_worker_s_attempt_fails_as_worker_lost_and_is_retried(
 ) -> None:
     doomed_broker = rabbitmq()
     doomed = StandIn()
-    dispatcher, doomed_worker = roles(
+    _, doomed_worker = roles(
         live_ledger, database_url, schema, doomed_broker, doomed, worker_id="worker-doomed"
     )
+    # The dispatcher is not part of the lost worker: it has a connection of its own.
+    dispatcher = Dispatcher(database_url, schema, rabbitmq(), live_ledger.clock, poll_interval=0.5)
     task_id = submit(live_ledger, "hang-then-ok")
     stop_dispatcher = asyncio.Event()
     dispatching = asyncio.create_task(dispatcher.run(stop_dispatcher))
