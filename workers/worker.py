@@ -76,26 +76,30 @@ class Worker:
         handlers: set[asyncio.Task[None]] = set()
         cancels = asyncio.create_task(self._follow_cancels())
         consumer = asyncio.create_task(self._consume(handlers))
-        await stop.wait()
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
-        if handlers:
-            log.info(
-                "worker stopping: waiting for running attempts",
-                extra={"running": len(handlers), "grace_seconds": self.grace_seconds},
-            )
-            _, pending = await asyncio.wait(handlers, timeout=self.grace_seconds)
-            if pending:
-                self._shutting_down = True
-                for event in self._running.values():
-                    event.set()
-                await asyncio.wait(pending)
-        cancels.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await cancels
-        for executor in {id(e): e for e in self.executors.values()}.values():
-            await executor.close()
+        try:
+            await stop.wait()
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            if handlers:
+                log.info(
+                    "worker stopping: waiting for running attempts",
+                    extra={"running": len(handlers), "grace_seconds": self.grace_seconds},
+                )
+                _, pending = await asyncio.wait(handlers, timeout=self.grace_seconds)
+                if pending:
+                    self._shutting_down = True
+                    for event in self._running.values():
+                        event.set()
+                    await asyncio.wait(pending)
+        finally:
+            # Also when run() itself is cancelled: nothing it started may outlive it.
+            children = [consumer, cancels, *handlers]
+            for child in children:
+                child.cancel()
+            await asyncio.gather(*children, return_exceptions=True)
+            for executor in {id(e): e for e in self.executors.values()}.values():
+                await executor.close()
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
 
     async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
