@@ -81,7 +81,8 @@ class Limits:
     # kill legitimate long computations that still fit their ttl.
     cpu_seconds: int = 86_400
     memory_bytes: int = 512 * MiB
-    processes: int = 64
+    # Threads count too (Mono starts a dozen), and so do zombies until pid 1 reaps them.
+    processes: int = 256
     file_size_bytes: int = 16 * MiB
     open_files: int = 64
     output_bytes: int = 1 * MiB  # each of stdout and stderr
