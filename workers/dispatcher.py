@@ -19,7 +19,6 @@ One dispatcher per deployment is active (a PostgreSQL advisory lock); the others
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 from datetime import datetime
@@ -33,6 +32,7 @@ from ledger.application import EVENTS_CHANNEL
 from ledger.clock import Clock
 from projections.log import read_changes
 from workers.broker import Broker, RunAttempt
+from workers.singleton import acquire, keep_running
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +64,16 @@ class Dispatcher:
         self._timers: list[tuple[datetime, str, int]] = []  # (due, task id, attempt)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self._run_once(stop)
-            except (psycopg.OperationalError, OSError) as error:
-                log.warning("dispatcher lost a connection; retrying", extra={"error": str(error)})
-            except Exception:
-                log.exception("dispatcher failed; retrying in 2 s")
-                await _sleep_or_stop(stop, 2.0)
-            self.is_leader.clear()
-            await _sleep_or_stop(stop, self.standby_interval)
+        await keep_running(
+            "dispatcher", self._run_once, stop, self.standby_interval, self.is_leader.clear
+        )
 
     async def _run_once(self, stop: asyncio.Event) -> None:
         key = f"taskledger.dispatcher.{self.schema}"
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True
         ) as session:
-            while not stop.is_set():
-                cur = await session.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
-                row = await cur.fetchone()
-                if row and row[0]:
-                    break
-                await _sleep_or_stop(stop, self.standby_interval)
-            else:
+            if not await acquire(session, key, stop, self.standby_interval):
                 return
             await session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
             with psycopg.connect(self.database_url, autocommit=True) as conn:
@@ -200,8 +187,3 @@ class Dispatcher:
         if due:
             await self.broker.publish(due)
             self.published += len(due)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

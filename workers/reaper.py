@@ -25,7 +25,7 @@ from ledger import Ledger
 from ledger.clock import Clock
 from ledger.errors import LedgerError, TransitionRefused
 from projections.runner import PROJECTION_CHANNEL
-from workers.dispatcher import _sleep_or_stop
+from workers.singleton import acquire, keep_running
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +55,16 @@ class Reaper:
         self.is_leader = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self._run_once(stop)
-            except (psycopg.OperationalError, OSError) as error:
-                log.warning("reaper lost a connection; retrying", extra={"error": str(error)})
-            except Exception:
-                log.exception("reaper failed; retrying in 2 s")
-                await _sleep_or_stop(stop, 2.0)
-            self.is_leader.clear()
-            await _sleep_or_stop(stop, self.standby_interval)
+        await keep_running(
+            "reaper", self._run_once, stop, self.standby_interval, self.is_leader.clear
+        )
 
     async def _run_once(self, stop: asyncio.Event) -> None:
         key = f"taskledger.reaper.{self.schema}"
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True
         ) as session:
-            while not stop.is_set():
-                cur = await session.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
-                row = await cur.fetchone()
-                if row and row[0]:
-                    break
-                await _sleep_or_stop(stop, self.standby_interval)
-            else:
+            if not await acquire(session, key, stop, self.standby_interval):
                 return
             await session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL)))
             self.is_leader.set()
