@@ -23,6 +23,7 @@ from projections import all_projections
 from projections.admin import rebuild
 from projections.base import ensure_installed
 from projections.queries import projection_position
+from projections.runner import leader_lock_key
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -155,12 +156,17 @@ def install(database_url: str, schema: str) -> None:
             ensure_installed(conn, schema, projection)
 
 
-def leader(database_url: str) -> str | None:
+def leader(database_url: str, schema: str) -> str | None:
+    """The application name of the session holding task_status's leader lock (only that
+    lock: a process starting up briefly holds the schema-creation lock too)."""
+    key = leader_lock_key(schema, "task_status")
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE l.locktype = 'advisory' AND l.granted"
-            " AND a.application_name LIKE 'standby-test-%'"
+            " AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid"
+            " AND a.application_name LIKE 'standby-test-%%'",
+            (key,),
         ).fetchone()
     return row[0] if row else None
 
@@ -174,8 +180,9 @@ def test_a_standby_takes_over_when_the_leader_is_killed(
         projection_process(database_url, schema, "standby-test-a", tmp_path / "a.log", *args) as a,
         projection_process(database_url, schema, "standby-test-b", tmp_path / "b.log", *args) as b,
     ):
-        wait_until(lambda: leader(database_url) is not None, 30, "a leader to be elected")
-        first = leader(database_url)
+        wait_until(lambda: leader(database_url, schema) is not None, 30, "a leader to be elected")
+        first = leader(database_url, schema)
+        assert first is not None
         processes = {"standby-test-a": a, "standby-test-b": b}
         write_tasks(ledger, clock, 10)
         head = ledger.recorder.max_notification_id() or 0
@@ -188,5 +195,5 @@ def test_a_standby_takes_over_when_the_leader_is_killed(
         took = wait_until(
             lambda: position(database_url, schema, "task_status") >= head, 30, "the standby"
         )
-        assert leader(database_url) not in (None, first)
+        assert leader(database_url, schema) not in (None, first)
         print(f"standby caught up {took:.2f} s after the leader was killed")
