@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,6 +46,32 @@ def _decode_cursor(cursor: str, arity: int) -> list[Any]:
 class Page:
     items: list[dict[str, Any]]
     next_cursor: str | None
+
+
+def _page(
+    conn: Connection[Any],
+    view: sql.Identifier,
+    columns: Sequence[str],
+    where: list[sql.Composable],
+    params: list[Any],
+    order_by: sql.SQL,  # a fixed sort key of ours, never caller input
+    limit: int,
+    cursor_of: Callable[[dict[str, Any]], str],
+) -> Page:
+    """One page of a keyset-paginated query: one row more than asked tells whether a
+    next page exists; its cursor is the sort key of the page's last row."""
+    query = sql.SQL("SELECT {} FROM {} {} ORDER BY {} LIMIT %s").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        view,
+        sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+        order_by,
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(query, [*params, limit + 1]).fetchall()
+    if len(rows) <= limit:
+        return Page(rows, None)
+    rows = rows[:limit]
+    return Page(rows, cursor_of(rows[-1]))
 
 
 def list_tasks(
@@ -86,19 +112,16 @@ def list_tasks(
             raise InvalidCursor("cursor is not one this service issued") from None
         where.append(sql.SQL("(created_at, id) < (%s, %s)"))
         params.extend(key)
-    query = sql.SQL("SELECT {} FROM {} {} ORDER BY created_at DESC, id DESC LIMIT %s").format(
-        sql.SQL(", ").join(map(sql.Identifier, task_status.COLUMNS)),
+    return _page(
+        conn,
         sql.Identifier(schema, task_status.TaskStatusProjection.name),
-        sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+        task_status.COLUMNS,
+        where,
+        params,
+        sql.SQL("created_at DESC, id DESC"),
+        limit,
+        lambda last: _encode_cursor(last["created_at"].isoformat(), str(last["id"])),
     )
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(query, [*params, limit + 1]).fetchall()
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        last = rows[-1]
-        next_cursor = _encode_cursor(last["created_at"].isoformat(), str(last["id"]))
-    return Page(rows, next_cursor)
 
 
 def counts_by_status(conn: Connection[Any], schema: str, *, tenant: str | None) -> dict[str, int]:
@@ -145,18 +168,16 @@ def audit_events(
             raise InvalidCursor("cursor is not one this service issued")
         where.append(sql.SQL("position < %s"))
         params.append(position)
-    query = sql.SQL("SELECT {} FROM {} {} ORDER BY position DESC LIMIT %s").format(
-        sql.SQL(", ").join(map(sql.Identifier, audit.COLUMNS)),
+    return _page(
+        conn,
         sql.Identifier(schema, audit.AuditProjection.name),
-        sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+        audit.COLUMNS,
+        where,
+        params,
+        sql.SQL("position DESC"),
+        limit,
+        lambda last: _encode_cursor(last["position"]),
     )
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(query, [*params, limit + 1]).fetchall()
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = _encode_cursor(rows[-1]["position"])
-    return Page(rows, next_cursor)
 
 
 def projection_position(conn: Connection[Any], schema: str, name: str) -> int:
