@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -36,6 +37,22 @@ def with_database(url: str, dbname: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "dbname"]
     return urlunsplit(parts._replace(path="/" + quote(dbname), query=urlencode(query)))
+
+
+def benchmark_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser every benchmark starts from: its name, the first paragraph of
+    its docstring, and `--database-url`."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{name}",
+        description=doc.split("\n\n")[0] if doc else None,
+    )
+    parser.add_argument(
+        "--database-url",
+        default=default_database_url(),
+        help="server to create the throwaway database on (default: $TASKLEDGER_BENCH_DATABASE_URL"
+        " or %(default)s)",
+    )
+    return parser
 
 
 def _connect(url: str) -> psycopg.Connection[tuple[Any, ...]]:

@@ -90,7 +90,7 @@ from psycopg import sql
 from bench._support import (
     RESULTS_DIR,
     MachineFacts,
-    default_database_url,
+    benchmark_parser,
     eprint,
     machine_facts,
     markdown_table,
@@ -1414,16 +1414,7 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.api_requests",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument(
-        "--database-url",
-        default=default_database_url(),
-        help="server to create the throwaway database on (default: $TASKLEDGER_BENCH_DATABASE_URL"
-        " or %(default)s)",
-    )
+    parser = benchmark_parser("api_requests", __doc__)
     parser.add_argument(
         "--broker-url",
         default=DEFAULT_BROKER_URL,

@@ -48,7 +48,7 @@ from psycopg import sql
 
 from bench._support import (
     MachineFacts,
-    default_database_url,
+    benchmark_parser,
     eprint,
     machine_facts,
     markdown_table,
@@ -484,16 +484,7 @@ def _workload_names(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ledger_writes",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument(
-        "--database-url",
-        default=default_database_url(),
-        help="server to create the throwaway database on (default: $TASKLEDGER_BENCH_DATABASE_URL"
-        " or %(default)s)",
-    )
+    parser = benchmark_parser("ledger_writes", __doc__)
     parser.add_argument(
         "--writers", type=_positive_ints, default=[1, 8], help="writer thread counts (default 1,8)"
     )

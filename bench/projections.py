@@ -85,7 +85,7 @@ from psycopg import sql
 
 from bench._support import (
     MachineFacts,
-    default_database_url,
+    benchmark_parser,
     eprint,
     machine_facts,
     markdown_table,
@@ -1014,16 +1014,7 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.projections",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument(
-        "--database-url",
-        default=default_database_url(),
-        help="server to create the throwaway database on (default: $TASKLEDGER_BENCH_DATABASE_URL"
-        " or %(default)s)",
-    )
+    parser = benchmark_parser("projections", __doc__)
     parser.add_argument(
         "--events", type=_positive(int), default=100_000, help="events to rebuild (default 100000)"
     )
