@@ -52,6 +52,14 @@ def request(code: str, data: JSONValue = None, *, seconds: float = 20, slot: int
     return RunRequest(uuid.uuid4(), 1, code, data, deadline, slot)
 
 
+def describe(outcome: RunOutcome) -> str:
+    """The whole outcome, stderr included (pytest would cut a long repr short)."""
+    error = outcome.error
+    if error is None:
+        return repr(outcome)
+    return f"{outcome.kind}: {error.kind}: {error.message}\n--- stderr:\n{error.stderr}"
+
+
 async def run(executor: PythonExecutor | CSharpExecutor, req: RunRequest) -> RunOutcome:
     return await executor.run(req, asyncio.Event())
 
@@ -434,7 +442,7 @@ class Program {
 
 async def test_csharp_hello_with_data_on_stdin_and_cache(csharp: CSharpExecutor) -> None:
     outcome = await run(csharp, request(HELLO, {"who": "mono"}))
-    assert outcome.kind == "completed", outcome
+    assert outcome.kind == "completed", describe(outcome)
     assert outcome.result is not None
     assert outcome.result.stdout == 'hello {"who":"mono"}\n'
     assembly = csharp.cache_dir / f"{hashlib.sha256(HELLO.encode()).hexdigest()}.exe"
@@ -449,7 +457,7 @@ async def test_csharp_hello_with_data_on_stdin_and_cache(csharp: CSharpExecutor)
 async def test_csharp_compile_error_is_permanent(csharp: CSharpExecutor) -> None:
     outcome = await run(csharp, request('class P { static void Main() { int x = "a"; } }'))
     assert outcome.kind == "failed"
-    assert not outcome.retryable
+    assert not outcome.retryable, describe(outcome)
     assert outcome.error is not None
     assert outcome.error.kind == "compile_error"
     assert "error CS0029" in outcome.error.message
