@@ -1,4 +1,9 @@
-"""Prometheus metrics of the API process."""
+"""Prometheus metrics of the API process.
+
+The task counters count what this process appended: a repeated submission answered from
+its idempotency key, or a cancel the rules refused, counts nothing. The projection lag is
+read from the database at every scrape of /metrics (and on /api/stats and /readyz).
+"""
 
 from __future__ import annotations
 
@@ -23,13 +28,30 @@ class ApiMetrics:
         )
         self.tasks_submitted = Counter(
             "taskledger_tasks_submitted_total",
-            "Tasks accepted by the API, by language.",
+            "Tasks submitted (TaskSubmitted appended by this process), by language.",
+            ["language"],
+            registry=self.registry,
+        )
+        self.tasks_cancelled = Counter(
+            "taskledger_tasks_cancelled_total",
+            "Tasks cancelled (TaskCancelled appended by this process), by language.",
             ["language"],
             registry=self.registry,
         )
         self.projection_lag = Gauge(
             "taskledger_projection_lag_events",
-            "Events in the log a projection has not applied yet (as of the last check).",
+            "Events in the log a projection has not applied yet (an upper bound: positions "
+            "can have holes).",
             ["projection"],
             registry=self.registry,
         )
+        self.projection_lag_seconds = Gauge(
+            "taskledger_projection_lag_seconds",
+            "Age of the oldest event a projection has not applied yet (0 when caught up).",
+            ["projection"],
+            registry=self.registry,
+        )
+
+    def set_projection_lag(self, projection: str, events: int, seconds: float) -> None:
+        self.projection_lag.labels(projection).set(events)
+        self.projection_lag_seconds.labels(projection).set(seconds)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg import Connection
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api.context import ApiContext
 from api.errors import ApiProblem
 from api.http import (
     authenticate,
@@ -20,8 +25,15 @@ from api.http import (
     time_param,
 )
 from ledger.keys import Role
+from projections import all_projections
 from projections.admin import status as projection_status
+from projections.log import read_changes
 from projections.queries import audit_events, counts_by_status
+
+log = logging.getLogger(__name__)
+
+# A readiness probe that takes longer than this is a problem in itself.
+READY_PROBE_SECONDS = 3.0
 
 EVENT_TYPES = (
     "TaskSubmitted",
@@ -94,6 +106,29 @@ async def audit(request: Request) -> Response:
     return json_response({"items": items, "next_cursor": page.next_cursor})
 
 
+@dataclass(frozen=True)
+class ProjectionLag:
+    name: str
+    position: int
+    events: int  # events in the log after its position (an upper bound: holes)
+    seconds: float  # age of the oldest of them (0 when caught up)
+
+
+def projection_lags(ctx: ApiContext, conn: Connection[Any]) -> list[ProjectionLag]:
+    """Each live projection's lag, also set on the metrics' gauges."""
+    now = ctx.ledger.clock.now()
+    lags = []
+    for row in projection_status(conn, ctx.schema):
+        seconds = 0.0
+        if row.lag:
+            oldest = read_changes(conn, ctx.schema, row.position, 1)
+            if oldest:
+                seconds = max(0.0, (now - oldest[0].at).total_seconds())
+        ctx.metrics.set_projection_lag(row.name, row.lag, seconds)
+        lags.append(ProjectionLag(row.name, row.position, row.lag, seconds))
+    return lags
+
+
 async def stats(request: Request) -> Response:
     principal = await authenticate(request, Role.READ)
     reject_unknown_params(request, set())
@@ -102,12 +137,10 @@ async def stats(request: Request) -> Response:
     def query() -> dict[str, Any]:
         with ctx.queries.connection() as conn:
             counts = counts_by_status(conn, ctx.schema, tenant=principal.scope)
-            lags = projection_status(conn, ctx.schema)
-        for row in lags:
-            ctx.metrics.projection_lag.labels(row.name).set(row.lag)
+            lags = projection_lags(ctx, conn)
         return {
             "counts": counts,
-            "projections": {r.name: {"position": r.position, "lag_events": r.lag} for r in lags},
+            "projections": {r.name: {"position": r.position, "lag_events": r.events} for r in lags},
         }
 
     return json_response(await in_thread(request, query))
@@ -125,22 +158,35 @@ async def readyz(request: Request) -> Response:
         try:
             with ctx.queries.connection(timeout=2) as conn:
                 conn.execute("SELECT 1")
-                lags = projection_status(conn, ctx.schema)
-            checks["database"] = "ok"
+                lags = {lag.name: lag for lag in projection_lags(ctx, conn)}
         except Exception as error:  # noqa: BLE001 - any failure means not ready, with its reason
             checks["database"] = f"unreachable: {error}"
-            lags = []
-        for row in lags:
-            ctx.metrics.projection_lag.labels(row.name).set(row.lag)
-            limit = ctx.limits.ready_max_projection_lag
-            checks[f"projection:{row.name}"] = (
-                "ok" if row.lag <= limit else f"behind by {row.lag} events (limit {limit})"
-            )
+            return checks
+        checks["database"] = "ok"
+        limit = ctx.limits.ready_max_projection_lag
+        # Every view the API reads must exist: before its runner installed it, the task
+        # list and the audit would fail.
+        for name in sorted(set(all_projections()) | set(lags)):
+            lag = lags.get(name)
+            if lag is None:
+                checks[f"projection:{name}"] = "not installed yet (its runner creates it)"
+            elif lag.events > limit:
+                checks[f"projection:{name}"] = (
+                    f"behind by {lag.events} events, the oldest {lag.seconds:.1f} s old "
+                    f"(limit {limit} events)"
+                )
+            else:
+                checks[f"projection:{name}"] = "ok"
         return checks
 
     checks = await in_thread(request, check)
     for name, probe in ctx.readiness.items():
-        problem = await probe()
+        try:
+            problem = await asyncio.wait_for(probe(), READY_PROBE_SECONDS)
+        except TimeoutError:
+            problem = f"no answer within {READY_PROBE_SECONDS:g} s"
+        except Exception as error:  # noqa: BLE001 - a failing probe is a reason, not a 500
+            problem = f"check failed: {error}"
         checks[name] = "ok" if problem is None else problem
     ready = all(value == "ok" for value in checks.values())
     return json_response(
@@ -149,6 +195,18 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(context(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    ctx = context(request)
+
+    def refresh() -> None:
+        """The projection lag as of this scrape (gone while the database does not answer:
+        a stale figure would look healthy)."""
+        try:
+            with ctx.queries.connection(timeout=2) as conn:
+                projection_lags(ctx, conn)
+        except Exception as error:  # noqa: BLE001 - the rest of the metrics still answer
+            ctx.metrics.projection_lag.clear()
+            ctx.metrics.projection_lag_seconds.clear()
+            log.warning("metrics: projection lag unavailable", extra={"error": str(error)})
+
+    await in_thread(request, refresh)
+    return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)

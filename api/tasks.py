@@ -264,6 +264,7 @@ async def cancel_task(request: Request) -> Response:
             task_id, by=principal.key_id, reason=body.reason, tenant=principal.scope
         ),
     )
+    ctx.metrics.tasks_cancelled.labels(task.language).inc()
     return task_response(task)
 
 

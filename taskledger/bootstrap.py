@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 
@@ -30,6 +31,7 @@ from taskledger.embedded import EmbeddedPostgres
 from taskledger.settings import ConfigError, Settings
 from workers.broker import Broker, broker_for
 from workers.dispatcher import Dispatcher
+from workers.metrics import WorkerMetrics
 from workers.reaper import Reaper
 from workers.worker import Worker
 
@@ -40,6 +42,16 @@ DEV_KEY_FILE = "dev-api-key"
 log = logging.getLogger(__name__)
 
 
+def process_registry() -> CollectorRegistry:
+    """The one metrics registry of a process: ours, and the process's own (CPU, memory,
+    open files, GC) beside them."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -48,8 +60,26 @@ class Services:
     schema: str
     projection_runners: dict[str, ProjectionRunner] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Served on the API's /metrics, or on a worker's --metrics-port.
+    registry: CollectorRegistry = field(default_factory=process_registry)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
     _broker: Broker | None = None
+    _worker_metrics: WorkerMetrics | None = None
+    _api_metrics: ApiMetrics | None = None
+
+    @property
+    def worker_metrics(self) -> WorkerMetrics:
+        """The metrics of this process's worker, dispatcher and reaper (on `registry`)."""
+        if self._worker_metrics is None:
+            self._worker_metrics = WorkerMetrics(self.registry)
+        return self._worker_metrics
+
+    @property
+    def api_metrics(self) -> ApiMetrics:
+        """The metrics of this process's API (on `registry`)."""
+        if self._api_metrics is None:
+            self._api_metrics = ApiMetrics(self.registry)
+        return self._api_metrics
 
     @property
     def broker(self) -> Broker:
@@ -64,8 +94,9 @@ class Services:
     def singleton_roles(self) -> list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]:
         """The dispatcher and the reaper (each elects its leader across processes)."""
         clock = self.ledger.clock
-        dispatcher = Dispatcher(self.database_url, self.schema, self.broker, clock)
-        reaper = Reaper(self.database_url, self.schema, self.ledger, clock)
+        metrics = self.worker_metrics
+        dispatcher = Dispatcher(self.database_url, self.schema, self.broker, clock, metrics=metrics)
+        reaper = Reaper(self.database_url, self.schema, self.ledger, clock, metrics=metrics)
         return [dispatcher.run, reaper.run]
 
     def worker(self, concurrency: int, **options: Any) -> Worker:
@@ -74,6 +105,7 @@ class Services:
             from workers.executors import build_executors
 
             executors = build_executors(concurrency=concurrency, data_dir=self.settings.data_dir)
+        options.setdefault("metrics", self.worker_metrics)
         return Worker(self.ledger, self.broker, executors, concurrency=concurrency, **options)
 
     def start_projections(self, names: list[str] | None = None, **options: Any) -> None:
@@ -118,7 +150,7 @@ class Services:
             background=list(background or []),
             shutdown=[self.broker.close],
             watcher=TaskWatcher(self.database_url, self.schema),
-            metrics=ApiMetrics(),
+            metrics=self.api_metrics,
             limiter=anyio.CapacityLimiter(LEDGER_THREADS),
         )
         return create_app(context)

@@ -32,6 +32,7 @@ from ledger.application import EVENTS_CHANNEL
 from ledger.clock import Clock
 from projections.log import read_changes
 from workers.broker import Broker, RunAttempt
+from workers.metrics import WorkerMetrics
 from workers.singleton import acquire, keep_running
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Dispatcher:
         batch_size: int = 1_000,
         poll_interval: float = 1.0,
         standby_interval: float = 0.5,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.database_url = database_url
         self.schema = schema
@@ -62,6 +64,8 @@ class Dispatcher:
         self.published = 0
         self.is_leader = asyncio.Event()
         self._timers: list[tuple[datetime, str, int]] = []  # (due, task id, attempt)
+        self.metrics = metrics or WorkerMetrics()
+        self._published_before = 0  # the saved position at start: up to it, a replay
 
     async def run(self, stop: asyncio.Event) -> None:
         await keep_running(
@@ -100,6 +104,7 @@ class Dispatcher:
             (NAME,),
         ).fetchone()
         saved = int(row[0]) if row else 0
+        self._published_before = saved
         # Timers come from the view; whatever the view has not applied yet is replayed
         # from the log (a due command published twice is harmless, a lost one is not).
         view = conn.execute(
@@ -147,12 +152,15 @@ class Dispatcher:
             return 0
         now = self.clock.now()
         due: list[RunAttempt] = []
+        due_since: list[datetime] = []  # when each command (not replayed) became due
         cancelled: list[UUID] = []
         for change in changes:
             if change.type == "AttemptScheduled":
                 not_before = change.data["not_before"]
                 if not_before <= now:
                     due.append(RunAttempt(change.task_id, change.data["attempt"]))
+                    if change.position > self._published_before:
+                        due_since.append(max(change.at, not_before))
                 else:
                     heapq.heappush(
                         self._timers, (not_before, str(change.task_id), change.data["attempt"])
@@ -162,6 +170,7 @@ class Dispatcher:
         if due:
             await self.broker.publish(due)
             self.published += len(due)
+            self.metrics.commands_dispatched(self.clock.now(), due_since)
         for task_id in cancelled:
             await self.broker.broadcast_cancel(task_id)
         new_position = changes[-1].position
@@ -181,9 +190,12 @@ class Dispatcher:
     async def _publish_due(self) -> None:
         now = self.clock.now()
         due = []
+        due_since = []
         while self._timers and self._timers[0][0] <= now:
-            _, task_id, attempt = heapq.heappop(self._timers)
+            since, task_id, attempt = heapq.heappop(self._timers)
             due.append(RunAttempt(UUID(task_id), attempt))
+            due_since.append(since)
         if due:
             await self.broker.publish(due)
             self.published += len(due)
+            self.metrics.commands_dispatched(self.clock.now(), due_since)

@@ -25,6 +25,7 @@ from ledger import Ledger
 from ledger.clock import Clock
 from ledger.errors import LedgerError, TransitionRefused
 from projections.runner import PROJECTION_CHANNEL
+from workers.metrics import WorkerMetrics
 from workers.singleton import acquire, keep_running
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Reaper:
         poll_interval: float = 1.0,
         standby_interval: float = 0.5,
         batch_size: int = 200,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.database_url = database_url
         self.schema = schema
@@ -53,6 +55,7 @@ class Reaper:
         self.batch_size = batch_size
         self.expired = 0
         self.is_leader = asyncio.Event()
+        self.metrics = metrics or WorkerMetrics()
 
     async def run(self, stop: asyncio.Event) -> None:
         await keep_running(
@@ -99,7 +102,7 @@ class Reaper:
 
     def _expire(self, task_id: UUID, attempt: int) -> None:
         try:
-            self.ledger.expire(task_id, attempt, detected_by="reaper")
+            task = self.ledger.expire(task_id, attempt, detected_by="reaper")
         except TransitionRefused:
             return  # it finished, or moved on, since the view saw it
         except LedgerError as error:
@@ -109,4 +112,5 @@ class Reaper:
             )
             return
         self.expired += 1
+        self.metrics.outcome_recorded(task)
         log.info("task expired by the reaper", extra={"task_id": str(task_id), "attempt": attempt})

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -32,6 +33,7 @@ from ledger.errors import (
 )
 from workers.broker import Broker, Delivery
 from workers.executors.base import Executor, RunOutcome, RunRequest
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Worker:
         concurrency: int = 2,
         worker_id: str | None = None,
         grace_seconds: float = 30.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.ledger = ledger
         self.broker = broker
@@ -67,6 +70,8 @@ class Worker:
         for slot in range(concurrency):
             self._slots.put_nowait(slot)
         self._limiter = anyio.CapacityLimiter(max(4, concurrency * 2))
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.worker_started(self.worker_id, concurrency, lambda: self.busy)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain (see the module docstring)."""
@@ -157,9 +162,11 @@ class Worker:
         task_id, attempt = command.task_id, command.attempt
         context = {"task_id": str(task_id), "attempt": attempt}
         try:
-            return await self._ledger(
+            task = await self._ledger(
                 lambda: self.ledger.start_attempt(task_id, attempt, self.worker_id)
             )
+            self.metrics.attempt_started(task)
+            return task
         except AttemptAlreadyStarted:
             if delivery.redelivered:
                 # The worker that started it held this message and lost its channel.
@@ -202,11 +209,13 @@ class Worker:
         self._running[key] = cancelled
         slot = await self._slots.get()
         self.busy += 1
+        started = time.perf_counter()
         try:
             outcome = await executor.run(
                 RunRequest(task.id, task.attempt, task.code, task.data, task.deadline, slot),
                 cancelled,
             )
+            self.metrics.attempt_ran(task.language, outcome.kind, time.perf_counter() - started)
         finally:
             self.busy -= 1
             self._slots.put_nowait(slot)
@@ -240,10 +249,10 @@ class Worker:
         # "cancelled": the TaskCancelled event is already there; nothing to add.
         log.info("attempt finished", extra=context)
 
-    async def _settle(self, call: Callable[[], object], context: dict[str, object]) -> None:
+    async def _settle(self, call: Callable[[], TaskState], context: dict[str, object]) -> None:
         """Record an outcome; if the rules refuse it, someone else recorded one first."""
         try:
-            await self._ledger(call)
+            self.metrics.outcome_recorded(await self._ledger(call))
         except TransitionRefused as refused:
             log.info(
                 "outcome not recorded: another came first",
