@@ -47,6 +47,7 @@ from ledger.errors import (
     TaskNotFound,
     VersionMismatch,
 )
+from ledger.groupcommit import GroupCommit
 from ledger.jsonvalue import JSONValue
 from ledger.keys import ApiKey, KeyAlreadyRevoked, key_stream_id, parse_key
 from ledger.persistence import EventMapper, OrjsonTranscoder
@@ -230,6 +231,7 @@ class Ledger(Application[UUID]):
         self.version_conflicts = 0
         with _store_errors():
             super().__init__(env)
+        self.group_commit = GroupCommit(self.recorder.insert_events)
 
     # -- construction ---------------------------------------------------------------------
 
@@ -396,8 +398,7 @@ class Ledger(Application[UUID]):
         key, token = ApiKey.issue(
             tenant=tenant, role=role, issued_by=issued_by, label=label, now=self.clock.now()
         )
-        with _store_errors():
-            self.save(key)
+        self._save(key)
         return KeyPrincipal(key.key_id, key.tenant, str(key.role)), token
 
     def revoke_key(self, key_id: str, *, by: str) -> None:
@@ -440,9 +441,10 @@ class Ledger(Application[UUID]):
         return task
 
     def _save(self, aggregate: Task | ApiKey) -> None:
-        events = [type(e).__name__ for e in aggregate.pending_events]
+        pending = aggregate.collect_events()
+        events = [type(e).__name__ for e in pending]
         with _store_errors():
-            self.save(aggregate)
+            self.group_commit.save([self.mapper.to_stored_event(e) for e in pending])
         if isinstance(aggregate, Task):
             # One line per transition, for whoever follows a task through the logs.
             log.info(
