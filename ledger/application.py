@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import typing
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -222,6 +224,7 @@ class Ledger(Application[UUID]):
         retry_policy: RetryPolicy | None = None,
         limits: TaskLimits | None = None,
         max_contention_retries: int = 16,
+        recent_capacity: int = 1024,
     ) -> None:
         self.clock = clock or SystemClock()
         self.retry_policy = retry_policy or RetryPolicy()
@@ -232,6 +235,13 @@ class Ledger(Application[UUID]):
         with _store_errors():
             super().__init__(env)
         self.group_commit = GroupCommit(self.recorder.insert_events)
+        # Tasks this process saved last, so that the next command on one (a worker's
+        # AttemptCompleted after its AttemptStarted) need not read it back. Never
+        # trusted for a query nor for a refusal; see _execute.
+        self._recent: OrderedDict[UUID, Task] = OrderedDict()
+        self._recent_lock = threading.Lock()
+        self.recent_capacity = recent_capacity
+        self.recent_hits = 0
 
     # -- construction ---------------------------------------------------------------------
 
@@ -319,6 +329,7 @@ class Ledger(Application[UUID]):
         )
         try:
             self._save(task)
+            self._keep_recent(task)
         except IntegrityError:
             if idempotency_key is None:
                 raise  # a uuid4 collision: not something to paper over
@@ -461,16 +472,51 @@ class Ledger(Application[UUID]):
     def _execute(
         self, task_id: UUID, tenant: str | None, decide: Callable[[Task], Any]
     ) -> TaskState:
-        """Load, decide, save; on a lost version race, reload and decide again."""
+        """Load, decide, save; on a lost version race, reload and decide again.
+
+        The first try may start from the copy this process saved last (no read). That
+        copy can be stale, so only a decision it leads to that then saves is kept: the
+        save of version v+1 succeeding proves nobody else wrote after version v, i.e.
+        the copy was the current state. A refusal or a no-op decided on the copy is
+        decided again on the task read from the store.
+        """
+        recent = self._take_recent(task_id)
         for _ in range(self.max_contention_retries):
-            task = self._load(task_id, tenant)
-            decide(task)  # raises TransitionRefused & co. when the rules say no
+            trusted = recent is None
+            task = self._load(task_id, tenant) if recent is None else recent
+            recent = None
+            if tenant is not None and task.tenant != tenant:
+                raise TaskNotFound(task_id)
+            try:
+                decide(task)  # raises TransitionRefused & co. when the rules say no
+            except Exception:
+                if trusted:
+                    raise
+                continue
             if not task.pending_events:
-                return TaskState.of(task)
+                if trusted:
+                    self._keep_recent(task)
+                    return TaskState.of(task)
+                continue
             try:
                 self._save(task)
             except IntegrityError:
-                self.version_conflicts += 1
+                if trusted:
+                    self.version_conflicts += 1
                 continue
+            if not trusted:
+                self.recent_hits += 1
+            self._keep_recent(task)
             return TaskState.of(task)
         raise ContentionExhausted(task_id, self.max_contention_retries)
+
+    def _take_recent(self, task_id: UUID) -> Task | None:
+        with self._recent_lock:
+            return self._recent.pop(task_id, None)  # one command at a time owns a copy
+
+    def _keep_recent(self, task: Task) -> None:
+        with self._recent_lock:
+            self._recent[task.id] = task
+            self._recent.move_to_end(task.id)
+            while len(self._recent) > self.recent_capacity:
+                self._recent.popitem(last=False)

@@ -208,3 +208,43 @@ def test_each_transition_is_logged_with_its_task(
         (str(task.id), ["TaskSubmitted", "AttemptScheduled"], "Pending"),
         (str(task.id), ["TaskCancelled"], "Cancelled"),
     ]
+
+
+def test_a_stale_copy_in_one_process_never_decides_what_another_process_changed(
+    store_env: dict[str, str], clock: ManualClock
+) -> None:
+    """Ledger `a` keeps the task it saved last; `b` (another process) changes it."""
+    a = Ledger(store_env, clock=clock)
+    b = Ledger(store_env, clock=clock)
+    try:
+        task_id = a.submit(**{**TASK, "max_attempts": 1}).task.id
+        a.start_attempt(task_id, 1, "w-a")
+        a.fail_attempt(task_id, 1, AttemptError("exit", "boom"), retryable=True)
+        assert a.get(task_id).status is Status.FAILED  # a's copy: Failed, one attempt
+
+        b.retry(task_id, by="operator")  # attempt 2 exists now, a's copy does not know
+
+        # On a's copy attempt 2 does not exist: that refusal must not stand.
+        started = a.start_attempt(task_id, 2, "w-a")
+        assert (started.status, started.attempt) == (Status.IN_PROGRESS, 2)
+
+        b.cancel(task_id, by="operator")  # a's copy (just saved) says InProgress
+        hits = a.recent_hits
+        with pytest.raises(TaskIsTerminal):
+            a.complete_attempt(task_id, 2, AttemptResult("ok", "", 0, 1.0))
+        assert a.recent_hits == hits
+        assert a.get(task_id).status is Status.CANCELLED
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_next_command_on_a_task_this_process_saved_reads_nothing_back(
+    ledger: Ledger,
+) -> None:
+    task_id = ledger.submit(**TASK).task.id
+    hits = ledger.recent_hits
+    ledger.start_attempt(task_id, 1, "w")
+    ledger.complete_attempt(task_id, 1, AttemptResult("6\n", "", 0, 1.0))
+    assert ledger.recent_hits == hits + 2
+    assert [e.type for e in ledger.history(task_id)][-2:] == ["AttemptStarted", "AttemptCompleted"]
