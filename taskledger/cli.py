@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -15,7 +16,7 @@ from projections import all_projections
 from projections.admin import rebuild, status
 from taskledger.bootstrap import Services, bootstrap
 from taskledger.logs import configure_logging
-from taskledger.settings import ConfigError, load_settings
+from taskledger.settings import ConfigError, Settings, env_name, load_settings
 
 log = logging.getLogger("taskledger")
 
@@ -23,8 +24,15 @@ log = logging.getLogger("taskledger")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskledger",
-        description="An event-sourced task service. Configuration comes from TASKLEDGER_* "
-        "environment variables (see `taskledger config`).",
+        description="An event-sourced task service. Configuration, strongest first: "
+        "command-line flags, TASKLEDGER_* environment variables, the TOML file of --config, "
+        "the defaults (see `taskledger config`).",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys: the setting names, lower case); "
+        "default: the file named by TASKLEDGER_CONFIG, if any",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dev = commands.add_parser(
@@ -38,8 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--concurrency", type=int, default=2, help="attempts run at once")
     api = commands.add_parser("api", help="run the API and the singleton roles")
     _serve_options(api)
-    api.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
-    api.add_argument("--ssl-keyfile", help="… and this private key (PEM)")
+    api.add_argument(
+        "--ssl-certfile",
+        metavar="FILE",
+        help="serve HTTPS with this certificate chain (PEM; TASKLEDGER_SSL_CERTFILE)",
+    )
+    api.add_argument(
+        "--ssl-keyfile", metavar="FILE", help="… and this private key (PEM; TASKLEDGER_SSL_KEYFILE)"
+    )
     worker = commands.add_parser(
         "worker",
         help="run a worker: take attempts from the broker, run them, record outcomes",
@@ -57,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="", help="a note for whoever finds it in the audit")
     revoke = keys.add_parser("revoke", help="revoke a key by its id (the part after tlk_)")
     revoke.add_argument("key_id")
-    commands.add_parser("config", help="print the effective configuration (secrets masked)")
+    config = commands.add_parser(
+        "config",
+        help="print the effective configuration (secrets masked) and where each value came from",
+    )
+    config.add_argument("--json", action="store_true", help="as one JSON object")
 
     projections = commands.add_parser(
         "projections", help="query views: status, rebuild, run"
@@ -74,24 +92,62 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--only", action="append", choices=sorted(all_projections()))
     run.add_argument("--batch-size", type=int, default=2_000, help="events per transaction")
+    _config_option_everywhere(parser)
     return parser
 
 
+def _config_option_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --config after any subcommand too (`taskledger api --config FILE`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                # SUPPRESS: a subcommand without --config keeps the one given before it.
+                command.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS)
+                _config_option_everywhere(command)
+
+
+def _settings(args: argparse.Namespace, **flags: object) -> Settings:
+    """The settings: these command-line values over the environment over the TOML file."""
+    return load_settings(flags, config_file=args.config)
+
+
+def _log_as(role: str, settings: Settings) -> None:
+    """JSON lines to stdout and `<log_dir>/<role>-YYYY-MM-DD.log`, from the start."""
+    try:
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"{settings.origin('log_dir')}: cannot create {settings.log_dir}: "
+            f"{error.strerror or error}"
+        ) from None
+    configure_logging(settings.log_level.upper(), role=role, log_dir=settings.log_dir)
+
+
 def _serve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument(
+        "--host", help="interface to listen on (TASKLEDGER_HOST; default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, help="port to listen on (TASKLEDGER_PORT; default 8000)"
+    )
+
+
+def _serve_flags(args: argparse.Namespace) -> dict[str, object]:
+    names = ("host", "port", "ssl_certfile", "ssl_keyfile")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
     import uvicorn
 
+    settings = services.settings
+    tls = settings.tls_files()  # a missing or wrong file stops us before anything starts
     roles = services.singleton_roles()
     if dev:
         roles.append(services.worker(concurrency=args.concurrency).run)
     app = services.api_app(background=roles)
     services.start_projections()
-    scheme = "https" if getattr(args, "ssl_certfile", None) else "http"
-    url = f"{scheme}://{args.host}:{args.port}"
+    url = f"{'https' if tls else 'http'}://{settings.host}:{settings.port}"
     if dev and services.settings.api_keys is None:
         key = services.dev_api_key()
         print(
@@ -104,26 +160,32 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
         )
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
+        host=settings.host,
+        port=settings.port,
         log_config=None,
         access_log=False,
-        ssl_certfile=getattr(args, "ssl_certfile", None),
-        ssl_keyfile=getattr(args, "ssl_keyfile", None),
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
+    server = uvicorn.Server(config)
+    # Once shut down, uvicorn hands the signal that stopped it back to the handler it found:
+    # the default one would kill the process before the services close (the projections,
+    # the embedded PostgreSQL). This one asks the server to stop and lets run() return.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
     log.info("serving the API", extra={"url": url})
-    uvicorn.Server(config).run()
+    server.run()
     return 0
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = _settings(args)
     if settings.broker_url.startswith("memory://"):
         raise ConfigError(
-            "TASKLEDGER_BROKER_URL: memory:// only works inside one process (taskledger dev); "
-            "a separate worker needs amqp://user:password@host:port/"
+            f"{settings.origin('broker_url')}: memory:// only works inside one process "
+            "(taskledger dev); a separate worker needs amqp://user:password@host:port/"
         )
-    configure_logging(role="worker", log_dir=settings.log_dir)
+    _log_as("worker", settings)
     with bootstrap(settings) as services:
         worker = services.worker(concurrency=args.concurrency, grace_seconds=args.grace)
 
@@ -142,7 +204,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_keys(args: argparse.Namespace) -> int:
-    with bootstrap(load_settings()) as services:
+    with bootstrap(_settings(args)) as services:
         if args.action == "create":
             principal, token = services.ledger.issue_key(
                 tenant=args.tenant, role=args.role, issued_by="taskledger keys", label=args.label
@@ -167,24 +229,25 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _run_dev(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    configure_logging(role="dev", log_dir=settings.log_dir)
+    settings = _settings(args, **_serve_flags(args))
+    settings.tls_files()
+    _log_as("dev", settings)
     with bootstrap(settings) as services:
         return _serve(services, args, dev=True)
 
 
 def _run_api(args: argparse.Namespace) -> int:
-    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        print("taskledger: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
-        return 2
-    settings = load_settings()
-    configure_logging(role="api", log_dir=settings.log_dir)
+    settings = _settings(args, **_serve_flags(args))
+    settings.tls_files()  # before the database: a bad certificate fails fast, by its name
+    _log_as("api", settings)
     with bootstrap(settings) as services:
         return _serve(services, args, dev=False)
 
 
 def _run_projections(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = _settings(args)
+    if args.action == "run":
+        _log_as("projections", settings)
     with bootstrap(settings) as services:
         if args.action == "status":
             return _print_status(services)
@@ -223,9 +286,44 @@ def _print_status(services: Services) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    for name, value in load_settings().masked().items():
-        print(f"{name}={value}")
+    """The effective settings as TOML (a valid --config file but for the masked secrets),
+    each with its source; unset ones as comments. `--json`: one object of the same."""
+    settings = _settings(args)
+    shown = settings.masked()
+    if args.json:
+        described = {
+            name: {
+                "value": value,
+                "source": settings.source(name),
+                "variable": env_name(name),
+            }
+            for name, value in shown.items()
+        }
+        config_file = str(settings.config_file) if settings.config_file else None
+        print(json.dumps({"config_file": config_file, "settings": described}, indent=2))
+        return 0
+    print(
+        "# taskledger settings; strongest first: flag > environment (TASKLEDGER_*) > "
+        f"file ({settings.config_file or 'none'}) > default"
+    )
+    for name, value in shown.items():
+        source = settings.source(name)
+        if value is None:
+            print(f"# {name} is unset ({UNSET.get(name, 'no default')})  # {source}")
+        else:
+            literal = json.dumps(value, ensure_ascii=False)  # a TOML string or integer
+            print(f"{name} = {literal}  # {source}")
     return 0
+
+
+# What an unset setting means, for `taskledger config`.
+UNSET = {
+    "database_url": "embedded PostgreSQL in the data directory",
+    "api_keys": "`taskledger dev` generates one",
+    "ssl_certfile": "plain HTTP",
+    "ssl_keyfile": "plain HTTP",
+    "metrics_port": "no worker metrics server",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,13 @@
-"""JSON-lines logging: one object per line, with the structured `extra` fields of the call."""
+"""JSON-lines logging: one object per line, with the structured `extra` fields of the call
+and those of the enclosing `log_context` (a task's id and attempt, say)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,6 +16,23 @@ import orjson
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+# Never mutated, only replaced (log_context sets a new dict), so one shared default is safe.
+_context: ContextVar[dict[str, Any]] = ContextVar("taskledger_log_context", default={})  # noqa: B039
+
+
+@contextlib.contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Add `fields` to every line logged inside the block, in this thread or asyncio task and
+    in what they start (`asyncio.create_task`, `anyio.to_thread`, `contextvars.copy_context`).
+
+    A field given to one call's `extra=` wins over the context's.
+    """
+    token = _context.set({**_context.get(), **fields})
+    try:
+        yield
+    finally:
+        _context.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,6 +43,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        entry.update(_context.get())
         entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -29,7 +51,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class DailyFileHandler(logging.Handler):
-    """Append to `<directory>/<role>-YYYY-MM-DD.log`, a new file each UTC day."""
+    """Append to `<directory>/<role>-YYYY-MM-DD.log`, a new file each UTC day.
+
+    The file is opened for appending and each line is written and flushed whole, so
+    processes of one role sharing the directory (two workers on one machine) keep their
+    lines intact.
+    """
 
     def __init__(self, directory: Path, role: str) -> None:
         super().__init__()
@@ -61,9 +88,12 @@ class DailyFileHandler(logging.Handler):
 
 
 def configure_logging(
-    level: int = logging.INFO, *, role: str | None = None, log_dir: Path | None = None
+    level: int | str = logging.INFO, *, role: str | None = None, log_dir: Path | None = None
 ) -> None:
-    """JSON lines to stdout, and to `log_dir/<role>-YYYY-MM-DD.log` when both are given."""
+    """JSON lines to stdout, and to `log_dir/<role>-YYYY-MM-DD.log` when both are given.
+
+    `level`: a number or a name (`"INFO"`).
+    """
     formatter = JsonFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if role is not None and log_dir is not None:

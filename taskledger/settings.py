@@ -1,46 +1,152 @@
-"""Configuration: read once from TASKLEDGER_* environment variables, typed and checked.
+"""Configuration: read once at start, typed and checked.
 
-Nothing outside the composition root reads the environment.
+Where a value comes from, strongest first: a command-line flag, a TASKLEDGER_* environment
+variable, the TOML file (`--config FILE` or TASKLEDGER_CONFIG), the default. A wrong value
+stops the process with its origin (`TASKLEDGER_PORT`, `port` in FILE, `--port`) and what is
+allowed. Nothing outside the composition root reads the environment.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import ssl
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from api.auth import parse_configured_keys
 
 ENV_PREFIX = "TASKLEDGER_"
+CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SECRET_FIELDS = frozenset({"api_keys"})
+URL_FIELDS = frozenset({"database_url", "broker_url"})
+
+Source = Literal["default", "file", "env", "flag"]
+Shown = str | int | None
 
 
 class ConfigError(Exception):
-    """A configuration value is missing or wrong; the message names the variable."""
+    """A configuration value is missing or wrong; the message names where it came from."""
+
+
+def _port(value: object) -> object:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("must be a port number, 1-65535")
+    return value
+
+
+def _log_level(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
+        return value.strip().lower()
+    raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+Port = Annotated[int, BeforeValidator(_port)]
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_log_level)
+]
+
+# The TOML source of the settings being loaded (set by load_settings for one construction).
+_toml_source: ContextVar[TomlConfigSettingsSource | None] = ContextVar(
+    "taskledger_toml_source", default=None
+)
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # An empty variable (`TASKLEDGER_METRICS_PORT=` in a compose file) means unset.
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+    )
 
     database_url: str | None = Field(
         default=None,
         description="postgresql://user:password@host:port/dbname; unset = embedded PostgreSQL",
     )
     database_schema: str = Field(
-        default="public",
-        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="PostgreSQL schema of the event store and views",
+        default="public", description="PostgreSQL schema of the event store and views"
     )
     broker_url: str = Field(default="memory://", description="amqp://… or memory://")
-    api_keys: SecretStr | None = Field(default=None, description="tenant:role:key,…")
+    api_keys: SecretStr | None = Field(
+        default=None, description="bootstrap keys, tenant:role:key,…"
+    )
     data_dir: Path = Field(default=Path(".taskledger"), description="embedded database, keys")
     log_dir: Path = Field(default=Path("logs"), description="log files")
+    log_level: LogLevel = Field(default="info", description=", ".join(LOG_LEVELS))
+    host: str = Field(default="127.0.0.1", description="interface the API listens on")
+    port: Port = Field(default=8000, description="port the API listens on")
+    ssl_certfile: Path | None = Field(
+        default=None, description="serve HTTPS with this certificate chain (PEM)"
+    )
+    ssl_keyfile: Path | None = Field(default=None, description="… and this private key (PEM)")
+    metrics_port: Port | None = Field(
+        default=None, description="a worker serves Prometheus metrics on this port"
+    )
+
+    _sources: dict[str, Source] = PrivateAttr(default_factory=dict)
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (passed as init arguments) > environment > TOML file > defaults.
+        # No .env file and no secrets directory: one place to look, in that order.
+        toml = _toml_source.get()
+        return (init_settings, env_settings) + ((toml,) if toml is not None else ())
 
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql://user:password@host:port/dbname URL")
-        return value or None
+        return value
+
+    @field_validator("database_schema")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not (
+            0 < len(value) <= 63
+            and value[0] in "abcdefghijklmnopqrstuvwxyz_"
+            and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_" for c in value)
+        ):
+            raise ValueError(
+                "must be a lower-case PostgreSQL name: a-z, 0-9 and _, not starting with "
+                "a digit, at most 63 characters"
+            )
+        return value
 
     @field_validator("broker_url")
     @classmethod
@@ -49,35 +155,189 @@ class Settings(BaseSettings):
             raise ValueError("must be amqp://user:password@host:port/vhost or memory://")
         return value
 
-    def masked(self) -> dict[str, str]:
-        """The effective configuration, as an operator may see it (secrets hidden)."""
-        return {
-            f"{ENV_PREFIX}DATABASE_URL": _mask_url(self.database_url)
-            if self.database_url
-            else f"(unset: embedded PostgreSQL in {self.data_dir / 'postgres'})",
-            f"{ENV_PREFIX}DATABASE_SCHEMA": self.database_schema,
-            f"{ENV_PREFIX}BROKER_URL": _mask_url(self.broker_url),
-            f"{ENV_PREFIX}API_KEYS": "(set, hidden)" if self.api_keys else "(unset)",
-            f"{ENV_PREFIX}DATA_DIR": str(self.data_dir),
-            f"{ENV_PREFIX}LOG_DIR": str(self.log_dir),
-        }
+    @field_validator("api_keys")
+    @classmethod
+    def _key_list(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_configured_keys(value.get_secret_value())  # ValueError names the entry
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not value or any(c.isspace() or c in "/:" for c in value):
+            raise ValueError("must be a host name or an IPv4 address, e.g. 0.0.0.0")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given = "certificate" if self.ssl_keyfile is None else "key"
+            raise ValueError(
+                "TASKLEDGER_SSL_CERTFILE and TASKLEDGER_SSL_KEYFILE (--ssl-certfile, "
+                f"--ssl-keyfile) go together: set both or neither (only the {given} is set)"
+            )
+        return self
+
+    # -- where the values came from ------------------------------------------------------------
+
+    @property
+    def config_file(self) -> Path | None:
+        """The TOML file read, if any."""
+        return self._config_file
+
+    def source(self, name: str) -> Source:
+        """Where the effective value of setting `name` came from."""
+        return self._sources.get(name, "default")
+
+    def origin(self, name: str) -> str:
+        """The setting as the operator wrote it: `--port`, `TASKLEDGER_PORT`, `port` in FILE."""
+        return _origin(name, self.source(name), self._config_file)
+
+    def masked(self) -> dict[str, Shown]:
+        """Every setting by name as an operator may see it: secrets hidden, None when unset."""
+        shown: dict[str, Shown] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None or isinstance(value, int):
+                shown[name] = value
+            elif name in SECRET_FIELDS:
+                shown[name] = "***"
+            elif name in URL_FIELDS:
+                shown[name] = mask_url(str(value))
+            else:
+                shown[name] = str(value)
+        return shown
+
+    def tls_files(self) -> tuple[Path, Path] | None:
+        """The certificate and key to serve HTTPS with, checked to load (None: plain HTTP).
+
+        A missing or unreadable file, or a pair that is not a certificate and its key, is a
+        ConfigError naming the setting, so the server never starts half-configured.
+        """
+        if self.ssl_certfile is None or self.ssl_keyfile is None:
+            return None
+        for name, path in (("ssl_certfile", self.ssl_certfile), ("ssl_keyfile", self.ssl_keyfile)):
+            try:
+                path.open("rb").close()
+            except OSError as error:
+                raise ConfigError(
+                    f"{self.origin(name)}: cannot read {path}: {error.strerror or error}"
+                ) from None
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                self.ssl_certfile, self.ssl_keyfile
+            )
+        except ssl.SSLError as error:
+            raise ConfigError(
+                f"{self.origin('ssl_certfile')}, {self.origin('ssl_keyfile')}: "
+                f"not a PEM certificate chain and its private key ({error.reason or error})"
+            ) from None
+        return self.ssl_certfile, self.ssl_keyfile
 
 
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+def env_name(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _origin(name: str, source: Source, config_file: Path | None) -> str:
+    if source == "flag":
+        return flag_name(name)
+    if source == "file":
+        return f"`{name}` in {config_file}"
+    return env_name(name)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***.
+
+    By hand rather than with urlsplit, which refuses some URLs (a `[` in the password) that
+    an operator may still have written, and which must not then be shown as they are. The
+    last `@` ends the password: a raw `@`, `/` or `?` in it stays hidden, and a rare `@` in
+    the path hides more than needed rather than less.
+    """
+    scheme, sep, rest = url.partition("://")
+    user, colon, _ = rest.rpartition("@")[0].partition(":")
+    if not sep or "@" not in rest or not colon:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{user}:***@{rest.rpartition('@')[2]}"
 
 
-def load_settings() -> Settings:
-    """Read the environment once; a bad value fails with the variable's name."""
+def load_settings(
+    flags: Mapping[str, object] | None = None, config_file: str | Path | None = None
+) -> Settings:
+    """Read the configuration once; a bad value fails with where it came from.
+
+    `flags`: values given on the command line, by setting name (None = not given).
+    `config_file`: the TOML file of `--config`; without it, TASKLEDGER_CONFIG names one.
+    """
+    given: dict[str, Any] = {k: v for k, v in (flags or {}).items() if v is not None}
+    for name in given:
+        if name not in Settings.model_fields:
+            raise TypeError(f"no setting {name!r}")
+    path = _config_path(config_file)
+    toml = _read_toml(path) if path is not None else None
+    environment = EnvSettingsSource(Settings)()
+    sources: dict[str, Source] = {}
+    for name in Settings.model_fields:
+        if name in given:
+            sources[name] = "flag"
+        elif name in environment:
+            sources[name] = "env"
+        elif toml is not None and name in toml.toml_data:
+            sources[name] = "file"
+    token = _toml_source.set(toml)
     try:
-        return Settings()
+        settings = Settings(**given)
     except ValidationError as error:
-        problems = [
-            f"{ENV_PREFIX}{str(e['loc'][0]).upper()}: {e['msg'].removeprefix('Value error, ')}"
-            for e in error.errors()
-        ]
+        problems = [_explain(e, sources, path) for e in error.errors()]
         raise ConfigError("; ".join(problems)) from None
+    finally:
+        _toml_source.reset(token)
+    settings._sources = sources
+    settings._config_file = path
+    return settings
+
+
+def _config_path(config_file: str | Path | None) -> Path | None:
+    if config_file is not None and str(config_file):
+        return Path(config_file)
+    from_environment = os.environ.get(CONFIG_VARIABLE, "")
+    return Path(from_environment) if from_environment else None
+
+
+def _read_toml(path: Path) -> TomlConfigSettingsSource:
+    try:
+        path.open("rb").close()  # the source skips a missing file silently; we do not
+        toml = TomlConfigSettingsSource(Settings, toml_file=path)
+    except OSError as error:
+        raise ConfigError(
+            f"configuration file {path}: cannot read it: {error.strerror or error}"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"configuration file {path}: not valid TOML: {error}") from None
+    known = list(Settings.model_fields)
+    for key in toml.toml_data:
+        if key not in Settings.model_fields:
+            close = difflib.get_close_matches(key.lower().removeprefix("taskledger_"), known, 1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key `{key}` in {path} ({hint})")
+    return toml
+
+
+def _explain(error: ErrorDetails, sources: Mapping[str, Source], path: Path | None) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    name = str(error["loc"][0])
+    where = _origin(name, sources.get(name, "default"), path)
+    value = error.get("input")
+    if name in SECRET_FIELDS or isinstance(value, dict | list):
+        return f"{where}: {message}"
+    if name in URL_FIELDS and isinstance(value, str):
+        value = mask_url(value)
+    return f"{where}: {message} (got {value!r})"
