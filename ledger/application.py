@@ -270,9 +270,16 @@ class Ledger(Application[UUID]):
 
     # -- queries ----------------------------------------------------------------------------
 
-    def get(self, task_id: UUID, *, tenant: str | None = None) -> TaskState:
-        """The task's current state. `tenant` (None = any) hides other tenants' tasks."""
-        return TaskState.of(self._load(task_id, tenant))
+    def get(self, task_id: UUID, *, tenant: str | None = None, keep: bool = False) -> TaskState:
+        """The task's current state. `tenant` (None = any) hides other tenants' tasks.
+
+        `keep`: the caller is about to command this task (a worker reads it to pick a
+        sandbox slot, then starts it); the next command starts from what was read here.
+        """
+        task = self._load(task_id, tenant)
+        if keep:
+            self._keep_recent(task)
+        return TaskState.of(task)
 
     def history(self, task_id: UUID, *, tenant: str | None = None) -> list[HistoryEntry]:
         self._load(task_id, tenant)

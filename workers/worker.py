@@ -52,9 +52,11 @@ class Worker:
         executors: Mapping[str, Executor],
         *,
         concurrency: int = 2,
+        prefetch: int | None = None,
         worker_id: str | None = None,
         grace_seconds: float = 30.0,
         metrics: WorkerMetrics | None = None,
+        ledger_threads: int = 15,
     ) -> None:
         self.ledger = ledger
         self.broker = broker
@@ -69,7 +71,11 @@ class Worker:
         self._slots: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(concurrency):
             self._slots.put_nowait(slot)
-        self._limiter = anyio.CapacityLimiter(max(4, concurrency * 2))
+        # Commands held at once. More than the slots: a command waiting for a slot is not
+        # started yet, and echo commands need none; with many in flight, their ledger
+        # writes share transactions (group commit).
+        self.prefetch = prefetch or max(32, concurrency * 4)
+        self._limiter = anyio.CapacityLimiter(ledger_threads)
         self.metrics = metrics or WorkerMetrics()
         self.metrics.worker_started(self.worker_id, concurrency, lambda: self.busy)
 
@@ -108,7 +114,7 @@ class Worker:
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
 
     async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
-        async for delivery in self.broker.consume(prefetch=self.concurrency):
+        async for delivery in self.broker.consume(prefetch=self.prefetch):
             task = asyncio.create_task(self._handle(delivery))
             handlers.add(task)
             task.add_done_callback(handlers.discard)
@@ -133,12 +139,16 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         command = delivery.command
         context = {"task_id": str(command.task_id), "attempt": command.attempt}
+        slot: int | None = None
         try:
+            executor = await self._executor_for(delivery)
+            if executor is not None and executor.needs_slot:
+                slot = await self._slots.get()  # started only once it can run
             task = await self._start(delivery)
             if task is None:
                 await delivery.ack()
                 return
-            outcome = await self._run(task)
+            outcome = await self._run(task, slot)
             if outcome is None:  # shutting down: hand the command back
                 await delivery.requeue()
                 return
@@ -155,6 +165,20 @@ class Worker:
         except Exception:
             log.exception("worker failed on a command; it goes back to the queue", extra=context)
             await delivery.requeue()
+        finally:
+            if slot is not None:
+                self._slots.put_nowait(slot)
+
+    async def _executor_for(self, delivery: Delivery) -> Executor | None:
+        """The executor of the command's task (None: unknown task or language; _start
+        and _run say why). Reading the task here costs no extra read: the start that
+        follows begins from this copy."""
+        task_id = delivery.command.task_id
+        try:
+            task = await self._ledger(lambda: self.ledger.get(task_id, keep=True))
+        except TaskNotFound:
+            return None
+        return self.executors.get(task.language)
 
     async def _start(self, delivery: Delivery) -> TaskState | None:
         """AttemptStarted by us, or None when the command is not ours to run."""
@@ -193,7 +217,7 @@ class Worker:
             log.info("stale command dropped", extra={**context, "reason": str(refused)})
         return None
 
-    async def _run(self, task: TaskState) -> RunOutcome | None:
+    async def _run(self, task: TaskState, slot: int | None) -> RunOutcome | None:
         executor = self.executors.get(task.language)
         if executor is None:
             return RunOutcome(
@@ -204,21 +228,23 @@ class Worker:
                 ),
                 retryable=False,
             )
+        if executor.needs_slot and slot is None:  # the language changed since the read
+            raise RuntimeError(f"{task.language} needs a sandbox slot and none was taken")
         cancelled = asyncio.Event()
         key = str(task.id)
         self._running[key] = cancelled
-        slot = await self._slots.get()
-        self.busy += 1
+        if slot is not None:
+            self.busy += 1
         started = time.perf_counter()
         try:
             outcome = await executor.run(
-                RunRequest(task.id, task.attempt, task.code, task.data, task.deadline, slot),
+                RunRequest(task.id, task.attempt, task.code, task.data, task.deadline, slot or 0),
                 cancelled,
             )
             self.metrics.attempt_ran(task.language, outcome.kind, time.perf_counter() - started)
         finally:
-            self.busy -= 1
-            self._slots.put_nowait(slot)
+            if slot is not None:
+                self.busy -= 1
             self._running.pop(key, None)
         if outcome.kind == "cancelled" and self._shutting_down:
             return None

@@ -37,6 +37,7 @@ class StandIn:
     """An executor whose behaviour the test picks by the task's code."""
 
     language = "python"
+    needs_slot = True
 
     def __init__(self) -> None:
         self.runs: list[tuple[uuid.UUID, int, str]] = []  # (task, attempt, worker slot)

@@ -34,6 +34,9 @@ class RunOutcome:
 
 class Executor(Protocol):
     language: str
+    # Runs programs in a sandbox slot (a worker has `concurrency` of them); False for an
+    # executor that runs nothing (echo), which needs no slot.
+    needs_slot: bool
 
     async def run(self, request: RunRequest, cancelled: asyncio.Event) -> RunOutcome:
         """Run the program until it ends, its deadline passes (then kill it and answer

@@ -53,6 +53,7 @@ UNAVAILABLE = (
 
 class CSharpExecutor:
     language = "csharp"
+    needs_slot = True
 
     def __init__(
         self,

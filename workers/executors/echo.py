@@ -13,6 +13,7 @@ from workers.executors.base import RunOutcome, RunRequest
 
 class EchoExecutor:
     language = "echo"
+    needs_slot = False
 
     async def run(self, request: RunRequest, cancelled: asyncio.Event) -> RunOutcome:
         if cancelled.is_set():

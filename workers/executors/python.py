@@ -14,6 +14,7 @@ from workers.sandbox import PythonSource, Sandbox, SandboxError, loop_deadline
 
 class PythonExecutor:
     language = "python"
+    needs_slot = True
 
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
