@@ -291,12 +291,16 @@ async def test_a_worker_expires_what_outlives_its_deadline(
 async def test_with_no_worker_the_reaper_expires_queued_tasks(
     live_ledger: Ledger, database_url: str, schema: str
 ) -> None:
-    reaper = Reaper(database_url, schema, live_ledger, live_ledger.clock, poll_interval=0.5)
+    # More tasks due together than one look takes (batch_size): it looks again at once.
+    reaper = Reaper(
+        database_url, schema, live_ledger, live_ledger.clock, poll_interval=0.5, batch_size=16
+    )
     with projections(database_url, schema):
         async with running(reaper.run):
-            ids = [submit(live_ledger, ttl_seconds=0.5) for _ in range(5)]
+            ids = [submit(live_ledger, ttl_seconds=0.5) for _ in range(40)]
             states = await settled(live_ledger, ids, timeout=30)
     assert {s.status for s in states} == {Status.EXPIRED}
+    assert reaper.expired == 40
     for task_id in ids:
         history = await asyncio.to_thread(live_ledger.history, task_id)
         assert [h.data["detected_by"] for h in history if h.type == "TaskExpired"] == ["reaper"]
