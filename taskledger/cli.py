@@ -17,6 +17,7 @@ from projections.admin import rebuild, status
 from taskledger.bootstrap import Services, bootstrap
 from taskledger.logs import configure_logging
 from taskledger.settings import ConfigError, Settings, env_name, load_settings
+from workers.metrics import serving
 
 log = logging.getLogger("taskledger")
 
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=2, help="attempts run at once")
     worker.add_argument(
         "--grace", type=float, default=30.0, help="seconds running attempts get on SIGTERM"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics "
+        "(TASKLEDGER_METRICS_PORT; default: not served)",
     )
     keys = commands.add_parser("keys", help="API keys: create, revoke").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -179,14 +187,14 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, metrics_port=args.metrics_port)
     if settings.broker_url.startswith("memory://"):
         raise ConfigError(
             f"{settings.origin('broker_url')}: memory:// only works inside one process "
             "(taskledger dev); a separate worker needs amqp://user:password@host:port/"
         )
     _log_as("worker", settings)
-    with bootstrap(settings) as services:
+    with bootstrap(settings) as services, serving(services.registry, settings.metrics_port):
         worker = services.worker(concurrency=args.concurrency, grace_seconds=args.grace)
 
         async def main() -> None:
