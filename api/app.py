@@ -151,6 +151,7 @@ def create_app(context: ApiContext) -> Starlette:
             for close in context.shutdown:
                 await close()
             await context.watcher.close()
+            await context.submissions.close()
 
     app = Starlette(
         routes=routes,

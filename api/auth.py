@@ -103,8 +103,10 @@ class Authenticator:
             return None
         return request.headers.get("x-api-key") or None
 
-    def authenticate(self, key: str) -> Principal | None:
-        """The caller a key speaks for, or None. Runs a ledger read (call off the loop)."""
+    def known(self, key: str) -> Principal | None:
+        """The caller, when the key is configured or was looked up less than
+        `cache_seconds` ago; None means "look it up" (`authenticate`). No I/O: call it
+        on the event loop."""
         digest = hashlib.sha256(key.encode()).digest()
         found = None
         for known, principal in self._configured:
@@ -112,11 +114,19 @@ class Authenticator:
                 found = principal
         if found is not None:
             return found
-        now = time.monotonic()
         with self._lock:
             cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        return None
+
+    def authenticate(self, key: str) -> Principal | None:
+        """The caller a key speaks for, or None. May run a ledger read (call off the loop)."""
+        found = self.known(key)
+        if found is not None:
+            return found
+        digest = hashlib.sha256(key.encode()).digest()
+        now = time.monotonic()
         stored = self._lookup(key)
         if stored is None:
             return None

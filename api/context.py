@@ -13,7 +13,9 @@ from psycopg_pool import ConnectionPool
 from api.auth import Authenticator
 from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
-from ledger import Ledger
+from ledger import Ledger, Submission
+from ledger.application import SubmitRequest
+from ledger.batching import Batcher
 
 
 @dataclass(frozen=True)
@@ -45,3 +47,8 @@ class ApiContext:
     )
     # Called once the background roles have stopped (closing the broker, …).
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Submissions of concurrent requests share a thread hop and a transaction.
+    submissions: Batcher[SubmitRequest, Submission] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.submissions = Batcher(self.ledger.submit_many)

@@ -53,7 +53,9 @@ async def authenticate(request: Request, role: Role) -> Principal:
             "send an API key: `Authorization: ApiKey <key>` or `X-API-Key: <key>`",
             headers=CHALLENGE,
         )
-    principal = await in_thread(request, lambda: ctx.authenticator.authenticate(key))
+    principal = ctx.authenticator.known(key) or await in_thread(
+        request, lambda: ctx.authenticator.authenticate(key)
+    )
     if principal is None:
         raise ApiProblem(
             401, "unauthorized", "the API key is not valid (unknown or revoked)", headers=CHALLENGE

@@ -26,6 +26,7 @@ from api.http import (
 )
 from api.schemas import CancelRequest, RetryRequest, TaskCreate, TaskPatch
 from ledger import Status, TaskState
+from ledger.application import SubmitRequest
 from ledger.keys import Role
 from projections.queries import list_tasks
 
@@ -102,9 +103,8 @@ async def submit_task(request: Request) -> Response:
             errors=[{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}],
         )
     ctx = context(request)
-    submission = await in_thread(
-        request,
-        lambda: ctx.ledger.submit(
+    submission = await ctx.submissions.run(
+        SubmitRequest(
             description=body.description,
             language=body.language,
             code=body.code or "",
@@ -114,7 +114,7 @@ async def submit_task(request: Request) -> Response:
             tenant=principal.tenant,
             submitted_by=principal.key_id,
             idempotency_key=key,
-        ),
+        )
     )
     task = submission.task
     request.state.task_id = str(task.id)

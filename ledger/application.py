@@ -15,20 +15,22 @@ import threading
 import typing
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+import psycopg
+from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
 from eventsourcing.persistence import (
     ApplicationRecorder,
     IntegrityError,
     Mapper,
     PersistenceError,
+    StoredEvent,
 )
-from eventsourcing.postgres import PostgresFactory
+from eventsourcing.postgres import PostgresAggregateRecorder, PostgresFactory
 from eventsourcing.utils import Environment, EnvType
 from psycopg.sql import SQL, Identifier
 
@@ -169,6 +171,34 @@ class TaskState:
 class Submission:
     task: TaskState
     created: bool  # False when an idempotency key matched an earlier identical submission
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What `Ledger.submit` takes, as a value (for submit_many)."""
+
+    description: str
+    language: str
+    code: str
+    tenant: str
+    submitted_by: str
+    data: JSONValue = None
+    ttl_seconds: float = 300
+    max_attempts: int = 3
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """A decision to take on one task (see Ledger.execute_many)."""
+
+    task_id: UUID
+    decide: Callable[[Task], Any]  # raises the rule's refusal, or appends events
+    fresh: bool = False  # read the task from the store even if this process holds it
+
+
+def _no_change(task: Task) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -316,35 +346,85 @@ class Ledger(Application[UUID]):
         the same request returns the existing task (created=False); a different request
         under the same key raises IdempotencyConflict.
         """
-        if idempotency_key is None:
-            task_id = uuid.uuid4()
-        else:
-            task_id = uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{tenant}\x00{idempotency_key}")
-        task = Task.submit(
-            task_id=task_id,
-            now=self.clock.now(),
-            description=description,
-            language=language,
-            code=code,
-            data=data,
-            ttl_seconds=ttl_seconds,
-            max_attempts=max_attempts,
-            tenant=tenant,
-            submitted_by=submitted_by,
-            idempotency_key=idempotency_key,
-            limits=self.limits,
+        outcome = self.submit_many(
+            [
+                SubmitRequest(
+                    description=description,
+                    language=language,
+                    code=code,
+                    data=data,
+                    ttl_seconds=ttl_seconds,
+                    max_attempts=max_attempts,
+                    tenant=tenant,
+                    submitted_by=submitted_by,
+                    idempotency_key=idempotency_key,
+                )
+            ]
+        )[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit_many(self, requests: Sequence[SubmitRequest]) -> list[Submission | Exception]:
+        """Accept many tasks in one transaction; each request gets its own outcome (a
+        Submission, or the exception `submit` would raise, returned)."""
+        results: list[Submission | Exception | None] = [None] * len(requests)
+        accepted: list[tuple[int, Task]] = []
+        now = self.clock.now()
+        for i, r in enumerate(requests):
+            if r.idempotency_key is None:
+                task_id = uuid.uuid4()
+            else:
+                task_id = uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{r.tenant}\x00{r.idempotency_key}")
+            try:
+                task = Task.submit(
+                    task_id=task_id,
+                    now=now,
+                    description=r.description,
+                    language=r.language,
+                    code=r.code,
+                    data=r.data,
+                    ttl_seconds=r.ttl_seconds,
+                    max_attempts=r.max_attempts,
+                    tenant=r.tenant,
+                    submitted_by=r.submitted_by,
+                    idempotency_key=r.idempotency_key,
+                    limits=self.limits,
+                )
+            except Exception as refused:  # noqa: BLE001 - this request's own outcome
+                results[i] = refused
+            else:
+                accepted.append((i, task))
+        pending = [task.collect_events() for _, task in accepted]
+        errors = self.group_commit.save_many(
+            [[self.mapper.to_stored_event(e) for e in events] for events in pending]
         )
-        try:
-            self._save(task)
-            self._keep_recent(task)
-        except IntegrityError:
-            if idempotency_key is None:
-                raise  # a uuid4 collision: not something to paper over
-            existing = self._load(task_id, tenant)
-            if existing.fingerprint != task.fingerprint:
-                raise IdempotencyConflict(task_id, idempotency_key) from None
-            return Submission(TaskState.of(existing), created=False)
-        return Submission(TaskState.of(task), created=True)
+        for (i, task), events, met in zip(accepted, pending, errors, strict=True):
+            if met is None:
+                self._log_transition(task, events)
+                self._keep_recent(task)
+                results[i] = Submission(TaskState.of(task), created=True)
+            elif isinstance(met, IntegrityError) and task.idempotency_key is not None:
+                try:
+                    results[i] = self._repeated_submission(task)
+                except Exception as outcome:  # noqa: BLE001 - this request's own outcome
+                    results[i] = outcome
+            elif isinstance(met, IntegrityError):
+                # A uuid4 collision: not something to paper over.
+                results[i] = LedgerUnavailable(f"task id {task.id} collided: {met}")
+            else:
+                results[i] = LedgerUnavailable(
+                    f"event store error: {met}; check that PostgreSQL is running and reachable"
+                )
+        return [r if r is not None else LedgerUnavailable("no outcome") for r in results]
+
+    def _repeated_submission(self, task: Task) -> Submission:
+        """The idempotency key of `task` is taken: the same request again, or not."""
+        assert task.idempotency_key is not None
+        existing = self._load(task.id, task.tenant)
+        if existing.fingerprint != task.fingerprint:
+            raise IdempotencyConflict(task.id, task.idempotency_key)
+        return Submission(TaskState.of(existing), created=False)
 
     def cancel(
         self, task_id: UUID, *, by: str, reason: str = "", tenant: str | None = None
@@ -382,30 +462,125 @@ class Ledger(Application[UUID]):
     # -- commands from workers and the reaper ----------------------------------------------------
 
     def start_attempt(self, task_id: UUID, attempt: int, worker_id: str) -> TaskState:
-        return self._execute(
-            task_id, None, lambda t: t.start_attempt(attempt, worker_id, self.clock.now())
-        )
+        return self.execute(self.start_command(task_id, attempt, worker_id))
 
     def complete_attempt(self, task_id: UUID, attempt: int, result: AttemptResult) -> TaskState:
-        return self._execute(
-            task_id, None, lambda t: t.complete_attempt(attempt, result, self.clock.now())
-        )
+        return self.execute(self.complete_command(task_id, attempt, result))
 
     def fail_attempt(
         self, task_id: UUID, attempt: int, error: AttemptError, *, retryable: bool
     ) -> TaskState:
-        return self._execute(
+        return self.execute(self.fail_command(task_id, attempt, error, retryable=retryable))
+
+    def expire(self, task_id: UUID, attempt: int, *, detected_by: str) -> TaskState:
+        return self.execute(self.expire_command(task_id, attempt, detected_by=detected_by))
+
+    # The same commands as values, for execute_many.
+
+    def read_command(self, task_id: UUID) -> Command:
+        """Changes nothing: reads the task from the store (and keeps it for the next
+        command, as `get(keep=True)`)."""
+        return Command(task_id, _no_change, fresh=True)
+
+    def start_command(self, task_id: UUID, attempt: int, worker_id: str) -> Command:
+        return Command(task_id, lambda t: t.start_attempt(attempt, worker_id, self.clock.now()))
+
+    def complete_command(self, task_id: UUID, attempt: int, result: AttemptResult) -> Command:
+        return Command(task_id, lambda t: t.complete_attempt(attempt, result, self.clock.now()))
+
+    def fail_command(
+        self, task_id: UUID, attempt: int, error: AttemptError, *, retryable: bool
+    ) -> Command:
+        return Command(
             task_id,
-            None,
             lambda t: t.fail_attempt(
                 attempt, error, retryable=retryable, now=self.clock.now(), policy=self.retry_policy
             ),
         )
 
-    def expire(self, task_id: UUID, attempt: int, *, detected_by: str) -> TaskState:
-        return self._execute(
-            task_id, None, lambda t: t.expire(attempt, detected_by, self.clock.now())
+    def expire_command(self, task_id: UUID, attempt: int, *, detected_by: str) -> Command:
+        return Command(task_id, lambda t: t.expire(attempt, detected_by, self.clock.now()))
+
+    def execute(self, command: Command) -> TaskState:
+        return self._execute(command.task_id, None, command.decide)
+
+    def execute_many(self, commands: Sequence[Command]) -> list[TaskState | Exception]:
+        """Run commands on many tasks at once: one read for the tasks this process does
+        not hold, one transaction for all their events. Each command gets the outcome
+        `execute` would give it: its task's new state, or the exception it would raise
+        (returned, not raised). Anything the batch cannot decide safely (a second
+        command on the same task, a stale copy, a lost version race) is run on its own
+        afterwards, as `execute` would.
+        """
+        results: list[TaskState | Exception | None] = [None] * len(commands)
+        alone: list[int] = []
+        held: dict[int, tuple[Task, bool]] = {}  # index -> (task, read from the store)
+        to_read: list[int] = []
+        seen: set[UUID] = set()
+        for i, command in enumerate(commands):
+            if command.task_id in seen:
+                alone.append(i)
+                continue
+            seen.add(command.task_id)
+            copy = None if command.fresh else self._take_recent(command.task_id)
+            if copy is None:
+                to_read.append(i)
+            else:
+                held[i] = (copy, False)
+        if to_read:
+            try:
+                loaded = self._load_many([commands[i].task_id for i in to_read])
+            except LedgerUnavailable as error:
+                for i in to_read:
+                    results[i] = LedgerUnavailable(str(error))
+                loaded = {}
+            for i in to_read:
+                task = loaded.get(commands[i].task_id)
+                if task is not None:
+                    held[i] = (task, True)
+                elif results[i] is None:
+                    results[i] = TaskNotFound(commands[i].task_id)
+        deciding: list[int] = []
+        for i, (task, trusted) in held.items():
+            try:
+                commands[i].decide(task)
+            except Exception as refused:  # noqa: BLE001 - the command's own outcome
+                if trusted:
+                    results[i] = refused
+                else:
+                    alone.append(i)
+                continue
+            if task.pending_events:
+                deciding.append(i)
+            elif trusted:
+                self._keep_recent(task)
+                results[i] = TaskState.of(task)
+            else:
+                alone.append(i)
+        pending = {i: held[i][0].collect_events() for i in deciding}
+        errors = self.group_commit.save_many(
+            [[self.mapper.to_stored_event(e) for e in pending[i]] for i in deciding]
         )
+        for i, met in zip(deciding, errors, strict=True):
+            task, trusted = held[i]
+            if met is None:
+                self._log_transition(task, pending[i])
+                self._keep_recent(task)
+                self.recent_hits += not trusted
+                results[i] = TaskState.of(task)
+            elif isinstance(met, IntegrityError):
+                self.version_conflicts += trusted
+                alone.append(i)
+            else:
+                results[i] = LedgerUnavailable(
+                    f"event store error: {met}; check that PostgreSQL is running and reachable"
+                )
+        for i in sorted(alone):
+            try:
+                results[i] = self.execute(commands[i])
+            except Exception as outcome:  # noqa: BLE001 - the command's own outcome
+                results[i] = outcome
+        return [r if r is not None else LedgerUnavailable("no outcome") for r in results]
 
     # -- API keys ---------------------------------------------------------------------------------
 
@@ -458,23 +633,62 @@ class Ledger(Application[UUID]):
             raise TaskNotFound(task_id)
         return task
 
+    def _load_many(self, task_ids: Sequence[UUID]) -> dict[UUID, Task]:
+        """Tasks by id, read in one query (absent ids and other streams left out)."""
+        recorder = self.recorder
+        if not isinstance(recorder, PostgresAggregateRecorder):
+            found: dict[UUID, Task] = {}
+            for task_id in task_ids:
+                with contextlib.suppress(TaskNotFound):
+                    found[task_id] = self._load(task_id, None)
+            return found
+        statement = SQL(
+            "SELECT originator_id, originator_version, topic, state FROM {}.{}"
+            " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
+        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
+        try:
+            with _store_errors(), recorder.datastore.get_connection() as conn:
+                rows = conn.execute(statement, (list(task_ids),), prepare=True).fetchall()
+        except psycopg.Error as error:
+            raise LedgerUnavailable(
+                f"event store error: {error}; check that PostgreSQL is running and reachable"
+            ) from None
+        streams: dict[UUID, list[Any]] = {}
+        for row in rows:
+            stored = StoredEvent(
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+            stream = typing.cast(UUID, stored.originator_id)  # a uuid column
+            streams.setdefault(stream, []).append(self.mapper.to_domain_event(stored))
+        tasks: dict[UUID, Task] = {}
+        for task_id, events in streams.items():
+            task = project_aggregate(None, events)
+            if isinstance(task, Task):
+                tasks[task_id] = task
+        return tasks
+
     def _save(self, aggregate: Task | ApiKey) -> None:
         pending = aggregate.collect_events()
-        events = [type(e).__name__ for e in pending]
         with _store_errors():
             self.group_commit.save([self.mapper.to_stored_event(e) for e in pending])
         if isinstance(aggregate, Task):
-            # One line per transition, for whoever follows a task through the logs.
-            log.info(
-                "task transition",
-                extra={
-                    "task_id": str(aggregate.id),
-                    "attempt": aggregate.current.number,
-                    "events": events,
-                    "status": str(aggregate.status),
-                    "version": aggregate.version,
-                },
-            )
+            self._log_transition(aggregate, pending)
+
+    def _log_transition(self, task: Task, events: Sequence[object]) -> None:
+        # One line per transition, for whoever follows a task through the logs.
+        log.info(
+            "task transition",
+            extra={
+                "task_id": str(task.id),
+                "attempt": task.current.number,
+                "events": [type(e).__name__ for e in events],
+                "status": str(task.status),
+                "version": task.version,
+            },
+        )
 
     def _execute(
         self, task_id: UUID, tenant: str | None, decide: Callable[[Task], Any]

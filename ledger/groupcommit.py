@@ -52,23 +52,29 @@ class GroupCommit:
     def save(self, events: Sequence[StoredEvent]) -> None:
         """Write `events` (one aggregate's, or several that must commit together)
         atomically; raises IntegrityError when one of them is stale."""
-        if not events:
-            return
-        write = _Write(events)
-        with self._lock:
-            self._queue.append(write)
-            lead = not self._writing
+        (error,) = self.save_many([events])
+        if error is not None:
+            raise _fresh(error)
+
+    def save_many(self, writes: Sequence[Sequence[StoredEvent]]) -> list[BaseException | None]:
+        """Write each of `writes` atomically, all in as few transactions as fit; what
+        each write met: None when stored, else its error (IntegrityError: stale)."""
+        queued = [_Write(events) for events in writes if events]
+        if queued:
+            with self._lock:
+                self._queue.extend(queued)
+                lead = not self._writing
+                if lead:
+                    self._writing = True
             if lead:
-                self._writing = True
-        if not lead:
-            write.wake.wait()
-            if not write.done:  # promoted: the previous writer finished, we write next
-                assert write.lead
                 self._lead()
-        else:
-            self._lead()
-        if write.error is not None:
-            raise _fresh(write.error)
+            for write in queued:  # in queue order: each is written, or promoted to lead
+                if not write.done:
+                    write.wake.wait()
+                    if not write.done:
+                        self._lead()
+        results = iter(queued)
+        return [next(results).error if events else None for events in writes]
 
     def _lead(self) -> None:
         """Write one batch from the head of the queue, then hand over."""

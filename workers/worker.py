@@ -18,12 +18,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
-from typing import TypeVar
-
-import anyio.to_thread
+from collections.abc import Mapping
 
 from ledger import AttemptError, Ledger, TaskState
+from ledger.application import Command
+from ledger.batching import Batcher
 from ledger.errors import (
     AttemptAlreadyStarted,
     DeadlinePassed,
@@ -36,8 +35,6 @@ from workers.executors.base import Executor, RunOutcome, RunRequest
 from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def default_worker_id() -> str:
@@ -56,7 +53,6 @@ class Worker:
         worker_id: str | None = None,
         grace_seconds: float = 30.0,
         metrics: WorkerMetrics | None = None,
-        ledger_threads: int = 15,
     ) -> None:
         self.ledger = ledger
         self.broker = broker
@@ -75,7 +71,7 @@ class Worker:
         # started yet, and echo commands need none; with many in flight, their ledger
         # writes share transactions (group commit).
         self.prefetch = prefetch or max(32, concurrency * 4)
-        self._limiter = anyio.CapacityLimiter(ledger_threads)
+        self._batcher: Batcher[Command, TaskState] = Batcher(ledger.execute_many)
         self.metrics = metrics or WorkerMetrics()
         self.metrics.worker_started(self.worker_id, concurrency, lambda: self.busy)
 
@@ -109,6 +105,7 @@ class Worker:
             for child in children:
                 child.cancel()
             await asyncio.gather(*children, return_exceptions=True)
+            await self._batcher.close()
             for executor in {id(e): e for e in self.executors.values()}.values():
                 await executor.close()
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
@@ -133,8 +130,8 @@ class Worker:
                 log.warning("cancel listener failed; retrying", extra={"error": str(error)})
                 await asyncio.sleep(1)
 
-    async def _ledger(self, call: Callable[[], T]) -> T:
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+    async def _ledger(self, command: Command) -> TaskState:
+        return await self._batcher.run(command)
 
     async def _handle(self, delivery: Delivery) -> None:
         command = delivery.command
@@ -175,7 +172,7 @@ class Worker:
         follows begins from this copy."""
         task_id = delivery.command.task_id
         try:
-            task = await self._ledger(lambda: self.ledger.get(task_id, keep=True))
+            task = await self._ledger(self.ledger.read_command(task_id))
         except TaskNotFound:
             return None
         return self.executors.get(task.language)
@@ -186,16 +183,14 @@ class Worker:
         task_id, attempt = command.task_id, command.attempt
         context = {"task_id": str(task_id), "attempt": attempt}
         try:
-            task = await self._ledger(
-                lambda: self.ledger.start_attempt(task_id, attempt, self.worker_id)
-            )
+            task = await self._ledger(self.ledger.start_command(task_id, attempt, self.worker_id))
             self.metrics.attempt_started(task)
             return task
         except AttemptAlreadyStarted:
             if delivery.redelivered:
                 # The worker that started it held this message and lost its channel.
                 await self._settle(
-                    lambda: self.ledger.fail_attempt(
+                    self.ledger.fail_command(
                         task_id,
                         attempt,
                         AttemptError(
@@ -211,7 +206,7 @@ class Worker:
                 log.info("duplicate command for a started attempt; dropped", extra=context)
         except DeadlinePassed:
             await self._settle(
-                lambda: self.ledger.expire(task_id, attempt, detected_by="worker"), context
+                self.ledger.expire_command(task_id, attempt, detected_by="worker"), context
             )
         except (TransitionRefused, TaskNotFound) as refused:
             log.info("stale command dropped", extra={**context, "reason": str(refused)})
@@ -256,29 +251,25 @@ class Worker:
         if outcome.kind == "completed":
             assert outcome.result is not None
             result = outcome.result
-            await self._settle(
-                lambda: self.ledger.complete_attempt(task_id, attempt, result), context
-            )
+            await self._settle(self.ledger.complete_command(task_id, attempt, result), context)
         elif outcome.kind == "failed":
             assert outcome.error is not None
             error = outcome.error
             await self._settle(
-                lambda: self.ledger.fail_attempt(
-                    task_id, attempt, error, retryable=outcome.retryable
-                ),
+                self.ledger.fail_command(task_id, attempt, error, retryable=outcome.retryable),
                 context,
             )
         elif outcome.kind == "expired":
             await self._settle(
-                lambda: self.ledger.expire(task_id, attempt, detected_by="worker"), context
+                self.ledger.expire_command(task_id, attempt, detected_by="worker"), context
             )
         # "cancelled": the TaskCancelled event is already there; nothing to add.
         log.info("attempt finished", extra=context)
 
-    async def _settle(self, call: Callable[[], TaskState], context: dict[str, object]) -> None:
+    async def _settle(self, command: Command, context: dict[str, object]) -> None:
         """Record an outcome; if the rules refuse it, someone else recorded one first."""
         try:
-            self.metrics.outcome_recorded(await self._ledger(call))
+            self.metrics.outcome_recorded(await self._ledger(command))
         except TransitionRefused as refused:
             log.info(
                 "outcome not recorded: another came first",

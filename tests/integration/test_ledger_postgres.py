@@ -248,3 +248,97 @@ def test_the_next_command_on_a_task_this_process_saved_reads_nothing_back(
     ledger.complete_attempt(task_id, 1, AttemptResult("6\n", "", 0, 1.0))
     assert ledger.recent_hits == hits + 2
     assert [e.type for e in ledger.history(task_id)][-2:] == ["AttemptStarted", "AttemptCompleted"]
+
+
+def test_execute_many_reads_decides_and_saves_many_tasks_each_with_its_own_outcome(
+    store_env: dict[str, str], clock: ManualClock
+) -> None:
+    writer = Ledger(store_env, clock=clock)
+    worker = Ledger(store_env, clock=clock)  # another process: holds none of the tasks
+    try:
+        ids = [writer.submit(**TASK).task.id for _ in range(20)]
+        missing = uuid.uuid4()
+        commands = [worker.start_command(t, 1, "w") for t in ids]
+        commands.append(worker.start_command(missing, 1, "w"))
+        commands.append(worker.start_command(ids[0], 2, "w"))  # second on one task: alone
+        commands.append(worker.complete_command(ids[1], 1, AttemptResult("x", "", 0, 1.0)))
+        transactions = worker.group_commit.transactions
+        outcomes = worker.execute_many(commands)
+
+        started = outcomes[:20]
+        assert all(not isinstance(s, Exception) and s.status is Status.IN_PROGRESS for s in started)
+        assert worker.group_commit.transactions == transactions + 1 + 1  # the batch, ids[1]
+        assert isinstance(outcomes[20], TaskNotFound)
+        assert isinstance(outcomes[21], AttemptNotCurrent)
+        completed = outcomes[22]
+        assert not isinstance(completed, Exception)
+        assert completed.status is Status.COMPLETED
+        assert [e.type for e in writer.history(ids[1])][-2:] == [
+            "AttemptStarted",
+            "AttemptCompleted",
+        ]
+    finally:
+        writer.close()
+        worker.close()
+
+
+def test_execute_many_never_lets_a_stale_copy_decide(
+    store_env: dict[str, str], clock: ManualClock
+) -> None:
+    a = Ledger(store_env, clock=clock)
+    b = Ledger(store_env, clock=clock)
+    try:
+        ids = [a.submit(**TASK).task.id for _ in range(3)]
+        b.cancel(ids[1], by="operator")  # a still holds ids[1] as Pending
+        outcomes = a.execute_many([a.start_command(t, 1, "w") for t in ids])
+        assert isinstance(outcomes[1], TaskIsTerminal)
+        assert [getattr(o, "status", None) for o in (outcomes[0], outcomes[2])] == [
+            Status.IN_PROGRESS,
+            Status.IN_PROGRESS,
+        ]
+        assert a.get(ids[1]).status is Status.CANCELLED
+    finally:
+        a.close()
+        b.close()
+
+
+def test_racing_batches_record_exactly_one_outcome_per_attempt(
+    store_env: dict[str, str], clock: ManualClock
+) -> None:
+    """Two processes settle the same 60 running attempts at once, in batches: one
+    completes them, the other expires them. Each attempt ends once, by one of them."""
+    import threading
+
+    setup = Ledger(store_env, clock=clock)
+    ids = [setup.submit(**TASK).task.id for _ in range(60)]
+    for task_id in ids:
+        setup.start_attempt(task_id, 1, "w")
+    clock.advance(31)  # past the deadline: both outcomes are allowed
+    racers = [Ledger(store_env, clock=clock) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    outcomes: list[list[Any]] = [[], []]
+
+    def race(index: int) -> None:
+        ledger = racers[index]
+        if index == 0:
+            commands = [ledger.complete_command(t, 1, AttemptResult("ok", "", 0, 1.0)) for t in ids]
+        else:
+            commands = [ledger.expire_command(t, 1, detected_by="reaper") for t in ids]
+        barrier.wait()
+        for start in range(0, len(commands), 10):
+            outcomes[index] += ledger.execute_many(commands[start : start + 10])
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        for position, task_id in enumerate(ids):
+            won = [not isinstance(o[position], Exception) for o in outcomes]
+            assert won.count(True) == 1, (task_id, outcomes[0][position], outcomes[1][position])
+            types = [e.type for e in setup.history(task_id)]
+            assert types.count("AttemptCompleted") + types.count("TaskExpired") == 1
+    finally:
+        for ledger in (setup, *racers):
+            ledger.close()
