@@ -1,0 +1,203 @@
+"""Live projection lag of a running taskledger, observed from outside its processes.
+
+``python -m bench.lag_monitor --database-url URL --schema S --out FILE`` runs until
+SIGTERM or SIGINT, then writes its samples to FILE as JSON. It LISTENs on the ledger's
+insert channel and on the projections' channel (the runners NOTIFY after each batch
+commits), and on every wake-up (or every ``POLL`` seconds without one) takes one snapshot
+in one statement: the log's head (``max(notification_id)``) and each current projection's
+tracking position, with the monotonic time (the midpoint of the statement). It runs in a
+process of its own so the benchmark's client does not delay its clock readings.
+
+A projection's lag for a head the monitor saw is the time from the first snapshot showing
+that head to the first snapshot showing the projection's position at or past it. Both ends
+are read by the same instrument, so its delays mostly cancel; the resolution is the gap
+between snapshots (reported). Heads are counted once each, however many events they
+brought: a busy log is sampled more often, never weighted by batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from bench._processes import ManagedProcess
+from ledger.application import EVENTS_CHANNEL, EVENTS_TABLE
+from projections.runner import PROJECTION_CHANNEL
+
+POLL = 0.05  # seconds without a notification before a snapshot anyway
+DRAIN = 0.0005  # after a wake-up, collect notifications arriving this soon (one snapshot)
+
+Sample = tuple[float, int, dict[str, int]]
+
+
+def _snapshot_query(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "SELECT (SELECT coalesce(max(notification_id), 0) FROM {events}),"
+        " (SELECT coalesce(json_object_agg(c.projection, t.position), '{{}}'::json)"
+        "  FROM {current} c JOIN {tracking} t"
+        "  ON t.projection = c.projection AND t.generation = c.generation)"
+    ).format(
+        events=sql.Identifier(schema, EVENTS_TABLE),
+        current=sql.Identifier(schema, "projection_current"),
+        tracking=sql.Identifier(schema, "projection_tracking"),
+    )
+
+
+def monitor(url: str, schema: str, out: Path) -> None:
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    samples: list[Sample] = []
+    query = _snapshot_query(schema)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for channel in (EVENTS_CHANNEL, PROJECTION_CHANNEL):
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        print("lag monitor: listening", file=sys.stderr, flush=True)
+        last: tuple[int, dict[str, int]] | None = None
+        while not stopping:
+            for _ in conn.notifies(timeout=POLL, stop_after=1):
+                pass
+            for _ in conn.notifies(timeout=DRAIN):
+                pass
+            before = time.monotonic()
+            row = conn.execute(query, prepare=True).fetchone()
+            after = time.monotonic()
+            if row is None:
+                continue
+            head, positions = int(row[0]), {str(k): int(v) for k, v in dict(row[1]).items()}
+            if last is None or (head, positions) != last:
+                samples.append(((before + after) / 2, head, positions))
+                last = (head, positions)
+    out.write_text(json.dumps({"samples": samples}))
+
+
+@dataclass
+class LagResult:
+    lags_ms: dict[str, list[float]]  # projection -> one lag per head advance
+    missing: dict[str, int]  # head advances the projection never reached while watched
+    resolution_ms: float | None  # median gap between snapshots while the head moved
+    heads: int
+
+
+def lags(samples: Sequence[Sample]) -> LagResult:
+    """Per projection, the lag of every head advance after the first snapshot."""
+    if not samples:
+        return LagResult({}, {}, None, 0)
+    names = sorted({name for _, _, positions in samples for name in positions})
+    advances: list[tuple[float, int]] = []
+    previous_head = samples[0][1]
+    for t, head, _ in samples[1:]:
+        if head > previous_head:
+            advances.append((t, head))
+            previous_head = head
+    result: dict[str, list[float]] = {}
+    missing: dict[str, int] = {}
+    for name in names:
+        reached = [(t, positions.get(name, 0)) for t, _, positions in samples]
+        values: list[float] = []
+        lost = 0
+        index = 0
+        for t, head in advances:  # heads and positions only grow: one forward scan
+            while index < len(reached) and (reached[index][1] < head or reached[index][0] < t):
+                index += 1
+            if index == len(reached):
+                lost += 1
+                continue
+            values.append(max(0.0, (reached[index][0] - t) * 1000))
+        result[name] = values
+        missing[name] = lost
+    resolution = None
+    if len(advances) > 1:
+        first, last = advances[0][0], advances[-1][0]
+        times = [t for t, _, _ in samples if first <= t <= last]
+        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(times)]
+        resolution = statistics.median(gaps) if gaps else None
+    return LagResult(result, missing, resolution, len(advances))
+
+
+class LagMonitor:
+    """The monitor as a subprocess of the benchmark (`with LagMonitor(...) as m: ...`,
+    then `m.result()`)."""
+
+    def __init__(self, url: str, schema: str, workdir: Path, env: dict[str, str]) -> None:
+        self.out = workdir / "lag-samples.json"
+        self.out.unlink(missing_ok=True)
+        self.process = ManagedProcess(
+            "lag-monitor",
+            [
+                sys.executable,
+                "-m",
+                "bench.lag_monitor",
+                "--database-url",
+                url,
+                "--schema",
+                schema,
+                "--out",
+                str(self.out),
+            ],
+            env,
+            workdir,
+            cwd=Path(__file__).resolve().parent.parent,
+            stop_timeout=10,
+        )
+
+    def __enter__(self) -> LagMonitor:
+        self.process.start()
+        # Its first snapshot means it is listening.
+        deadline = time.monotonic() + 15
+        while not self.out.exists() and time.monotonic() < deadline:
+            if not self.process.alive():
+                raise RuntimeError("the lag monitor exited\n" + self.process.output_tail())
+            if self._listening():
+                break
+            time.sleep(0.05)
+        return self
+
+    def _listening(self) -> bool:
+        return "listening" in self.process.stderr_path.read_text(errors="replace")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
+
+    def result(self) -> LagResult:
+        self.process.stop()
+        if not self.out.exists():
+            raise RuntimeError("the lag monitor wrote nothing\n" + self.process.output_tail())
+        data: dict[str, Any] = json.loads(self.out.read_text())
+        samples = [
+            (float(t), int(h), {str(k): int(v) for k, v in p.items()})
+            for t, h, p in data["samples"]
+        ]
+        return lags(samples)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.lag_monitor", description=__doc__)
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--schema", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    monitor(args.database_url, args.schema, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

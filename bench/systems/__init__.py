@@ -1,0 +1,86 @@
+"""The systems the comparison runs: the same small interface for taskledger and Celery.
+
+Each system starts its own processes against the services of the run (a fresh database,
+a namespace of its own in RabbitMQ), runs one scenario per call and returns raw figures;
+``bench.compare`` alternates the systems, summarises and judges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+NOOP_CODE = "print(sum(range(1000)))"  # scenario 3's program (both systems)
+LOOP_CODE = "while True:\n    pass\n"  # scenario 5's program
+
+
+@dataclass
+class Batch:
+    """Tasks submitted as fast as the client can, then waited for until all ended."""
+
+    tasks: int  # submitted
+    completed: int  # ended as expected (Completed / SUCCESS)
+    submit_s: float  # first submit sent .. last submit answered
+    total_s: float  # first submit sent .. the last task's end as the system recorded it
+    observed_s: float  # first submit sent .. the client saw every task ended
+    run_ms: list[float] = field(default_factory=list)  # per task: the program's run
+    worker_ms: list[float] = field(default_factory=list)  # per task: start .. end on the worker
+    lag_ms: dict[str, list[float]] = field(default_factory=dict)  # projection -> live lags
+    lag_resolution_ms: float | None = None  # median gap between the lag monitor's samples
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class RoundTrip:
+    """One submit-and-wait, with what the system recorded about the run."""
+
+    rtt_ms: float  # submit sent .. terminal state received by the client
+    ok: bool
+    run_ms: float | None = None  # the program's process (the executor's own measure)
+    worker_ms: float | None = None  # start .. end of the task on the worker
+    legs_ms: dict[str, float] = field(default_factory=dict)  # where the time went, if known
+
+
+@dataclass
+class Expiry:
+    """One task past its time limit: how late the system recorded its end."""
+
+    lateness_ms: float | None  # recorded end - deadline (None: it did not expire)
+    detected_by: str  # "worker", "reaper", or the system's own word
+    status: str
+
+
+class System(Protocol):
+    name: str
+
+    def start(self) -> None:
+        """Start the processes; return once a first task has made the round trip."""
+        ...
+
+    def ensure_running(self) -> list[str]:
+        """Restart whatever process died (after a failed scenario); what was restarted."""
+        ...
+
+    def close(self) -> None: ...
+
+    def facts(self) -> dict[str, Any]:
+        """How this system is run (processes, concurrency, versions), for the report."""
+        ...
+
+    def noop_batch(self, tasks: int) -> Batch: ...
+
+    def round_trips(self, count: int) -> list[RoundTrip]: ...
+
+    def python_batch(self, tasks: int, code: str) -> Batch: ...
+
+    def csharp_round_trips(self, sources: Sequence[str]) -> list[RoundTrip]: ...
+
+    def expire_on_worker(self, tasks: int, ttl_seconds: float) -> list[Expiry]:
+        """Tasks that loop forever, never more at once than the worker runs: each one is
+        running on a worker when its limit passes."""
+        ...
