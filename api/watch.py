@@ -81,6 +81,9 @@ class TaskWatcher:
             )
             row = await cur.fetchone()
             last = int(row[0]) if row else 0
+            # A change stored before `last` was read (while this connection was being
+            # made) would never wake its waiter: they all reread once.
+            self._wake_all()
             while True:
                 if self._waiters:
                     cur = await conn.execute(

@@ -179,6 +179,21 @@ async def test_long_poll_returns_when_the_task_finishes(api: Api) -> None:
     assert loop.time() - started < 25, "the wait ended by the task finishing, not the timeout"
 
 
+async def test_a_change_made_while_the_watcher_connects_still_wakes_its_waiter(
+    api: Api,
+) -> None:
+    """The first waiter starts the watcher; the task finishes before the watcher has
+    read where the log ends, so that change is below its starting point."""
+    task = await submit(api)
+    task_id = uuid.UUID(task["id"])
+    ledger = api.context.ledger
+    with api.context.watcher.subscribe(task_id) as changed:
+        # No await between subscribing and finishing: the watcher has not run yet.
+        ledger.start_attempt(task_id, 1, "w1")
+        ledger.complete_attempt(task_id, 1, AttemptResult())
+        await asyncio.wait_for(changed.wait(), 5)
+
+
 async def test_long_poll_times_out_with_the_current_state(api: Api) -> None:
     task = await submit(api)
     response = await api.client.get(
