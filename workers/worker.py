@@ -20,9 +20,10 @@ import socket
 import time
 from collections.abc import Mapping
 
-from ledger import AttemptError, Ledger, TaskState
+from ledger import AttemptError, Ledger, Status, TaskState
 from ledger.application import Command
 from ledger.batching import Batcher
+from ledger.domain import Task
 from ledger.errors import (
     AttemptAlreadyStarted,
     DeadlinePassed,
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class _Started:
+    value = False
 
 
 class Worker:
@@ -138,10 +143,13 @@ class Worker:
         context = {"task_id": str(command.task_id), "attempt": command.attempt}
         slot: int | None = None
         try:
-            executor = await self._executor_for(delivery)
-            if executor is not None and executor.needs_slot:
+            # One round trip reads the task and, when it needs no sandbox slot (echo, an
+            # unknown language that fails at once), starts it too.
+            started = _Started()
+            task = await self._start(delivery, self._start_unless_slot(delivery, started))
+            if task is not None and not started.value:
                 slot = await self._slots.get()  # started only once it can run
-            task = await self._start(delivery)
+                task = await self._start(delivery, self._start_command(delivery))
             if task is None:
                 await delivery.ack()
                 return
@@ -166,25 +174,36 @@ class Worker:
             if slot is not None:
                 self._slots.put_nowait(slot)
 
-    async def _executor_for(self, delivery: Delivery) -> Executor | None:
-        """The executor of the command's task (None: unknown task or language; _start
-        and _run say why). Reading the task here costs no extra read: the start that
-        follows begins from this copy."""
-        task_id = delivery.command.task_id
-        try:
-            task = await self._ledger(self.ledger.read_command(task_id))
-        except TaskNotFound:
-            return None
-        return self.executors.get(task.language)
+    def _needs_slot(self, language: str) -> bool:
+        executor = self.executors.get(language)
+        return executor is not None and executor.needs_slot
 
-    async def _start(self, delivery: Delivery) -> TaskState | None:
-        """AttemptStarted by us, or None when the command is not ours to run."""
+    def _start_command(self, delivery: Delivery) -> Command:
+        command = delivery.command
+        return self.ledger.start_command(command.task_id, command.attempt, self.worker_id)
+
+    def _start_unless_slot(self, delivery: Delivery, started: _Started) -> Command:
+        """Read the task from the store; start it unless it must wait for a slot."""
+        start = self._start_command(delivery).decide
+
+        def decide(task: Task) -> None:
+            started.value = False  # a decision taken again (stale copy, lost race) resets
+            if not self._needs_slot(task.language):
+                start(task)
+                started.value = True
+
+        return Command(delivery.command.task_id, decide, fresh=True)
+
+    async def _start(self, delivery: Delivery, start: Command) -> TaskState | None:
+        """The task once `start` ran (AttemptStarted by us, if it started it), or None
+        when the command is not ours to run."""
         command = delivery.command
         task_id, attempt = command.task_id, command.attempt
         context = {"task_id": str(task_id), "attempt": attempt}
         try:
-            task = await self._ledger(self.ledger.start_command(task_id, attempt, self.worker_id))
-            self.metrics.attempt_started(task)
+            task = await self._ledger(start)
+            if task.status is Status.IN_PROGRESS and task.worker_id == self.worker_id:
+                self.metrics.attempt_started(task)
             return task
         except AttemptAlreadyStarted:
             if delivery.redelivered:
