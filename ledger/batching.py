@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
@@ -44,7 +45,9 @@ class Batcher(Generic[In, Out]):
         future: asyncio.Future[Out | Exception] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._round is None or self._round.done():
-            self._round = asyncio.create_task(self._rounds())
+            # A fresh context: the round serves many callers, not the first one's log
+            # context (which task, which request).
+            self._round = asyncio.create_task(self._rounds(), context=contextvars.Context())
         outcome = await future
         if isinstance(outcome, Exception):
             raise outcome

@@ -15,7 +15,12 @@ from typing import Any, TextIO
 import orjson
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "_taskledger_json",  # JsonFormatter's own cache
+}
 
 # Never mutated, only replaced (log_context sets a new dict), so one shared default is safe.
 _context: ContextVar[dict[str, Any]] = ContextVar("taskledger_log_context", default={})  # noqa: B039
@@ -37,6 +42,14 @@ def log_context(**fields: Any) -> Iterator[None]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # Formatted once per record, however many handlers (stdout, the daily file) ask.
+        cached: str | None = record.__dict__.get("_taskledger_json")
+        if cached is None:
+            cached = self._format(record)
+            record.__dict__["_taskledger_json"] = cached
+        return cached
+
+    def _format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname.lower(),

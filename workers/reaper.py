@@ -139,7 +139,7 @@ class Reaper:
         except LedgerError as error:
             log.warning(
                 "reaper could not expire a task",
-                extra={"task_id": str(task_id), "error": str(error)},
+                extra={"task_id": str(task_id), "attempt": attempt, "error": str(error)},
             )
             return
         self.expired += 1

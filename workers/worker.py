@@ -31,6 +31,7 @@ from ledger.errors import (
     TaskNotFound,
     TransitionRefused,
 )
+from taskledger.logs import log_context
 from workers.broker import Broker, Delivery
 from workers.executors.base import Executor, RunOutcome, RunRequest
 from workers.metrics import WorkerMetrics
@@ -67,7 +68,8 @@ class Worker:
         self.grace_seconds = grace_seconds
         self.busy = 0
         self.handled = 0
-        self._running: dict[str, asyncio.Event] = {}  # task id -> its cancel event
+        # task id -> its cancel event and attempt
+        self._running: dict[str, tuple[asyncio.Event, int]] = {}
         self._shutting_down = False
         self._slots: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(concurrency):
@@ -101,7 +103,7 @@ class Worker:
                 _, pending = await asyncio.wait(handlers, timeout=self.grace_seconds)
                 if pending:
                     self._shutting_down = True
-                    for event in self._running.values():
+                    for event, _ in self._running.values():
                         event.set()
                     await asyncio.wait(pending)
         finally:
@@ -125,9 +127,13 @@ class Worker:
         while True:
             try:
                 async for task_id in self.broker.cancels():
-                    event = self._running.get(str(task_id))
-                    if event is not None:
-                        log.info("cancelling a running attempt", extra={"task_id": str(task_id)})
+                    running = self._running.get(str(task_id))
+                    if running is not None:
+                        event, attempt = running
+                        log.info(
+                            "cancelling a running attempt",
+                            extra={"task_id": str(task_id), "attempt": attempt},
+                        )
                         event.set()
             except asyncio.CancelledError:
                 raise
@@ -141,12 +147,16 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         command = delivery.command
         context = {"task_id": str(command.task_id), "attempt": command.attempt}
+        with log_context(**context):  # the sandbox's lines, too, say which attempt
+            await self._handle_in_context(delivery, context)
+
+    async def _handle_in_context(self, delivery: Delivery, context: dict[str, object]) -> None:
         slot: int | None = None
         try:
             # One round trip reads the task and, when it needs no sandbox slot (echo, an
             # unknown language that fails at once), starts it too.
             started = _Started()
-            task = await self._start(delivery, self._start_unless_slot(delivery, started))
+            task = await self._start(delivery, self._start_unless_slot(delivery, started), started)
             if task is not None and not started.value:
                 slot = await self._slots.get()  # started only once it can run
                 task = await self._start(delivery, self._start_command(delivery))
@@ -185,24 +195,29 @@ class Worker:
     def _start_unless_slot(self, delivery: Delivery, started: _Started) -> Command:
         """Read the task from the store; start it unless it must wait for a slot."""
         start = self._start_command(delivery).decide
+        attempt = delivery.command.attempt
 
         def decide(task: Task) -> None:
             started.value = False  # a decision taken again (stale copy, lost race) resets
-            if not self._needs_slot(task.language):
-                start(task)
-                started.value = True
+            runnable = task.status is Status.PENDING and task.current.number == attempt
+            if runnable and self._needs_slot(task.language):
+                return  # to be started once a slot is free
+            start(task)  # refused at once when not runnable: no slot is waited for
+            started.value = True
 
         return Command(delivery.command.task_id, decide, fresh=True)
 
-    async def _start(self, delivery: Delivery, start: Command) -> TaskState | None:
-        """The task once `start` ran (AttemptStarted by us, if it started it), or None
-        when the command is not ours to run."""
+    async def _start(
+        self, delivery: Delivery, start: Command, started: _Started | None = None
+    ) -> TaskState | None:
+        """The task once `start` ran, or None when the command is not ours to run.
+        `start` appends AttemptStarted, or, with `started`, may (and says so there)."""
         command = delivery.command
         task_id, attempt = command.task_id, command.attempt
         context = {"task_id": str(task_id), "attempt": attempt}
         try:
             task = await self._ledger(start)
-            if task.status is Status.IN_PROGRESS and task.worker_id == self.worker_id:
+            if started is None or started.value:
                 self.metrics.attempt_started(task)
             return task
         except AttemptAlreadyStarted:
@@ -246,7 +261,7 @@ class Worker:
             raise RuntimeError(f"{task.language} needs a sandbox slot and none was taken")
         cancelled = asyncio.Event()
         key = str(task.id)
-        self._running[key] = cancelled
+        self._running[key] = (cancelled, task.attempt)
         if slot is not None:
             self.busy += 1
         started = time.perf_counter()
