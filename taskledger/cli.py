@@ -22,6 +22,16 @@ from workers.metrics import serving
 log = logging.getLogger("taskledger")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskledger",
@@ -44,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "and an API key (generated and kept in the data directory when none is configured).",
     )
     _serve_options(dev)
-    dev.add_argument("--concurrency", type=int, default=2, help="attempts run at once")
+    dev.add_argument("--concurrency", type=_positive, default=2, help="attempts run at once")
     api = commands.add_parser("api", help="run the API and the singleton roles")
     _serve_options(api)
     api.add_argument(
@@ -59,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "worker",
         help="run a worker: take attempts from the broker, run them, record outcomes",
     )
-    worker.add_argument("--concurrency", type=int, default=2, help="attempts run at once")
+    worker.add_argument("--concurrency", type=_positive, default=2, help="attempts run at once")
+    worker.add_argument(
+        "--prefetch",
+        type=_positive,
+        default=None,
+        help="commands held at once (default: max(32, 4 x concurrency)); those waiting for a "
+        "slot are not started yet, and echo tasks need none",
+    )
     worker.add_argument(
         "--grace", type=float, default=30.0, help="seconds running attempts get on SIGTERM"
     )
@@ -195,7 +212,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         )
     _log_as("worker", settings)
     with bootstrap(settings) as services, serving(services.registry, settings.metrics_port):
-        worker = services.worker(concurrency=args.concurrency, grace_seconds=args.grace)
+        worker = services.worker(
+            concurrency=args.concurrency, prefetch=args.prefetch, grace_seconds=args.grace
+        )
 
         async def main() -> None:
             stop = asyncio.Event()

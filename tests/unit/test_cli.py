@@ -160,3 +160,20 @@ def test_a_log_dir_that_cannot_be_created_fails_at_start_naming_it(tmp_path: Pat
     assert f"TASKLEDGER_LOG_DIR: cannot create {blocker / 'logs'}: Not a directory" in (
         result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["worker", "--concurrency", "0"], "--concurrency: must be 1 or more (got 0)"),
+        (["worker", "--prefetch", "-3"], "--prefetch: must be 1 or more (got -3)"),
+        (["dev", "--concurrency", "two"], "--concurrency: must be a whole number (got 'two')"),
+    ],
+)
+def test_counts_below_one_are_refused_naming_the_option(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
