@@ -416,7 +416,8 @@ class Zygote:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
         netns = request["netns"]
-        if isinstance(netns, int) and self.libc.setns(netns, CLONE_NEWNET) != 0:
+        # False (no isolation) is an int to isinstance; only a real descriptor counts.
+        if type(netns) is int and self.libc.setns(netns, CLONE_NEWNET) != 0:
             raise OSError(self.ctypes.get_errno(), "setns(CLONE_NEWNET)")
         # Move the run's descriptors above any target number, then onto 0, 1, 2, ...
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
