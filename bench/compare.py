@@ -75,6 +75,7 @@ from bench._support import (
     temporary_database,
     write_results,
 )
+from bench.cpu import CpuMeter
 from bench.systems import NOOP_CODE, Batch, Expiry, RoundTrip, System
 
 NAME = "compare"
@@ -159,10 +160,12 @@ class Metric:
 METRICS: list[Metric] = [
     Metric("noop.rate", "1. no-op", "throughput, tasks/s", "tasks/s", Goal("ratio_min", 3)),
     Metric("noop.submit_rate", "1. no-op", "submit rate of the client, tasks/s", "tasks/s"),
+    Metric("noop.cpu_ms", "1. no-op", "CPU per task, ms (all cores, see below)", "ms"),
     Metric("rtt.p50", "2. round trip", "p50, ms", "ms", Goal("ratio_max", 0.5)),
     Metric("rtt.p90", "2. round trip", "p90, ms", "ms"),
     Metric("rtt.p99", "2. round trip", "p99, ms", "ms"),
     Metric("python.rate", "3. python", "throughput, tasks/s", "tasks/s"),
+    Metric("python.cpu_ms", "3. python", "CPU per task, ms (all cores, see below)", "ms"),
     Metric("python.run_p50", "3. python", "program run p50, ms (executor's measure)", "ms"),
     Metric(
         "python.overhead_p50",
@@ -344,6 +347,15 @@ class Context:
         return systems if round_ % 2 == 1 else systems[::-1]
 
     @contextlib.contextmanager
+    def cpu(self, system: System) -> Iterator[dict[str, float]]:
+        """CPU seconds per consumer while the block runs (filled in at its end)."""
+        meter = CpuMeter(system.processes(), system.database_url)
+        spent: dict[str, float] = {}
+        before = meter.mark()
+        yield spent
+        spent.update(CpuMeter.spent(before, meter.mark()))
+
+    @contextlib.contextmanager
     def attempt(self, round_: int, scenario: str, system: str) -> Iterator[None]:
         """Record a failure of the block and go on; restart what died."""
         try:
@@ -367,7 +379,9 @@ def scenario_noop(ctx: Context, round_: int) -> None:
     n = ctx.sizes.noop_tasks
     for system in ctx.order(round_):
         with ctx.attempt(round_, "noop", system.name):
-            batch = system.noop_batch(n)
+            with ctx.cpu(system) as cpu:
+                batch = system.noop_batch(n)
+            ctx.record.put("noop.cpu_ms", system.name, round_, 1000 * sum(cpu.values()) / n)
             ctx.record.put("noop.rate", system.name, round_, batch.rate)
             ctx.record.put("noop.submit_rate", system.name, round_, n / batch.submit_s)
             lag = ""
@@ -387,13 +401,24 @@ def scenario_noop(ctx: Context, round_: int) -> None:
                 lag_max_ms={k: max(v, default=None) for k, v in batch.lag_ms.items()},
                 lag_heads={k: len(v) for k, v in batch.lag_ms.items()},
                 lag_resolution_ms=batch.lag_resolution_ms,
+                cpu_s=_rounded(cpu),
             )
             _check_batch(ctx, round_, "noop", system.name, batch)
             ctx.progress(
                 f"  round {round_} noop {system.name}: {batch.rate:,.0f} tasks/s"
                 f" ({batch.completed:,}/{batch.tasks:,} in {batch.total_s:.2f} s;"
-                f" submitted at {n / batch.submit_s:,.0f}/s){lag}"
+                f" submitted at {n / batch.submit_s:,.0f}/s){lag}; CPU {_cpu_text(cpu, n)}"
             )
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in values.items()}
+
+
+def _cpu_text(cpu: dict[str, float], tasks: int) -> str:
+    total = sum(cpu.values())
+    parts = ", ".join(f"{k} {1000 * v / tasks:.2f}" for k, v in cpu.items())
+    return f"{1000 * total / tasks:.2f} ms/task ({parts})"
 
 
 def _batch_figures(batch: Batch) -> dict[str, Any]:
@@ -463,7 +488,10 @@ def _legs_text(legs: dict[str, float]) -> str:
 def scenario_python(ctx: Context, round_: int) -> None:
     for system in ctx.order(round_):
         with ctx.attempt(round_, "python", system.name):
-            batch = system.python_batch(ctx.sizes.python_tasks, NOOP_CODE)
+            n = ctx.sizes.python_tasks
+            with ctx.cpu(system) as cpu:
+                batch = system.python_batch(n, NOOP_CODE)
+            ctx.record.put("python.cpu_ms", system.name, round_, 1000 * sum(cpu.values()) / n)
             overhead = [v - ctx.own_python_ms for v in batch.run_ms]
             ctx.record.put("python.rate", system.name, round_, batch.rate)
             ctx.record.put("python.run_p50", system.name, round_, p(batch.run_ms, 0.5))
@@ -476,6 +504,7 @@ def scenario_python(ctx: Context, round_: int) -> None:
                 **_batch_figures(batch),
                 run_ms=[round(v, 3) for v in batch.run_ms],
                 worker_ms=[round(v, 3) for v in batch.worker_ms],
+                cpu_s=_rounded(cpu),
             )
             _check_batch(ctx, round_, "python", system.name, batch)
             ctx.progress(
@@ -486,6 +515,7 @@ def scenario_python(ctx: Context, round_: int) -> None:
                     if batch.worker_ms
                     else ""
                 )
+                + f"; CPU {_cpu_text(cpu, n)}"
             )
 
 
@@ -959,6 +989,23 @@ def notes(outcome: Outcome, table: Sequence[Row]) -> list[str]:
         lines.append(
             "- taskledger round trip by leg (event times; p50 per round, median of the rounds): "
             + _legs_text({name: statistics.median(values) for name, values in legs.items()})
+            + "."
+        )
+    cpu: dict[str, dict[str, list[float]]] = {}
+    for entry in record.raw:
+        if entry["scenario"] == "noop" and "cpu_s" in entry:
+            for consumer, seconds in entry["cpu_s"].items():
+                share = 1000 * seconds / max(1, entry["tasks"])
+                cpu.setdefault(entry["system"], {}).setdefault(consumer, []).append(share)
+    if cpu:
+        lines.append(
+            "- CPU per no-op task (ms; median of the rounds), the system's processes with"
+            " their children, its PostgreSQL backends, RabbitMQ (all of it), the client: "
+            + "; ".join(
+                f"{system} "
+                + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in consumers.items())
+                for system, consumers in cpu.items()
+            )
             + "."
         )
     lines.append(

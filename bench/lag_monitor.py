@@ -34,6 +34,7 @@ import psycopg
 from psycopg import sql
 
 from bench._processes import ManagedProcess
+from bench.cpu import BENCH_APPLICATION
 from ledger.application import EVENTS_CHANNEL, EVENTS_TABLE
 from projections.runner import PROJECTION_CHANNEL
 
@@ -67,7 +68,7 @@ def monitor(url: str, schema: str, out: Path) -> None:
     signal.signal(signal.SIGINT, stop)
     samples: list[Sample] = []
     query = _snapshot_query(schema)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, application_name=BENCH_APPLICATION) as conn:
         for channel in (EVENTS_CHANNEL, PROJECTION_CHANNEL):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         print("lag monitor: listening", file=sys.stderr, flush=True)

@@ -57,6 +57,11 @@ class Expiry:
 
 class System(Protocol):
     name: str
+    database_url: str  # the database this system writes to
+
+    def processes(self) -> dict[str, int]:
+        """Its running processes: role -> pid (each counted with its children)."""
+        ...
 
     def start(self) -> None:
         """Start the processes; return once a first task has made the round trip."""

@@ -25,6 +25,7 @@ import psycopg
 
 from bench._processes import ManagedProcess
 from bench.api_requests import venv_tool
+from bench.cpu import BENCH_APPLICATION
 from bench.systems import Batch, Expiry, RoundTrip
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -104,6 +105,10 @@ class CelerySystem:
 
     # -- processes -----------------------------------------------------------------------
 
+    def processes(self) -> dict[str, int]:
+        worker = self.worker
+        return {"worker": worker.pid} if worker is not None and worker.alive() else {}
+
     def start(self) -> None:
         self.app.backend.ResultSession().close()  # creates celery_taskmeta before the worker
         queue = self.app.amqp.queues[self.queue]
@@ -175,7 +180,9 @@ class CelerySystem:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with psycopg.connect(
+            self.database_url, autocommit=True, application_name=BENCH_APPLICATION
+        ) as conn:
             yield conn
 
     def _count(self) -> int:

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from bench._processes import ManagedProcess
 from bench.api_requests import HttpRequest, RawConnection, free_port, venv_tool
+from bench.cpu import BENCH_APPLICATION
 from bench.lag_monitor import LagMonitor
 from bench.systems import LOOP_CODE, Batch, Expiry, RoundTrip
 
@@ -113,6 +114,10 @@ class Taskledger:
             "queues": f"{self.namespace}.*",
             "ready_seconds": self.ready_seconds,
         }
+
+    def processes(self) -> dict[str, int]:
+        running = {"api": self.api, "worker": self.worker}
+        return {role: p.pid for role, p in running.items() if p is not None and p.alive()}
 
     def start(self) -> None:
         self._start_api()
@@ -324,7 +329,9 @@ class Taskledger:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-        with psycopg.connect(self.database_url, autocommit=True) as conn:
+        with psycopg.connect(
+            self.database_url, autocommit=True, application_name=BENCH_APPLICATION
+        ) as conn:
             yield conn
 
     def _view(self, name: str) -> sql.Identifier:
