@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bench",
         description="Run taskledger benchmarks (default: compare, taskledger against Celery);"
         " unknown options go to each benchmark.",
+        epilog="Each benchmark's own options: python -m bench.NAME --help"
+        " (e.g. python -m bench.compare --help).",
     )
     parser.add_argument(
         "--only",
