@@ -832,7 +832,10 @@ def render(
     header: list[str],
     notes: Sequence[str],
 ) -> str:
-    lines = [*header, ""]
+    lines = []
+    for line in header:  # one paragraph each (markdown would join consecutive lines)
+        if line:
+            lines += [line, ""]
     lines.append(
         markdown_table(
             ["scenario", "metric", "taskledger", "Celery", "taskledger/Celery", "goal", "met?"],
