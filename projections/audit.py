@@ -90,14 +90,14 @@ class AuditProjection(Projection):
                     Jsonb(data, dumps=_dumps),
                 )
             )
-        cur.executemany(
-            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                table,
-                sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-                sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
-            ),
-            rows,
-        )
+        # COPY, not INSERT: about twice the rows per second (a rebuild is mostly this).
+        with cur.copy(
+            sql.SQL("COPY {} ({}) FROM STDIN").format(
+                table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+            )
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
 
     def _known(
         self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]
