@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--ssl-keyfile", metavar="FILE", help="… and this private key (PEM; TASKLEDGER_SSL_KEYFILE)"
     )
+    api.add_argument(
+        "--no-projections",
+        action="store_true",
+        help="do not run the view projections here (run `taskledger projections run` "
+        "elsewhere: a process of their own, off this one's interpreter lock)",
+    )
     worker = commands.add_parser(
         "worker",
         help="run a worker: take attempts from the broker, run them, record outcomes",
@@ -171,7 +177,8 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
     if dev:
         roles.append(services.worker(concurrency=args.concurrency).run)
     app = services.api_app(background=roles)
-    services.start_projections()
+    if not getattr(args, "no_projections", False):
+        services.start_projections()
     url = f"{'https' if tls else 'http'}://{settings.host}:{settings.port}"
     if dev and services.settings.api_keys is None:
         key = services.dev_api_key()
