@@ -381,6 +381,7 @@ def scenario_noop(ctx: Context, round_: int) -> None:
         with ctx.attempt(round_, "noop", system.name):
             with ctx.cpu(system) as cpu:
                 batch = system.noop_batch(n)
+            system.live_lag(n, batch)
             ctx.record.put("noop.cpu_ms", system.name, round_, 1000 * sum(cpu.values()) / n)
             ctx.record.put("noop.rate", system.name, round_, batch.rate)
             ctx.record.put("noop.submit_rate", system.name, round_, n / batch.submit_s)

@@ -36,6 +36,7 @@ from bench.systems import LOOP_CODE, Batch, Expiry, RoundTrip
 HOST = "127.0.0.1"
 TERMINAL = ("Completed", "Failed", "Expired", "Cancelled")
 REQUEST_TIMEOUT = 60.0
+NOOP_BODY = orjson.dumps({"language": "echo", "data": {"n": 1}})
 POLL = 0.1  # seconds between progress polls (the recorded times are exact, not polled)
 T = TypeVar("T")
 
@@ -413,15 +414,15 @@ class Taskledger:
         return batch
 
     def noop_batch(self, tasks: int) -> Batch:
-        body = orjson.dumps({"language": "echo", "data": {"n": 1}})
         self._run(self._idle())
-        batch = self._batch([body] * tasks, timeout=60 + tasks / 20, per_task=False)
-        # Live lag: the same load again, watched by the lag monitor. The monitor is a
-        # process of its own that wakes on every commit; it costs CPU, so it is kept out
-        # of the throughput figure above.
+        return self._batch([NOOP_BODY] * tasks, timeout=60 + tasks / 20, per_task=False)
+
+    def live_lag(self, tasks: int, batch: Batch) -> None:
+        """The no-op load again, watched by the lag monitor (a process of its own that
+        wakes on every commit: it costs CPU, so it is kept out of noop_batch's figures)."""
         self._run(self._idle())
         with LagMonitor(self.database_url, self.schema, self.workdir, self.env) as monitor:
-            self._batch([body] * tasks, timeout=60 + tasks / 20, per_task=False)
+            self._batch([NOOP_BODY] * tasks, timeout=60 + tasks / 20, per_task=False)
             time.sleep(0.2)  # a last snapshot after the projections' final commits
             lag = monitor.result()
         batch.lag_ms = lag.lags_ms
@@ -429,7 +430,6 @@ class Taskledger:
         for name, lost in lag.missing.items():
             if lost:
                 batch.notes.append(f"lag monitor: {lost} heads never reached by {name}")
-        return batch
 
     def python_batch(self, tasks: int, code: str) -> Batch:
         body = orjson.dumps({"language": "python", "code": code, "ttl_seconds": 600})
