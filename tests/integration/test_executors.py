@@ -70,6 +70,16 @@ def slot_processes(sandbox: Sandbox, slot: int = 0) -> list[int]:
     return uid_processes(uid)
 
 
+async def buried(sandbox: Sandbox, slot: int = 0) -> None:
+    """After a test that forks hundreds of processes: wait until the slot's dead are
+    buried. Spawned programs' orphans go to pid 1, which may bury them late (seconds, on
+    this machine), and until then they count against the slot's process limit: the next
+    test's mono could not even start its threads ("Couldn't create thread")."""
+    uid = sandbox.slot_uid(slot)
+    assert uid is not None
+    await wait_until(lambda: not uid_processes(uid, zombies=True), seconds=60)
+
+
 async def wait_until(condition: Callable[[], bool], seconds: float = 15) -> None:
     """Poll a condition that no event announces (a process appearing in /proc)."""
     loop = asyncio.get_running_loop()
@@ -326,6 +336,7 @@ async def test_process_count_is_limited_per_slot(python: PythonExecutor) -> None
     assert outcome.result is not None
     assert int(outcome.result.stdout) < python.sandbox.limits.processes
     assert slot_processes(python.sandbox) == []
+    await buried(python.sandbox)
 
 
 @needs_users
@@ -341,6 +352,7 @@ async def test_a_fork_bomb_is_contained(python: PythonExecutor) -> None:
     after = await run(python, request("print('alive')"))
     assert after.result is not None
     assert after.result.stdout == "alive\n"
+    await buried(python.sandbox)
 
 
 @pytest.mark.slow

@@ -155,7 +155,9 @@ class CSharpExecutor:
         assert ended.returncode is not None
         if ended.returncode < 0:  # the compiler crashed or hit a limit: not the code's fault
             message = f"mcs was {exit_description(ended.returncode, compile_limits)}"
-            error = AttemptError("sandbox_error", message, stderr=text(ended.stderr))
+            # Mono writes its own assertion to stdout, its crash dump to stderr: keep both.
+            output = "\n".join(filter(None, (text(ended.stdout), text(ended.stderr))))
+            error = AttemptError("sandbox_error", message, stderr=output)
             return RunOutcome("failed", error=error, retryable=True)
         if ended.returncode != 0:
             return _compile_error(ended)
