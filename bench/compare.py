@@ -939,7 +939,13 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = eprint) -> O
             )
             prepare_rebuild(ctx, rebuild_url)
         taskledger = Taskledger(
-            tl_url, args.broker_url, args.concurrency, args.connections, workdir, progress
+            tl_url,
+            args.broker_url,
+            args.concurrency,
+            args.connections,
+            workdir,
+            progress,
+            views_process=args.views_process,
         )
         stack.callback(taskledger.close)
         celery_system = CelerySystem(
@@ -1042,6 +1048,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=int, default=2, help="taskledger worker --concurrency (default 2)"
     )
     parser.add_argument(
+        "--views-process",
+        action="store_true",
+        help="run taskledger's projections in a process of their own (`taskledger api"
+        " --no-projections` + `taskledger projections run`) instead of inside the api",
+    )
+    parser.add_argument(
         "--celery-concurrency",
         type=int,
         default=2,
@@ -1103,7 +1115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" · {facts['platform']} · eventsourcing {facts['eventsourcing']}"
         f" · Celery {celery.get('celery', '?')} (kombu {celery.get('kombu', '?')},"
         f" SQLAlchemy {celery.get('sqlalchemy', '?')})",
-        f"taskledger: 1 api process + 1 worker process, worker --concurrency {args.concurrency},"
+        f"taskledger: 1 api process"
+        f"{' + 1 projections process' if args.views_process else ''}"
+        f" + 1 worker process, worker --concurrency {args.concurrency},"
         f" {args.connections} HTTP connections · Celery: 1 worker, prefork --concurrency"
         f" {args.celery_concurrency}, acks_late, PostgreSQL result backend, .get() polling every"
         f" {celery.get('get_interval_s', '?')} s",

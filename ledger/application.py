@@ -642,9 +642,13 @@ class Ledger(Application[UUID]):
                 with contextlib.suppress(TaskNotFound):
                     found[task_id] = self._load(task_id, None)
             return found
+        # One index range per task (LATERAL, not flattened thanks to OFFSET 0): with
+        # `originator_id = ANY(...)` the planner may scan the whole table.
         statement = SQL(
-            "SELECT originator_id, originator_version, topic, state FROM {}.{}"
-            " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version"
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state"
+            " FROM unnest(%s::uuid[]) AS wanted(id) CROSS JOIN LATERAL ("
+            "  SELECT * FROM {}.{} t WHERE t.originator_id = wanted.id OFFSET 0) e"
+            " ORDER BY e.originator_id, e.originator_version"
         ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
         try:
             with _store_errors(), recorder.datastore.get_connection() as conn:

@@ -108,10 +108,14 @@ class AuditProjection(Projection):
         tenants: dict[UUID, str] = {}
         workers: dict[tuple[UUID, int], str] = {}
         if earlier:
+            # One index lookup per task (see TaskStatusProjection._existing_rows: `= ANY`
+            # got a sequential scan of the whole view).
             cur.execute(
                 sql.SQL(
-                    "SELECT task_id, tenant, type, attempt, worker_id FROM {}"
-                    " WHERE task_id = ANY(%s) AND type IN ('TaskSubmitted', 'AttemptStarted')"
+                    "SELECT e.task_id, e.tenant, e.type, e.attempt, e.worker_id"
+                    " FROM unnest(%s::uuid[]) AS wanted(id) CROSS JOIN LATERAL ("
+                    "  SELECT * FROM {} a WHERE a.task_id = wanted.id"
+                    "  AND a.type IN ('TaskSubmitted', 'AttemptStarted') OFFSET 0) e"
                 ).format(table),
                 (earlier,),
             )

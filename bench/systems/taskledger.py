@@ -68,8 +68,10 @@ class Taskledger:
         connections: int,
         workdir: Path,
         progress: Callable[[str], None],
+        views_process: bool = False,
     ) -> None:
         self.database_url = database_url
+        self.views_process = views_process
         self.broker_url = broker_url
         self.concurrency = concurrency
         self.connections = connections
@@ -90,6 +92,7 @@ class Taskledger:
             "TASKLEDGER_DATA_DIR": str(self.workdir / "data"),
         }
         self.api: ManagedProcess | None = None
+        self.views: ManagedProcess | None = None  # `projections run`, with views_process
         self.worker: ManagedProcess | None = None
         self._worker_runs = 0
         self._runner = asyncio.Runner()
@@ -106,6 +109,12 @@ class Taskledger:
     def facts(self) -> dict[str, Any]:
         return {
             "processes": [
+                f"taskledger api --port {self.port} --no-projections (API, dispatcher, reaper)",
+                "taskledger projections run (the views)",
+                f"taskledger worker --concurrency {self.concurrency}",
+            ]
+            if self.views_process
+            else [
                 f"taskledger api --port {self.port} (API, dispatcher, reaper, projections)",
                 f"taskledger worker --concurrency {self.concurrency}",
             ],
@@ -117,7 +126,7 @@ class Taskledger:
         }
 
     def processes(self) -> dict[str, int]:
-        running = {"api": self.api, "worker": self.worker}
+        running = {"api": self.api, "projections": self.views, "worker": self.worker}
         return {role: p.pid for role, p in running.items() if p is not None and p.alive()}
 
     def start(self) -> None:
@@ -127,6 +136,15 @@ class Taskledger:
     def _start_api(self) -> None:
         started = time.monotonic()
         command = [self._tool(), "api", "--host", HOST, "--port", str(self.port)]
+        if self.views_process:
+            # The views in a process of their own (readiness waits for them to install).
+            if self.views is not None:
+                self.views.stop()
+            self.views = ManagedProcess(
+                "projections", [self._tool(), "projections", "run"], self.env, self.workdir
+            )
+            self.views.start()
+            command.append("--no-projections")
         self.api = ManagedProcess("api", command, self.env, self.workdir)
         self.api.start()
         with httpx.Client(base_url=self.base_url, timeout=2.0) as client:
@@ -195,7 +213,8 @@ class Taskledger:
 
     def ensure_running(self) -> list[str]:
         restarted = []
-        if self.api is None or not self.api.alive():
+        views_dead = self.views_process and (self.views is None or not self.views.alive())
+        if self.api is None or not self.api.alive() or views_dead:
             if self.api is not None:
                 self.api.stop()
             self._start_api()
@@ -208,7 +227,7 @@ class Taskledger:
         return restarted
 
     def close(self) -> None:
-        for process in (self.worker, self.api):
+        for process in (self.worker, self.api, self.views):
             if process is not None:
                 stopped = process.stop()
                 if stopped.how != "SIGTERM" or stopped.leftovers_killed:
