@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from datetime import datetime
 
 from ledger import AttemptError, Ledger, Status, TaskState
 from ledger.application import Command
@@ -158,7 +159,9 @@ class Worker:
             started = _Started()
             task = await self._start(delivery, self._start_unless_slot(delivery, started), started)
             if task is not None and not started.value:
-                slot = await self._slots.get()  # started only once it can run
+                # Started only once it can run; or, past its deadline while it waited for
+                # a slot, the start is refused and the worker records the expiry.
+                slot = await self._slot_or_deadline(task.deadline)
                 task = await self._start(delivery, self._start_command(delivery))
             if task is None:
                 await delivery.ack()
@@ -184,6 +187,16 @@ class Worker:
             if slot is not None:
                 self._slots.put_nowait(slot)
 
+    async def _slot_or_deadline(self, deadline: datetime) -> int | None:
+        """A free sandbox slot, or None once `deadline` has passed."""
+        while True:
+            remaining = (deadline - self.ledger.clock.now()).total_seconds()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                # Queue.get gives up cleanly on a timeout: no slot is lost.
+                return await asyncio.wait_for(self._slots.get(), remaining + 0.001)
+
     def _needs_slot(self, language: str) -> bool:
         executor = self.executors.get(language)
         return executor is not None and executor.needs_slot
@@ -199,10 +212,16 @@ class Worker:
 
         def decide(task: Task) -> None:
             started.value = False  # a decision taken again (stale copy, lost race) resets
-            runnable = task.status is Status.PENDING and task.current.number == attempt
+            runnable = (
+                task.status is Status.PENDING
+                and task.current.number == attempt
+                and self.ledger.clock.now() < task.current.deadline
+            )
             if runnable and self._needs_slot(task.language):
                 return  # to be started once a slot is free
-            start(task)  # refused at once when not runnable: no slot is waited for
+            # Not runnable (started elsewhere, cancelled, past its deadline, ...): refused,
+            # or expired by us, at once, without waiting for a slot.
+            start(task)
             started.value = True
 
         return Command(delivery.command.task_id, decide, fresh=True)

@@ -288,6 +288,28 @@ async def test_a_worker_expires_what_outlives_its_deadline(
     assert [h.data["detected_by"] for h in history if h.type == "TaskExpired"] == ["worker"]
 
 
+async def test_a_held_command_past_its_deadline_expires_without_waiting_for_a_slot(
+    live_ledger: Ledger, database_url: str, schema: str
+) -> None:
+    """One slot, busy with a long program; the worker also holds a second command whose
+    deadline passes meanwhile: it records the expiry at once, not when the slot frees."""
+    executor = StandIn()
+    dispatcher, worker = roles(
+        live_ledger, database_url, schema, MemoryBroker(), executor, concurrency=1
+    )
+    async with running(dispatcher.run, worker.run):
+        busy = submit(live_ledger, "hang", ttl_seconds=60)
+        await asyncio.wait_for(executor.started.wait(), 30)
+        short = submit(live_ledger, ttl_seconds=0.5)
+        (state,) = await settled(live_ledger, [short], timeout=20)
+        assert (await asyncio.to_thread(live_ledger.get, busy)).status is Status.IN_PROGRESS
+        await asyncio.to_thread(live_ledger.cancel, busy, by="test")
+    assert state.status is Status.EXPIRED
+    history = await asyncio.to_thread(live_ledger.history, short)
+    assert [h.data["detected_by"] for h in history if h.type == "TaskExpired"] == ["worker"]
+    assert [run[0] for run in executor.runs] == [busy]
+
+
 async def test_with_no_worker_the_reaper_expires_queued_tasks(
     live_ledger: Ledger, database_url: str, schema: str
 ) -> None:
