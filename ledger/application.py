@@ -300,16 +300,9 @@ class Ledger(Application[UUID]):
 
     # -- queries ----------------------------------------------------------------------------
 
-    def get(self, task_id: UUID, *, tenant: str | None = None, keep: bool = False) -> TaskState:
-        """The task's current state. `tenant` (None = any) hides other tenants' tasks.
-
-        `keep`: the caller is about to command this task (a worker reads it to pick a
-        sandbox slot, then starts it); the next command starts from what was read here.
-        """
-        task = self._load(task_id, tenant)
-        if keep:
-            self._keep_recent(task)
-        return TaskState.of(task)
+    def get(self, task_id: UUID, *, tenant: str | None = None) -> TaskState:
+        """The task's current state. `tenant` (None = any) hides other tenants' tasks."""
+        return TaskState.of(self._load(task_id, tenant))
 
     def history(self, task_id: UUID, *, tenant: str | None = None) -> list[HistoryEntry]:
         self._load(task_id, tenant)
@@ -478,8 +471,8 @@ class Ledger(Application[UUID]):
     # The same commands as values, for execute_many.
 
     def read_command(self, task_id: UUID) -> Command:
-        """Changes nothing: reads the task from the store (and keeps it for the next
-        command, as `get(keep=True)`)."""
+        """Changes nothing: reads the task from the store, and keeps it so that the next
+        command on it (a worker's start, once a slot is free) need not read it again."""
         return Command(task_id, _no_change, fresh=True)
 
     def start_command(self, task_id: UUID, attempt: int, worker_id: str) -> Command:
