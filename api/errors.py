@@ -165,7 +165,13 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.error(
         "unhandled error answering a request",
         exc_info=exc,
-        extra={"request_id": getattr(request.state, "request_id", None), "path": request.url.path},
+        extra={
+            "request_id": getattr(request.state, "request_id", None),
+            "path": request.url.path,
+            # The task the request was about, when the route knew it (the path's id).
+            "task_id": getattr(request.state, "task_id", None)
+            or request.path_params.get("task_id"),
+        },
     )
     return problem_response(
         request,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -462,13 +463,21 @@ async def test_request_ids_are_echoed_and_errors_carry_them(api: Api) -> None:
 
 
 async def test_an_unexpected_error_is_a_500_problem_without_internals(
-    api: Api, monkeypatch: pytest.MonkeyPatch
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def explode(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(api.context.ledger, "get", explode)
-    response = await api.client.get(f"/api/tasks/{uuid.uuid4()}", headers=api.auth("acme-read"))
+    task_id = uuid.uuid4()
+    with caplog.at_level(logging.ERROR, logger="api.errors"):
+        response = await api.client.get(f"/api/tasks/{task_id}", headers=api.auth("acme-read"))
     body = assert_problem(response, 500)
     assert "secret internals" not in response.text
     assert body["request_id"]
+    message = "unhandled error answering a request"
+    (logged,) = [r for r in caplog.records if r.getMessage() == message]
+    # The operator's line names the request and the task, and keeps the internals.
+    assert vars(logged)["request_id"] == body["request_id"]
+    assert str(vars(logged)["task_id"]) == str(task_id)
+    assert logged.exc_info is not None
