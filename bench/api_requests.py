@@ -59,14 +59,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import importlib
 import importlib.util
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -75,7 +73,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +85,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from bench._processes import ManagedProcess
 from bench._support import (
     RESULTS_DIR,
     MachineFacts,
@@ -349,87 +348,23 @@ def venv_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block is done (cleanup is not cut short)."""
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-    except (AttributeError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@dataclass
-class StopReport:
-    how: str  # "SIGTERM", "SIGKILL" or "exited before" (it had died)
-    seconds: float
-    returncode: int | None
-    leftovers_killed: int  # processes of its group still there after it exited
-
-
-class ApiServer:
-    """`taskledger api` in its own process group, its output in files of `workdir`."""
+class ApiServer(ManagedProcess):
+    """`taskledger api` in its own process group (see bench._processes), its output in
+    files of `workdir`; ready once /readyz answers 200."""
 
     def __init__(
         self, command: list[str], env: dict[str, str], workdir: Path, stop_timeout: float
     ) -> None:
-        self.command = command
-        self.stop_timeout = stop_timeout
-        self.env = env
-        self.workdir = workdir
-        self.stdout_path = workdir / "server.stdout"
-        self.stderr_path = workdir / "server.stderr"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.stop_report: StopReport | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                self.command,
-                env=self.env,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # Ctrl-C reaches us; we stop it in order
-                preexec_fn=_die_with_parent,  # no threads run yet: safe
-            )
-
-    def output_tail(self, lines: int = 20) -> str:
-        parts = []
-        for path in (self.stderr_path, self.stdout_path):
-            with contextlib.suppress(OSError):
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-                if text:
-                    parts.append(f"--- {path.name} (last {len(text)} lines):\n" + "\n".join(text))
-        return "\n".join(parts) or "(no output)"
+        super().__init__("server", command, env, workdir, stop_timeout=stop_timeout)
 
     def wait_ready(self, base_url: str, timeout: float) -> float:
         """Poll /readyz until it answers 200; the seconds it took. Raises when the process
         exits or `timeout` passes."""
-        assert self.process is not None
         started = time.monotonic()
         last = "no answer yet"
         with httpx.Client(base_url=base_url, timeout=2.0) as client:
             while True:
-                code = self.process.poll()
+                code = self.returncode()
                 if code is not None:
                     raise RuntimeError(
                         f"taskledger api exited with {code} before it was ready\n"
@@ -449,50 +384,12 @@ class ApiServer:
                     )
                 time.sleep(0.2)
 
-    def stop(self) -> StopReport:
-        """SIGTERM, SIGKILL after `stop_timeout`; then nothing of its process group may
-        remain."""
-        assert self.process is not None
-        timeout = self.stop_timeout
-        process = self.process
-        started = time.monotonic()
-        how = "exited before"
-        with _signals_deferred():
-            if process.poll() is None:
-                how = "SIGTERM"
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    how = "SIGKILL"
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(10)
-            leftovers = 0
-            with contextlib.suppress(ProcessLookupError):
-                group = [p for p in psutil.process_iter() if _pgid(p) == process.pid]
-                leftovers = len(group)
-                if group:
-                    os.killpg(process.pid, signal.SIGKILL)
-        self.stop_report = StopReport(
-            how, time.monotonic() - started, process.returncode, leftovers
-        )
-        return self.stop_report
-
     def __enter__(self) -> ApiServer:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.stop_report is None:
-            self.stop()
-
-
-def _pgid(process: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(process.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
+        self.stop()
 
 
 def _broker_reachable(url: str) -> str | None:
