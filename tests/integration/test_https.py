@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import httpx
 import orjson
 import pytest
 import trustme
+
+from tests.processes import free_port, stop
 
 pytestmark = [pytest.mark.postgres]
 
@@ -48,12 +49,6 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
     issued.private_key_pem.write_to_path(str(key))
     return Tls(ca, cert, key)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -100,13 +95,7 @@ def start_api(
         wait_until_serving(server, tls, timeout=60)
         yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop(process)
 
 
 def wait_until_serving(server: Server, tls: Tls, timeout: float) -> None:

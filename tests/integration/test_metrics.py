@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from taskledger.settings import Settings
 from tests import services
 from tests.integration.conftest import Api
 from tests.integration.test_workers import StandIn, projections, running, settled, submit
+from tests.processes import free_port
 from workers.broker import RunAttempt
 from workers.dispatcher import Dispatcher
 from workers.executors.base import RunOutcome, RunRequest
@@ -378,12 +378,6 @@ async def test_one_process_serves_api_dispatcher_reaper_and_worker_metrics(
 
 
 # -- a worker process serves its own -------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(url: str) -> str | None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +17,11 @@ import orjson
 import pytest
 
 from tests import services
+from tests.processes import free_port, stop
 
 pytestmark = [pytest.mark.postgres]
 
 KEY = "logs-" + secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
@@ -46,16 +39,6 @@ def wait_for_line(
         if time.monotonic() > deadline:
             raise AssertionError(f"no {message!r} in {path} after {timeout} s")
         time.sleep(0.1)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 ROLES = [
