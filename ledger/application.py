@@ -226,18 +226,23 @@ def event_payload(event: object) -> dict[str, Any]:
     return {k: v for k, v in vars(event).items() if k not in _ENVELOPE}
 
 
+def _unavailable(error: BaseException) -> LedgerUnavailable:
+    return LedgerUnavailable(
+        f"event store error: {error}; check that PostgreSQL is running and reachable"
+    )
+
+
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
-    """Give the library's infrastructure errors the ledger's meaning (IntegrityError passes:
-    it is the version conflict the command loop handles)."""
+    """Give infrastructure errors (the library's, or psycopg's from our own queries) the
+    ledger's meaning (IntegrityError passes: it is the version conflict the command loop
+    handles)."""
     try:
         yield
     except IntegrityError:
         raise
-    except PersistenceError as error:
-        raise LedgerUnavailable(
-            f"event store error: {error}; check that PostgreSQL is running and reachable"
-        ) from None
+    except (PersistenceError, psycopg.Error) as error:
+        raise _unavailable(error) from None
 
 
 class Ledger(Application[UUID]):
@@ -406,9 +411,7 @@ class Ledger(Application[UUID]):
                 # A uuid4 collision: not something to paper over.
                 results[i] = LedgerUnavailable(f"task id {task.id} collided: {met}")
             else:
-                results[i] = LedgerUnavailable(
-                    f"event store error: {met}; check that PostgreSQL is running and reachable"
-                )
+                results[i] = _unavailable(met)
         return [r if r is not None else LedgerUnavailable("no outcome") for r in results]
 
     def _repeated_submission(self, task: Task) -> Submission:
@@ -565,9 +568,7 @@ class Ledger(Application[UUID]):
                 self.version_conflicts += trusted
                 alone.append(i)
             else:
-                results[i] = LedgerUnavailable(
-                    f"event store error: {met}; check that PostgreSQL is running and reachable"
-                )
+                results[i] = _unavailable(met)
         for i in sorted(alone):
             try:
                 results[i] = self.execute(commands[i])
@@ -643,13 +644,8 @@ class Ledger(Application[UUID]):
             "  SELECT * FROM {}.{} t WHERE t.originator_id = wanted.id OFFSET 0) e"
             " ORDER BY e.originator_id, e.originator_version"
         ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
-        try:
-            with _store_errors(), recorder.datastore.get_connection() as conn:
-                rows = conn.execute(statement, (list(task_ids),), prepare=True).fetchall()
-        except psycopg.Error as error:
-            raise LedgerUnavailable(
-                f"event store error: {error}; check that PostgreSQL is running and reachable"
-            ) from None
+        with _store_errors(), recorder.datastore.get_connection() as conn:
+            rows = conn.execute(statement, (list(task_ids),), prepare=True).fetchall()
         streams: dict[UUID, list[Any]] = {}
         for row in rows:
             stored = StoredEvent(
