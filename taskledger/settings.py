@@ -53,7 +53,8 @@ class ConfigError(Exception):
 
 
 def _port(value: object) -> object:
-    if isinstance(value, str) and value.strip().isdigit():
+    # ASCII digits only: str.isdigit also says yes to "²" (int() refuses it) and "٣٣".
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError("must be a port number, 1-65535")

@@ -155,6 +155,7 @@ def test_log_levels_are_read_in_any_case(level: str, case: object) -> None:
 def test_a_port_in_the_file_is_an_integer_from_1_to_65535(value: object) -> None:
     valid = (
         not isinstance(value, bool | float)
+        and str(value).strip().isascii()
         and str(value).strip().isdigit()
         and 1 <= int(str(value)) <= 65535
     )
@@ -352,3 +353,12 @@ def test_tls_files_that_do_not_load_are_errors_naming_their_setting(
     junk = load_settings({"ssl_certfile": not_pem})
     with pytest.raises(ConfigError, match="TASKLEDGER_SSL_KEYFILE: not a PEM certificate"):
         junk.tls_files()
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\u0663\u0663", "\uff18\uff10"])
+def test_a_port_of_digits_other_than_ascii_is_refused_as_a_port(text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "taskledger.toml"
+        config.write_text(f'port = "{text}"\n', encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"^`port` in {config}: must be a port number"):
+            load_settings(config_file=config)
