@@ -18,6 +18,7 @@ only the stale ones get the IntegrityError their callers handle (reload and deci
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,8 +31,7 @@ Insert = Callable[[Sequence[StoredEvent]], object]
 class _Write:
     events: Sequence[StoredEvent]
     wake: threading.Event = field(default_factory=threading.Event)
-    done: bool = False
-    lead: bool = False  # woken to write the queue, not because its own write is done
+    done: bool = False  # woken while not done: promoted to write the queue next
     error: BaseException | None = None
 
 
@@ -42,7 +42,7 @@ class GroupCommit:
         self._insert = insert
         self.max_batch_events = max_batch_events
         self._lock = threading.Lock()
-        self._queue: list[_Write] = []
+        self._queue: deque[_Write] = deque()
         self._writing = False
         # Observability: transactions written and writes they carried.
         self.transactions = 0
@@ -84,7 +84,7 @@ class GroupCommit:
             while self._queue:
                 if batch and size + len(self._queue[0].events) > self.max_batch_events:
                     break
-                head = self._queue.pop(0)
+                head = self._queue.popleft()
                 batch.append(head)
                 size += len(head.events)
         try:
@@ -94,8 +94,6 @@ class GroupCommit:
                 successor = self._queue[0] if self._queue else None
                 if successor is None:
                     self._writing = False
-                else:
-                    successor.lead = True
             for write in batch:
                 write.done = True
                 write.wake.set()
