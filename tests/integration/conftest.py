@@ -15,7 +15,7 @@ from api.auth import Authenticator, ConfiguredKey
 from api.context import ApiContext
 from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
-from ledger import Ledger, ManualClock, RetryPolicy
+from ledger import Ledger, ManualClock, RetryPolicy, SystemClock
 from ledger.keys import Role
 from ledger.persistence import postgres_env
 from projections import all_projections
@@ -39,6 +39,20 @@ def ledger(store_env: dict[str, str], clock: ManualClock) -> Iterator[Ledger]:
     app = Ledger(store_env, clock=clock, retry_policy=RetryPolicy(base_seconds=1))
     yield app
     app.close()
+
+
+@pytest.fixture
+def live_ledger(store_env: dict[str, str], database_url: str, schema: str) -> Iterator[Ledger]:
+    """A ledger on the real clock with short retry backoffs, its views installed: for the
+    roles (dispatcher, workers, reaper) running in the test."""
+    ledger = Ledger(
+        store_env, clock=SystemClock(), retry_policy=RetryPolicy(base_seconds=0.2, max_seconds=2)
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for projection in all_projections().values():
+            ensure_installed(conn, schema, projection)
+    yield ledger
+    ledger.close()
 
 
 # -- the HTTP API over a real ledger and real views ---------------------------------------------

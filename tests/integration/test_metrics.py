@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,8 @@ import pytest_asyncio
 from psycopg import sql
 
 from api.metrics import ApiMetrics
-from ledger import Ledger, RetryPolicy, Status, SystemClock
+from ledger import Ledger, Status
 from ledger.clock import ManualClock
-from projections import all_projections
-from projections.base import ensure_installed
 from taskledger.bootstrap import bootstrap
 from taskledger.settings import Settings
 from tests import services
@@ -63,18 +60,6 @@ API_NAMES = (
     "taskledger_http_requests_total",
     "taskledger_http_request_duration_seconds",
 )
-
-
-@pytest.fixture
-def live_ledger(store_env: dict[str, str], database_url: str, schema: str) -> Iterator[Ledger]:
-    ledger = Ledger(
-        store_env, clock=SystemClock(), retry_policy=RetryPolicy(base_seconds=0.2, max_seconds=2)
-    )
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for projection in all_projections().values():
-            ensure_installed(conn, schema, projection)
-    yield ledger
-    ledger.close()
 
 
 def value(metrics: WorkerMetrics | ApiMetrics, name: str, **labels: str) -> float:

@@ -13,13 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 import pytest
 import pytest_asyncio
 
-from ledger import AttemptError, AttemptResult, Ledger, RetryPolicy, Status, SystemClock
+from ledger import AttemptError, AttemptResult, Ledger, Status
 from projections import all_projections
-from projections.base import ensure_installed
 from projections.runner import ProjectionRunner
 from tests import services
 from workers.broker import Broker
@@ -65,17 +63,6 @@ class StandIn:
 
     async def close(self) -> None:
         return None
-
-
-@pytest.fixture
-def live_ledger(store_env: dict[str, str], database_url: str, schema: str) -> Ledger:
-    ledger = Ledger(
-        store_env, clock=SystemClock(), retry_policy=RetryPolicy(base_seconds=0.2, max_seconds=2)
-    )
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for projection in all_projections().values():
-            ensure_installed(conn, schema, projection)
-    return ledger
 
 
 @pytest_asyncio.fixture
