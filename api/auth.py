@@ -4,6 +4,9 @@ Two sources: keys configured at start (`TASKLEDGER_API_KEYS`, kept in memory as 
 digests and compared in constant time), and keys issued with `taskledger keys create`
 (events in the ledger). A valid stored key is cached for `cache_seconds`, so a revoked
 key stops working within that time. Keys are never logged; the key id is.
+
+A caller presents its key as `Authorization: ApiKey <key>`, `Authorization: Bearer <key>`
+or `X-API-Key: <key>`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ledger.application import KeyPrincipal
 from ledger.keys import Role
 
 CHALLENGE = {"WWW-Authenticate": "ApiKey"}
+# The schemes of `Authorization: <scheme> <key>`, lower case (schemes are case-insensitive).
+AUTHORIZATION_SCHEMES = frozenset({"apikey", "bearer"})
 _RANK = {Role.READ: 0, Role.SUBMIT: 1, Role.ADMIN: 2}
 
 
@@ -98,7 +103,9 @@ class Authenticator:
         header = request.headers.get("authorization")
         if header:
             scheme, _, value = header.partition(" ")
-            if scheme.lower() == "apikey" and value.strip():
+            # Bearer too: it is what generated clients (openapi-python-client's
+            # AuthenticatedClient, say) and most HTTP tools send by default.
+            if scheme.lower() in AUTHORIZATION_SCHEMES and value.strip():
                 return value.strip()
             return None
         return request.headers.get("x-api-key") or None

@@ -50,7 +50,8 @@ async def authenticate(request: Request, role: Role) -> Principal:
         raise ApiProblem(
             401,
             "unauthorized",
-            "send an API key: `Authorization: ApiKey <key>` or `X-API-Key: <key>`",
+            "send an API key: `Authorization: ApiKey <key>`, `Authorization: Bearer <key>` "
+            "or `X-API-Key: <key>`",
             headers=CHALLENGE,
         )
     principal = ctx.authenticator.known(key) or await in_thread(

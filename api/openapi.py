@@ -297,7 +297,11 @@ def build_openapi() -> dict[str, Any]:
                 "content": {"application/problem+json": {"schema": _ref(schemas.Problem)}},
             }
         if op.auth:
-            operation["security"] = [{"ApiKeyHeader": []}, {"ApiKeyAuthorization": []}]
+            operation["security"] = [
+                {"ApiKeyHeader": []},
+                {"ApiKeyAuthorization": []},
+                {"BearerAuth": []},
+            ]
         paths.setdefault(op.path, {})[op.method] = operation
     return {
         "openapi": "3.1.0",
@@ -317,6 +321,12 @@ def build_openapi() -> dict[str, Any]:
                     "in": "header",
                     "name": "Authorization",
                     "description": "`ApiKey <key>`",
+                },
+                # The same key as a bearer token: what generated clients send by default.
+                "BearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "`Authorization: Bearer <key>`, the same API key",
                 },
             },
         },

@@ -341,13 +341,28 @@ async def test_cancel_then_retry_with_a_new_ttl(api: Api) -> None:
 
 async def test_missing_or_wrong_key_is_401_with_a_challenge(api: Api) -> None:
     for headers in ({}, {"Authorization": "ApiKey wrong"}, {"X-API-Key": "wrong"},
-                    {"Authorization": "Bearer acme-read-key-0123456789"}):  # fmt: skip
+                    {"Authorization": "Bearer wrong-key-0123456789"},
+                    {"Authorization": "Bearer "},
+                    {"Authorization": "Basic acme-read-key-0123456789"}):  # fmt: skip
         response = await api.client.get("/api/tasks", headers=headers)
         assert_problem(response, 401)
         assert response.headers["www-authenticate"] == "ApiKey"
     assert (
         await api.client.get("/api/tasks", headers={"X-API-Key": api.keys["acme-read"]})
     ).status_code == 200
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "ApiKey", "apikey"])
+async def test_the_key_may_come_as_a_bearer_token(api: Api, scheme: str) -> None:
+    """Generated clients (openapi-python-client's AuthenticatedClient) send Bearer."""
+    headers = {"Authorization": f"{scheme} {api.keys['acme-submit']}"}
+    created = await api.client.post("/api/tasks", json=TASK, headers=headers)
+    assert created.status_code == 201, created.text
+    fetched = await api.client.get(created.headers["location"], headers=headers)
+    assert fetched.status_code == 200, fetched.text
+    # The role is the key's, whichever way it came.
+    read_only = {"Authorization": f"{scheme} {api.keys['acme-read']}"}
+    assert_problem(await api.client.post("/api/tasks", json=TASK, headers=read_only), 403)
 
 
 async def test_issued_keys_work_until_revoked(api: Api) -> None:

@@ -61,7 +61,8 @@ KEYS = [
     ConfiguredKey("globex", Role.SUBMIT, "globex-submit-key-0123456789"),
 ]
 AUTH = {"Authorization": f"ApiKey {ADMIN_KEY}"}
-# Both of the document's security schemes, so schemathesis generates neither header.
+# Both headers of the document's security schemes (ApiKey and Bearer share Authorization),
+# so schemathesis generates neither.
 BOTH_AUTH = {**AUTH, "X-API-Key": ADMIN_KEY}
 PROBLEM_JSON = "application/problem+json"
 # Every generated long-poll is cut to this many seconds: `wait` may be up to 60 and a real
@@ -251,6 +252,19 @@ def test_every_operation_has_an_id_and_problem_responses() -> None:
                 assert "403" in responses, f"{where} checks a role but documents no 403"
 
 
+def test_every_way_to_send_a_key_is_a_security_scheme() -> None:
+    document = build_openapi()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["ApiKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["ApiKeyAuthorization"]["name"] == "Authorization"
+    assert schemes["BearerAuth"]["type"] == "http"
+    assert schemes["BearerAuth"]["scheme"] == "bearer"
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if "security" in operation:
+                assert operation["security"] == [{name: []} for name in schemes], (method, path)
+
+
 @pytest.mark.asyncio
 async def test_served_document_is_the_built_one(backend: Backend) -> None:
     async with AppClient(backend) as client:
@@ -299,9 +313,10 @@ async def client(backend: Backend) -> AsyncIterator[httpx.AsyncClient]:
         {},
         {"Authorization": "ApiKey not-a-key-0123456789"},
         {"X-API-Key": "not-a-key-0123456789"},
-        {"Authorization": "Bearer " + ADMIN_KEY},
+        {"Authorization": "Bearer not-a-key-0123456789"},
+        {"Authorization": "Basic " + ADMIN_KEY},
     ],
-    ids=["none", "unknown-authorization", "unknown-x-api-key", "wrong-scheme"],
+    ids=["none", "unknown-authorization", "unknown-x-api-key", "unknown-bearer", "wrong-scheme"],
 )
 async def test_operations_that_need_a_key_answer_401_problem_without_one(
     backend: Backend, client: httpx.AsyncClient, credentials: dict[str, str]
