@@ -95,11 +95,10 @@ def task_id_param(request: Request) -> UUID:
     try:
         task_id = UUID(raw)
     except ValueError:
+        # A path that names no task is an unknown resource (404, as for any other id no
+        # task has), not a field of the request to correct (422).
         raise ApiProblem(
-            422,
-            "invalid-request",
-            f"task id {raw!r} is not a UUID",
-            errors=[{"field": "id", "message": "must be a UUID"}],
+            404, "task-not-found", f"task {raw!r} does not exist (task ids are UUIDs)"
         ) from None
     request.state.task_id = str(task_id)
     return task_id

@@ -15,7 +15,7 @@ PROBLEM_RESPONSES = {
     "400": "Malformed parameter or header",
     "401": "Missing or invalid API key",
     "403": "The key's role does not allow this",
-    "404": "No such task (or not this tenant's)",
+    "404": "No such task (or not this tenant's, or the id is not a UUID)",
     "409": "The task's state forbids this",
     "412": "If-Match names another version",
     "413": "Request body too large",
@@ -51,7 +51,13 @@ class Operation:
     extra_responses: dict[str, str] = field(default_factory=dict)
 
 
-TASK_ID = Param("task_id", "path", {"type": "string", "format": "uuid"}, "The task's id.", True)
+TASK_ID = Param(
+    "task_id",
+    "path",
+    {"type": "string", "format": "uuid"},
+    "The task's id. One that is not a UUID names no task: 404, like an unknown one.",
+    True,
+)
 TIME = {"type": "string", "format": "date-time"}
 CURSOR = {"type": "string", "minLength": 1, "pattern": "^[A-Za-z0-9_-]+$"}
 

@@ -130,7 +130,33 @@ async def test_malformed_json_wrong_type_large_body(api: Api) -> None:
 async def test_unknown_and_malformed_ids(api: Api) -> None:
     headers = api.auth("acme-read")
     assert_problem(await api.client.get(f"/api/tasks/{uuid.uuid4()}", headers=headers), 404)
-    assert_problem(await api.client.get("/api/tasks/not-a-uuid", headers=headers), 422, "id")
+    assert_problem(await api.client.get("/api/tasks/not-a-uuid", headers=headers), 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("get", "/api/tasks/{id}", None),
+        ("get", "/api/tasks/{id}/history", None),
+        ("patch", "/api/tasks/{id}", {"description": "x"}),
+        ("post", "/api/tasks/{id}/retry", None),
+        ("post", "/api/tasks/{id}/cancel", None),
+    ],
+)
+@pytest.mark.parametrize("task_id", ["not-a-uuid", "123", "7d6ff884-471e-4133-9d3f-3c083eca3b9"])
+async def test_a_malformed_task_id_is_an_unknown_task(
+    api: Api, method: str, path: str, body: Any, task_id: str
+) -> None:
+    """404 as for any id no task has (a resource path, not a field to correct: not 422)."""
+    await submit(api)
+    before = await event_count(api)
+    response = await api.client.request(
+        method.upper(), path.format(id=task_id), json=body, headers=api.auth("acme-submit")
+    )
+    problem = assert_problem(response, 404)
+    assert problem["type"].endswith("/task-not-found")
+    assert task_id in problem["detail"]
+    assert await event_count(api) == before
 
 
 async def test_unknown_routes_and_methods_are_problems(api: Api) -> None:

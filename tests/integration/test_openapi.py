@@ -277,7 +277,7 @@ async def test_served_document_is_the_built_one(backend: Backend) -> None:
 # -- unauthenticated calls -----------------------------------------------------------------------
 
 
-def concrete_path(path: str, task_id: uuid.UUID) -> str:
+def concrete_path(path: str, task_id: uuid.UUID | str) -> str:
     return path.replace("{task_id}", str(task_id))
 
 
@@ -350,8 +350,10 @@ async def test_health_needs_no_key(client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.asyncio
-async def test_unknown_task_is_404_problem(client: httpx.AsyncClient) -> None:
-    missing = uuid.uuid4()
+@pytest.mark.parametrize("missing", [uuid.uuid4(), "not-a-uuid"], ids=["unknown", "malformed"])
+async def test_unknown_task_is_404_problem(
+    client: httpx.AsyncClient, missing: uuid.UUID | str
+) -> None:
     for method, path in [
         ("get", "/api/tasks/{task_id}"),
         ("patch", "/api/tasks/{task_id}"),
