@@ -77,6 +77,17 @@ class TaskError(BaseModel):
     message: str
 
 
+ATTEMPT = (
+    "The current attempt's number over the task's whole life: a manual retry continues the "
+    "count (a task with max_attempts 1 retried once is on attempt 2)."
+)
+RUN_ATTEMPT = (
+    "The current attempt's number within its run (since the submit or the last manual "
+    "retry), from 1: what max_attempts bounds."
+)
+MAX_ATTEMPTS = "Attempts per run, counting automatic retries; a manual retry starts a new run."
+
+
 class TaskOut(BaseModel):
     id: UUID
     description: str
@@ -84,8 +95,9 @@ class TaskOut(BaseModel):
     code: str | None = Field(default=None, description="Omitted in lists.")
     data: Any = Field(default=None, description="Omitted in lists.")
     status: StatusName
-    attempt: int
-    max_attempts: int
+    attempt: int = Field(description=ATTEMPT)
+    run_attempt: int = Field(description=RUN_ATTEMPT)
+    max_attempts: int = Field(description=MAX_ATTEMPTS)
     ttl_seconds: float
     deadline: datetime | None
     created_at: datetime
@@ -105,8 +117,8 @@ class TaskSummaryOut(BaseModel):
     description: str
     language: str
     status: StatusName
-    attempt: int
-    max_attempts: int
+    attempt: int = Field(description=ATTEMPT)
+    max_attempts: int = Field(description=MAX_ATTEMPTS)
     ttl_seconds: float
     deadline: datetime | None
     created_at: datetime

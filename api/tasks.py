@@ -45,6 +45,7 @@ def task_body(task: TaskState) -> dict[str, Any]:
         "data": task.data,
         "status": str(task.status),
         "attempt": task.attempt,
+        "run_attempt": task.run_attempt,
         "max_attempts": task.max_attempts,
         "ttl_seconds": task.ttl_seconds,
         "deadline": task.deadline,

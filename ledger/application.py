@@ -120,7 +120,8 @@ class TaskState:
     code: str
     data: JSONValue
     status: Status
-    attempt: int
+    attempt: int  # over the task's life: manual retries continue the count
+    run_attempt: int  # within the current run (since submit or the last manual retry)
     max_attempts: int
     ttl_seconds: float
     deadline: datetime
@@ -149,6 +150,7 @@ class TaskState:
             data=task.data,
             status=task.status,
             attempt=current.number,
+            run_attempt=task.run_attempt,
             max_attempts=task.max_attempts,
             ttl_seconds=task.ttl_seconds,
             deadline=current.deadline,

@@ -323,6 +323,15 @@ class Task(Aggregate):
         """The attempt a client scheduled (submit or manual retry) that began this run."""
         return self.attempts[self.run_first_attempt - 1]
 
+    @property
+    def run_attempt(self) -> int:
+        """The current attempt's number within its run, from 1 (what `max_attempts` bounds).
+
+        `current.number` counts over the task's whole life, so after a manual retry of a
+        task with `max_attempts` 1 it is 2 while this is 1.
+        """
+        return self.current.number - self.run_first_attempt + 1
+
     def run_deadline_for(self, ttl_seconds: float) -> datetime:
         return self.run_first.scheduled_at + timedelta(seconds=ttl_seconds)
 
@@ -427,7 +436,7 @@ class Task(Aggregate):
             error=error.as_payload(),
             retryable=retryable,
         )
-        attempts_in_run = attempt - self.run_first_attempt + 1
+        attempts_in_run = self.run_attempt
         if not retryable or attempts_in_run >= self.max_attempts:
             return
         not_before = now + timedelta(seconds=policy.delay(attempts_in_run))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ledger import AttemptResult
+from ledger import AttemptError, AttemptResult
 from tests.integration.conftest import Api
 
 pytestmark = [pytest.mark.postgres, pytest.mark.asyncio]
@@ -360,6 +360,28 @@ async def test_cancel_then_retry_with_a_new_ttl(api: Api) -> None:
     body = retried.json()
     assert (body["status"], body["attempt"], body["ttl_seconds"]) == ("Pending", 2, 5)
     assert_problem(await api.client.post(f"{url}/retry", headers=api.auth("acme-submit")), 409)
+
+
+async def test_run_attempt_restarts_at_1_after_a_manual_retry(api: Api) -> None:
+    """`"attempt": 2, "max_attempts": 1` is not a broken limit: the retry began a new run,
+    and `run_attempt` (what max_attempts bounds) says so."""
+    task = await submit(api, max_attempts=1)
+    assert (task["attempt"], task["run_attempt"], task["max_attempts"]) == (1, 1, 1)
+    task_id = uuid.UUID(task["id"])
+    ledger = api.context.ledger
+    await asyncio.to_thread(ledger.start_attempt, task_id, 1, "w1")
+    await asyncio.to_thread(
+        ledger.fail_attempt, task_id, 1, AttemptError("program_error", "exit 1"), retryable=True
+    )
+    url = f"/api/tasks/{task_id}"
+    failed = (await api.client.get(url, headers=api.auth("acme-read"))).json()
+    assert (failed["status"], failed["attempt"], failed["run_attempt"]) == ("Failed", 1, 1)
+    retried = await api.client.post(f"{url}/retry", headers=api.auth("acme-submit"))
+    body = retried.json()
+    assert (body["status"], body["attempt"], body["run_attempt"]) == ("Pending", 2, 1)
+    assert body["max_attempts"] == 1
+    fetched = (await api.client.get(url, headers=api.auth("acme-read"))).json()
+    assert fetched == body
 
 
 # -- who may do what -------------------------------------------------------------------------------

@@ -235,6 +235,28 @@ def test_a_client_retry_opens_a_new_run_with_a_new_deadline_and_budget(end: str)
     assert [a.number for a in task.attempts] == [1, 2]
 
 
+def test_run_attempt_counts_the_attempts_of_the_current_run() -> None:
+    """`attempt` counts over the task's life; `run_attempt` is what max_attempts bounds."""
+    task = submit(ttl_seconds=600, max_attempts=2)
+    assert (task.current.number, task.run_attempt) == (1, 1)
+    task.start_attempt(1, "w1", at(1))
+    task.fail_attempt(1, ERROR, retryable=True, now=at(2), policy=FAST_RETRIES)
+    assert (task.current.number, task.run_attempt) == (2, 2)  # an automatic retry: same run
+    task.start_attempt(2, "w1", at(5))
+    task.fail_attempt(2, ERROR, retryable=True, now=at(6), policy=FAST_RETRIES)
+    assert task.status is Status.FAILED
+    assert (task.current.number, task.run_attempt) == (2, 2)
+    task.retry(at(20), None, LIMITS, "key-1")
+    assert (task.current.number, task.run_attempt) == (3, 1)  # a manual retry: a new run
+    task.start_attempt(3, "w1", at(21))
+    task.fail_attempt(3, ERROR, retryable=True, now=at(22), policy=FAST_RETRIES)
+    assert (task.current.number, task.run_attempt) == (4, 2)
+    # Derived from the events: the task rebuilt from them says the same.
+    rebuilt = project_aggregate(None, task.collect_events())
+    assert rebuilt is not None
+    assert (rebuilt.current.number, rebuilt.run_attempt) == (4, 2)
+
+
 @pytest.mark.parametrize("state", ["pending", "in_progress", "completed"])
 def test_only_failed_expired_or_cancelled_tasks_can_be_retried(state: str) -> None:
     task = submit()

@@ -306,6 +306,11 @@ class TaskMachine(RuleBasedStateMachine):
         assert self.task.current.deadline == self.model.current.deadline
 
     @invariant()
+    def run_attempt_counts_from_the_runs_first_attempt(self) -> None:
+        model = self.model
+        assert self.task.run_attempt == model.current.number - model.run_first + 1
+
+    @invariant()
     def at_most_one_start_and_one_outcome_per_attempt(self) -> None:
         starts: dict[int, int] = {}
         outcomes: dict[int, int] = {}
