@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from api.schemas import TaskOut, TaskSummaryOut
 from ledger import AttemptError, AttemptResult
 from tests.integration.conftest import Api
 
@@ -231,6 +232,18 @@ async def test_long_poll_times_out_with_the_current_state(api: Api) -> None:
         f"/api/tasks/{task['id']}", params={"wait": 61}, headers=api.auth("acme-read")
     )
     assert_problem(too_long, 422, "wait")
+
+
+async def test_bodies_have_the_fields_of_their_documented_shape(api: Api) -> None:
+    """The schemas are the OpenAPI document and docs/api.md's shapes (tests/unit/test_docs)."""
+    task = await submit(api)
+    fetched = await api.client.get(f"/api/tasks/{task['id']}", headers=api.auth("acme-read"))
+    assert set(task) == set(fetched.json()) == set(TaskOut.model_fields)
+    await api.catch_up()
+    listed = (await api.client.get("/api/tasks", headers=api.auth("acme-read"))).json()
+    (item,) = listed["items"]
+    assert set(item) == set(TaskSummaryOut.model_fields)
+    assert item["id"] == task["id"]
 
 
 async def test_list_filters_and_pages(api: Api) -> None:
