@@ -93,6 +93,9 @@ def test_a_role_logs_json_lines_to_stdout_and_its_daily_file(
     assert all("attempt" in line for line in about_tasks), about_tasks
     if role == "dev":
         assert {"task transition", "attempt finished"} <= {line["msg"] for line in about_tasks}
+        # docs/api.md: under `taskledger dev` the request lines go to the dev-… file.
+        requests = [line for line in in_file if line["msg"] == "request"]
+        assert any(line["path"] == "/api/tasks" and line["status"] == 201 for line in requests)
 
 
 def run_a_task(url: str) -> None:
