@@ -383,6 +383,19 @@ tl_services_cleanup() {
     tl_stop_embedded_postgres
 }
 
+# tl_provide_curl: the test of the README's first session runs its curl commands.
+# Installs curl as root with apt-get; returns 1, after saying why, when it cannot.
+tl_provide_curl() {
+    if tl_have curl; then
+        return 0
+    fi
+    if tl_can_apt; then
+        tl_apt_install curl && tl_have curl && return 0
+    fi
+    tl_warn "curl is not installed and cannot be installed here: the README session test cannot run"
+    return 1
+}
+
 # tl_provide_mono: the C# executor needs Mono's compiler and runtime (Debian packages
 # mono-mcs and mono-runtime). Installs them as root with apt-get; returns 1, after saying
 # why, when they are missing and cannot be installed.
