@@ -28,7 +28,8 @@ from tests.processes import free_port, stop
 
 pytestmark = [pytest.mark.postgres]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 SECTION = "## A first session"
 SH_BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
@@ -80,6 +81,8 @@ def dev_url(database_url: str, schema: str, tmp_path: Path) -> Iterator[str]:
         # is under test, and the embedded PostgreSQL has a test of its own.
         "TASKLEDGER_DATABASE_URL": database_url,
         "TASKLEDGER_DATABASE_SCHEMA": schema,
+        # It runs in tmp_path (for `.taskledger/` there); the code is still this tree's.
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     }
     output = tmp_path / "dev.out"
     with output.open("wb") as out:
