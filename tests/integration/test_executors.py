@@ -1,4 +1,6 @@
-"""Executors against real processes in the real sandbox (root here and in CI).
+"""Executors against real processes in the real sandbox (root here and in CI), isolated
+(the zygote) and unisolated (spawned). tests/integration/test_sandbox_attacks.py attacks
+the isolated one.
 
 Containment tests assert on what the sandbox reported it could do: where it could not
 (not root, no network namespace), they say so and skip.
@@ -21,23 +23,24 @@ import pytest_asyncio
 
 from ledger.jsonvalue import JSONValue
 from tests import services
-from workers import sandbox as sandbox_module
 from workers.executors import build_executors, executors
 from workers.executors.base import RunOutcome, RunRequest
 from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
-from workers.sandbox import Limits, Sandbox, uid_processes
+from workers.sandbox import Limits, Sandbox, uid_processes, zygote
+from workers.sandbox.layers import MOUNT_NS, NETWORK_NS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["zygote", "spawn"])
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["isolated", "unisolated"])
 async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    """Every test runs twice: programs forked by the zygote, and spawned."""
-    sandbox = Sandbox(2, zygote=request.param == "zygote")
+    """Every test runs twice: in the isolated sandbox (programs forked by the zygote into
+    their namespaces), and spawned without isolation."""
+    sandbox = Sandbox(2, isolate=request.param == "isolated")
     caps = await sandbox.start()
-    if request.param == "zygote" and caps.root:
-        assert caps.zygote
+    if request.param == "isolated" and caps.root:
+        assert caps.isolated, caps.layers
     yield sandbox
     await sandbox.close()
 
@@ -172,8 +175,9 @@ async def test_output_over_the_cap_is_truncated(python: PythonExecutor) -> None:
     assert outcome.result.stderr == "e" * cap
 
 
-async def test_slots_run_at_once(python: PythonExecutor) -> None:
-    code = "import os\nprint(os.getcwd())"
+async def test_slots_run_at_once_apart(python: PythonExecutor) -> None:
+    # Apart: another user (root) or another directory (spawned without root).
+    code = "import os\nprint(os.getuid(), os.path.realpath(os.environ['HOME']))"
     first, second = await asyncio.gather(
         run(python, request(code, slot=0)), run(python, request(code, slot=1))
     )
@@ -183,13 +187,27 @@ async def test_slots_run_at_once(python: PythonExecutor) -> None:
 
 
 async def test_each_run_has_its_own_directory_removed_afterwards(python: PythonExecutor) -> None:
-    code = "import os\nopen('left.txt', 'w').write('x')\nprint(os.getcwd(), os.environ['HOME'])"
+    code = (
+        "import os\nprint(sorted(os.listdir('.')))\n"
+        "open('left.txt', 'w').write('x')\nprint(os.getcwd(), os.environ['HOME'])"
+    )
     outcome = await run(python, request(code))
     assert outcome.result is not None
-    cwd, home = outcome.result.stdout.split()
+    listing, where = outcome.result.stdout.splitlines()
+    assert listing == "[]"  # a fresh directory
+    cwd, home = where.split()
     assert cwd == home
-    assert Path(cwd).parent == python.sandbox.work_dir
-    assert not Path(cwd).exists()
+    sandbox = python.sandbox
+    if sandbox.capabilities.isolated:
+        assert cwd == "/task"
+    else:
+        assert Path(cwd).parent.parent == sandbox.work_dir
+        assert not Path(cwd).exists()
+    # Nothing of the run is left on the host.
+    runs = sandbox.work_dir / (
+        sandbox.capabilities.users[0].name if sandbox.capabilities.root else ""
+    )
+    assert not any(path.name.startswith("run-") for path in runs.rglob("run-*"))
 
 
 # -- deadlines and cancellation ---------------------------------------------------------
@@ -263,8 +281,8 @@ async def test_runs_as_the_slot_user_without_groups(python: PythonExecutor) -> N
 
 async def test_no_network(python: PythonExecutor) -> None:
     caps = python.sandbox.capabilities
-    if not caps.network_isolated:
-        pytest.skip(f"the sandbox reported no network isolation here: {caps.network_note}")
+    if not caps.active(NETWORK_NS):
+        pytest.skip(f"the sandbox reported no network isolation here: {caps.layers}")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         code = (
@@ -294,12 +312,14 @@ async def test_the_workers_environment_does_not_leak(
     assert "hunter2-secret" not in outcome.result.stdout
 
 
-async def test_unbounded_allocation_fails(python: PythonExecutor) -> None:
+async def test_unbounded_allocation_fails_at_the_memory_limit(python: PythonExecutor) -> None:
     code = "chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))"
     outcome = await run(python, request(code))
     assert outcome.kind == "failed"
+    assert not outcome.retryable
     assert outcome.error is not None
-    assert outcome.error.message == "MemoryError" or "SIGKILL" in outcome.error.message
+    assert outcome.error.kind == "memory_limit", describe(outcome)
+    assert "512 MiB" in outcome.error.message
 
 
 async def test_a_huge_file_is_stopped(python: PythonExecutor) -> None:
@@ -313,7 +333,8 @@ async def test_a_huge_file_is_stopped(python: PythonExecutor) -> None:
     outcome = await run(python, request(code))
     assert outcome.kind == "failed"
     assert outcome.error is not None
-    assert "File too large" in outcome.error.message
+    assert outcome.error.kind == "disk_full", describe(outcome)
+    assert "MiB" in outcome.error.message
 
 
 @needs_users
@@ -365,49 +386,71 @@ async def test_cpu_time_limit(tmp_path: Path) -> None:
         await sandbox.close()
     assert outcome.kind == "failed"
     assert outcome.error is not None
-    assert outcome.error.message.startswith(("killed by SIGXCPU", "killed by SIGKILL"))
+    assert outcome.error.kind == "cpu", describe(outcome)
+    assert outcome.error.message == "the run used its 1 s of CPU time"
 
 
 @needs_users
-async def test_when_the_zygote_dies_runs_fail_retryably_and_then_spawn(tmp_path: Path) -> None:
+async def test_when_the_zygote_dies_runs_fail_retryably_and_a_new_one_serves(
+    tmp_path: Path,
+) -> None:
     sandbox = Sandbox(1, work_dir=tmp_path / "work")
-    assert (await sandbox.start()).zygote
+    assert (await sandbox.start()).isolated
     python = PythonExecutor(sandbox)
     try:
         sleeper = request("import time\ntime.sleep(600)")
         running = asyncio.ensure_future(python.run(sleeper, asyncio.Event()))
         await wait_until(lambda: bool(slot_processes(sandbox)))
-        assert sandbox._zygote is not None
-        sandbox._zygote.kill_now()
+        first = sandbox._zygote
+        assert first is not None
+        first.kill_now()
         outcome = await asyncio.wait_for(running, 15)
         assert outcome.kind == "failed"
         assert outcome.retryable
         assert outcome.error is not None
         assert outcome.error.kind == "sandbox_error"
         assert slot_processes(sandbox) == []
-        after = await run(python, request("print('spawned')"))
+        after = await run(python, request("import os\nprint(os.getpid())"))
         assert after.result is not None
-        assert after.result.stdout == "spawned\n"
+        assert after.result.stdout == "2\n"  # after its init, in its own namespace: isolated
+        assert sandbox._zygote is not None
+        assert sandbox._zygote is not first
     finally:
         await sandbox.close()
 
 
 @needs_users
-async def test_a_zygote_that_cannot_start_means_spawning(
+async def test_a_zygote_that_cannot_start_means_refusing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = sandbox_module.CHILD_SOURCE.replace(
-        "        import ctypes\n", "        raise RuntimeError('broken zygote')\n", 1
-    )
-    monkeypatch.setattr(sandbox_module, "CHILD_SOURCE", broken)
+    broken = tmp_path / "child"
+    broken.mkdir()
+    (broken / "zygote.py").write_text("raise SystemExit('broken zygote')\n")
+    monkeypatch.setattr(zygote, "CHILD_DIR", broken)
     sandbox = Sandbox(1, work_dir=tmp_path / "work")
     try:
-        assert not (await sandbox.start()).zygote
-        outcome = await run(PythonExecutor(sandbox), request("print('spawned')"))
+        caps = await sandbox.start()
+        assert not caps.isolated
+        assert not caps.active(MOUNT_NS)
+        assert caps.refusal is not None
+        outcome = await run(PythonExecutor(sandbox), request("print('never')"))
+        assert outcome.kind == "failed"
+        assert not outcome.retryable
+        assert outcome.error is not None
+        assert outcome.error.kind == "sandbox_unavailable"
+        assert "mount namespace" in outcome.error.message
+        assert "allow_unisolated" in outcome.error.message
+    finally:
+        await sandbox.close()
+    allowed = Sandbox(1, work_dir=tmp_path / "work", allow_unisolated=True)
+    try:
+        caps = await allowed.start()
+        assert caps.refusal is None
+        outcome = await run(PythonExecutor(allowed), request("print('spawned')"))
         assert outcome.result is not None
         assert outcome.result.stdout == "spawned\n"
     finally:
-        await sandbox.close()
+        await allowed.close()
 
 
 async def test_built_executors_start_their_sandbox_on_first_use(tmp_path: Path) -> None:

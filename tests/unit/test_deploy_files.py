@@ -26,7 +26,7 @@ from api.auth import parse_configured_keys
 from taskledger import settings as settings_module
 from taskledger.cli import _parser
 from taskledger.settings import ConfigError, Settings, load_settings
-from workers.executors.slot_users import USER_PREFIX
+from workers.sandbox.users import USER_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -539,7 +539,7 @@ def test_dockerignore_keeps_the_package_and_leaves_out_the_rest() -> None:
         assert ignored(path, patterns), f".dockerignore does not leave out {path}"
     # What `pip install .` needs: the project file, its readme, the packages.
     needed = ["pyproject.toml", "README.md", "ledger/domain.py", "projections/runner.py",
-              "api/app.py", "workers/sandbox.py", "workers/executors/child.py",
+              "api/app.py", "workers/sandbox/sandbox.py", "workers/sandbox/child/zygote.py",
               "taskledger/cli.py"]  # fmt: skip
     for path in needed:
         assert (ROOT / path).exists(), path

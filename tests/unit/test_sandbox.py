@@ -13,13 +13,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from workers.executors.base import RunRequest
-from workers.executors.capture import OutputCapture
-from workers.executors.child import parse_json
 from workers.executors.csharp import _unhandled_exception
 from workers.executors.echo import EchoExecutor
 from workers.executors.outcome import exit_description, outcome
 from workers.executors.python import _reported
-from workers.sandbox import Ended, Limits, Sandbox, _memfd
+from workers.sandbox import Ended, Limits, Sandbox
+from workers.sandbox.capture import OutputCapture
+from workers.sandbox.child.bootstrap import parse_json
+from workers.sandbox.sandbox import _memfd
 
 LIMITS = Limits()
 
@@ -78,7 +79,7 @@ def test_parse_json_without_the_json_module_matches_json(monkeypatch: pytest.Mon
 
 def test_exit_descriptions() -> None:
     assert exit_description(3, LIMITS) == "exit status 3"
-    assert exit_description(-signal.SIGKILL, LIMITS) == "killed by SIGKILL (CPU time limit?)"
+    assert exit_description(-signal.SIGKILL, LIMITS) == "killed by SIGKILL"
     assert exit_description(-signal.SIGXCPU, LIMITS).startswith("killed by SIGXCPU (CPU time")
     assert exit_description(-signal.SIGSEGV, LIMITS) == "killed by SIGSEGV"
 

@@ -168,6 +168,10 @@ class CSharpExecutor:
             return RunOutcome("failed", error=error, retryable=True)
         return None
 
+    async def start(self) -> None:
+        """Start the sandbox now (it logs its layers) rather than on the first task."""
+        await self.sandbox.start()
+
     async def close(self) -> None:
         """Stop the sandbox (shared with the other executors: close them together)."""
         await self.sandbox.close()

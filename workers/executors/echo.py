@@ -23,5 +23,8 @@ class EchoExecutor:
         stdout = orjson.dumps(request.data).decode()
         return RunOutcome("completed", result=AttemptResult(stdout=stdout, exit_code=0))
 
+    async def start(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

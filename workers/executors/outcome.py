@@ -6,7 +6,7 @@ import signal
 
 from ledger import AttemptError, AttemptResult
 from workers.executors.base import RunOutcome
-from workers.sandbox import Ended, Limits, SandboxError
+from workers.sandbox import Ended, LimitKind, Limits, SandboxError, SandboxUnavailable
 
 
 def text(raw: bytes) -> str:
@@ -30,8 +30,23 @@ def _invalid_code(message: str) -> RunOutcome:
 
 
 def sandbox_failure(error: SandboxError) -> RunOutcome:
-    """The sandbox lost the run (its zygote died): the program may be fine, retry it."""
+    """The sandbox could not run the program. Refused for a missing layer: permanent (this
+    worker will not run it); lost (its zygote died): the program may be fine, retry it."""
+    if isinstance(error, SandboxUnavailable):
+        failure = AttemptError("sandbox_unavailable", str(error))
+        return RunOutcome("failed", error=failure, retryable=False)
     return RunOutcome("failed", error=AttemptError("sandbox_error", str(error)), retryable=True)
+
+
+def limit_failure(ended: Ended, limits: Limits, kind: LimitKind) -> RunOutcome:
+    """The run hit one of its limits: permanent, as the same program would hit it again."""
+    error = AttemptError(
+        kind=kind,
+        message=limits.describe(kind),
+        stderr=text(ended.stderr),
+        exit_code=ended.returncode,
+    )
+    return RunOutcome("failed", error=error, retryable=False)
 
 
 def exit_description(returncode: int, limits: Limits) -> str:
@@ -44,7 +59,7 @@ def exit_description(returncode: int, limits: Limits) -> str:
     except ValueError:
         name = f"signal {number}"
     if number == signal.SIGKILL:
-        return "killed by SIGKILL (CPU time limit?)"
+        return "killed by SIGKILL"
     if number == signal.SIGXCPU:
         return f"killed by SIGXCPU (CPU time limit of {limits.cpu_seconds} s)"
     if number == signal.SIGXFSZ:
@@ -60,10 +75,13 @@ def outcome(
     message: str | None = None,
     retryable: bool = True,
 ) -> RunOutcome:
-    """Completed on exit 0; else failed with `message` (or the exit description)."""
+    """Completed on exit 0; failed at a limit (permanent); else failed with `message` (or
+    the exit description)."""
     if ended.how != "exited":
         return RunOutcome(ended.how)
     assert ended.returncode is not None
+    if ended.returncode != 0 and ended.limit is not None:
+        return limit_failure(ended, limits, ended.limit)
     if ended.returncode == 0:
         result = AttemptResult(
             stdout=text(ended.stdout),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from workers.sandbox.errors import SandboxError
+
 log = logging.getLogger(__name__)
 
 USER_PREFIX = "tlsbx"
@@ -22,10 +24,6 @@ MAX_USERS = 256
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 KILL_WAIT_SECONDS = 10.0  # SIGKILLed processes are gone well before this
 ZOMBIE_WAIT_SECONDS = 3.0  # for pid 1 to bury orphans (see wait_for_no_processes)
-
-
-class SandboxError(Exception):
-    """The sandbox cannot run programs on this machine (the message says why)."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
-"""The worker's side of the zygote (see `child.Zygote`): start it, send it runs, hear
-back when they end.
+"""The worker's side of the zygote (`child/zygote.py`): start it, prepare its slots,
+send it runs, hear back when they end.
 
 Bound to the event loop that started it. Every request carries the run's descriptors
 (SCM_RIGHTS over a SOCK_SEQPACKET socket, so each message arrives whole); replies say a
-run `started` (its pid) and `exited` (its return code, and whether the zygote made sure
-that nothing of its slot's user is left). If the zygote dies, every waiting run fails
-with `ZygoteLost` and the zygote stays dead: the sandbox then spawns.
+slot is `prepared`, a run `started` (its pid) and `exited` (its return code, whether the
+zygote saw its slot's cgroup empty, and which of its tmpfs filled up), or that a request
+`failed` (why). If the zygote dies, every waiting run fails with `ZygoteLost` and this
+zygote stays dead: the sandbox starts another.
 """
 
 from __future__ import annotations
@@ -19,18 +20,29 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+CHILD_DIR = Path(__file__).parent / "child"
+ANSWER_SECONDS = 30.0  # for the zygote to prepare a slot (it builds a root: milliseconds)
 
 
 class ZygoteLost(Exception):
     """The zygote died or stopped answering: the run's fate is unknown."""
 
 
+class ZygoteRefused(Exception):
+    """The zygote could not do what was asked (the message says why); it lives on."""
+
+
 @dataclass(frozen=True)
 class Exited:
     returncode: int
     clean: bool  # the zygote saw to it that no process of the slot is left
+    full: tuple[str, ...] = ()  # the run's tmpfs mounts that were full at its end
 
 
 class ZygoteRun:
@@ -55,20 +67,21 @@ class Zygote:
         self.alive = True
         self._ids = itertools.count(1)
         self._runs: dict[int, ZygoteRun] = {}
+        self._prepared: dict[int, asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(control.fileno(), self._on_readable)
 
     @classmethod
-    async def start(cls, python: str, source: str, env: Mapping[str, str]) -> Zygote:
+    async def start(cls, python: str, env: Mapping[str, str]) -> Zygote:
+        """Start `child/zygote.py` on `python` (as root: it builds the slots' sandboxes)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = await asyncio.create_subprocess_exec(
                 python,
                 "-I",
                 "-S",
-                "-c",
-                source,
-                "zygote",
+                str(CHILD_DIR / "zygote.py"),
+                "serve",
                 str(theirs.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
@@ -81,6 +94,23 @@ class Zygote:
             theirs.close()
         ours.setblocking(False)
         return cls(process, ours)
+
+    async def prepare(self, request: dict[str, object]) -> None:
+        """Build slot `request["slot"]`'s sandbox; ZygoteRefused says why it could not."""
+        slot = request["slot"]
+        assert isinstance(slot, int)
+        answer = self._loop.create_future()
+        self._prepared[slot] = answer
+        try:
+            await self.send({**request, "op": "prepare"}, ())
+            await asyncio.wait_for(asyncio.shield(answer), ANSWER_SECONDS)
+        except TimeoutError:
+            self.kill_now()
+            raise ZygoteLost(
+                f"no answer to preparing slot {slot} in {ANSWER_SECONDS:g} s"
+            ) from None
+        finally:
+            self._prepared.pop(slot, None)
 
     async def run(self, request: dict[str, object], fds: Sequence[int]) -> ZygoteRun:
         """Ask for a run; returns once the zygote has forked it (the fds are then its)."""
@@ -125,16 +155,38 @@ class Zygote:
             if not data:
                 self._lost("it closed its socket")
                 return
-            reply = json.loads(data)
-            run = self._runs.get(reply["id"])
-            if run is None:
-                continue
-            if reply["op"] == "started" and not run.started.done():
-                run.started.set_result(reply["pid"])
-            elif reply["op"] == "exited":
-                self._runs.pop(run.id, None)
-                if not run.exited.done():
-                    run.exited.set_result(Exited(reply["returncode"], reply["clean"]))
+            self._answer(json.loads(data))
+
+    def _answer(self, reply: dict[str, Any]) -> None:
+        op = reply["op"]
+        if op in ("prepared", "failed") and "id" not in reply:
+            answer = self._prepared.get(reply["slot"])
+            if answer is not None and not answer.done():
+                if op == "prepared":
+                    answer.set_result(None)
+                else:
+                    answer.set_exception(ZygoteRefused(str(reply["message"])))
+            return
+        run = self._runs.get(reply["id"])
+        if run is None:
+            return
+        if op == "started" and not run.started.done():
+            run.started.set_result(reply["pid"])
+        elif op == "failed" and not run.started.done():
+            self._runs.pop(run.id, None)
+            run.started.set_exception(ZygoteRefused(str(reply["message"])))
+            run.exited.cancel()
+        elif op == "exited":
+            self._runs.pop(run.id, None)
+            if not run.exited.done():
+                full = reply.get("full") or []
+                assert isinstance(full, list)
+                exited = Exited(
+                    returncode=reply["returncode"],
+                    clean=bool(reply["clean"]),
+                    full=tuple(str(target) for target in full),
+                )
+                run.exited.set_result(exited)
 
     def _lost(self, why: str) -> None:
         if not self.alive:
@@ -142,7 +194,7 @@ class Zygote:
         self.alive = False
         self._loop.remove_reader(self.control.fileno())
         log.error(
-            "sandbox: the zygote died (%s); programs are spawned from now on",
+            "sandbox: the zygote died (%s); a new one starts for the next run",
             why,
             extra={"zygote_pid": self.process.pid},
         )
@@ -153,6 +205,9 @@ class Zygote:
             elif not run.exited.done():
                 run.exited.set_exception(ZygoteLost(why))
         self._runs.clear()
+        for answer in self._prepared.values():
+            if not answer.done():
+                answer.set_exception(ZygoteLost(why))
 
     async def close(self) -> None:
         """Stop the zygote: closing its socket makes it kill what it started and exit."""
@@ -168,7 +223,7 @@ class Zygote:
             await self.process.wait()
 
     def kill_now(self) -> None:
-        """SIGKILL the zygote (it stopped answering; or a test of the fallback): its
-        runs fail with ZygoteLost once its socket closes."""
+        """SIGKILL the zygote (it stopped answering; or a test of its loss): its runs
+        fail with ZygoteLost once its socket closes."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.process.pid, 9)

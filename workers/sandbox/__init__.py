@@ -1,0 +1,45 @@
+"""The sandbox untrusted programs run in (docs/sandbox.md).
+
+- `sandbox.py`: the `Sandbox` a worker runs programs in, slot by slot;
+- `limits.py`: what a run may use; `layers.py`: the layers of isolation and their check;
+- `cgroups.py`, `seccomp.py`, `users.py`: the layers' own parts;
+- `zygote.py`: the worker's side of the zygote; `child/`: what runs on the sandbox's
+  interpreter (the zygote and the Python bootstrap), standard library only;
+- `spawn.py`: the unisolated way to start a program, where isolation is not possible;
+- `capture.py`: reading a program's output up to a cap.
+"""
+
+from workers.sandbox.errors import SandboxError, SandboxUnavailable
+from workers.sandbox.layers import Layer
+from workers.sandbox.limits import LimitKind, Limits, MiB
+from workers.sandbox.sandbox import (
+    Argv,
+    Capabilities,
+    Command,
+    Ended,
+    PythonSource,
+    Sandbox,
+    Workspace,
+    loop_deadline,
+)
+from workers.sandbox.users import CLEAN_PATH, SlotUser, uid_processes
+
+__all__ = [
+    "CLEAN_PATH",
+    "Argv",
+    "Capabilities",
+    "Command",
+    "Ended",
+    "Layer",
+    "LimitKind",
+    "Limits",
+    "MiB",
+    "PythonSource",
+    "Sandbox",
+    "SandboxError",
+    "SandboxUnavailable",
+    "SlotUser",
+    "Workspace",
+    "loop_deadline",
+    "uid_processes",
+]

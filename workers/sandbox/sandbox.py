@@ -1,0 +1,861 @@
+"""The sandbox programs run in.
+
+A worker creates one `Sandbox` with its concurrency as the number of slots, `await
+sandbox.start()` once (it checks each layer, claims one unprivileged user per slot, makes
+the slots' cgroups, starts the zygote that builds each slot's namespaces, and logs what is
+active), runs programs with `workspace()` + `run()`, and `await sandbox.close()` at
+shutdown. One slot runs one program at a time; the caller (the worker) hands out slots.
+
+Isolated (root, with mount, PID, IPC and network namespaces): every run is forked by the
+zygote (`child/zygote.py`) into its own world; see docs/sandbox.md. Where a layer is
+missing the sandbox refuses to run programs (`SandboxUnavailable`) unless the operator
+opted in (`allow_unisolated`); without namespaces it then spawns them through exec
+wrappers (`spawn.py`), which isolate far less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal, Protocol
+
+from workers.sandbox import cgroups, layers
+from workers.sandbox import seccomp as seccomp_filter
+from workers.sandbox.capture import OutputCapture
+from workers.sandbox.cgroups import CgroupError, Counters, SlotCgroup
+from workers.sandbox.errors import SandboxError, SandboxUnavailable
+from workers.sandbox.layers import Layer
+from workers.sandbox.limits import LimitKind, Limits, signal_limit
+from workers.sandbox.spawn import BOOTSTRAP, Spawner
+from workers.sandbox.users import (
+    CLEAN_PATH,
+    SlotUser,
+    claim_users,
+    run_quietly,
+    uid_processes,
+    wait_for_no_processes,
+)
+from workers.sandbox.zygote import Zygote, ZygoteLost, ZygoteRefused, ZygoteRun
+
+log = logging.getLogger(__name__)
+
+ZYGOTE_ANSWER_SECONDS = 10.0  # for the zygote to report the end of a run it killed
+TASK_DIR = "/task"  # where an isolated run sees its directory
+# What the languages need in a slot's root besides /usr (bound read-only where present).
+ROOT_PATHS = ("/etc/ld.so.cache", "/etc/localtime", "/etc/mono", "/etc/alternatives")
+NAMESPACE_FLAGS = {
+    layers.MOUNT_NS: "--mount",
+    layers.PID_NS: "--pid",
+    layers.IPC_NS: "--ipc",
+    layers.NETWORK_NS: "--net",
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the sandbox found at `start`, and how it runs programs."""
+
+    root: bool
+    users: tuple[SlotUser, ...]  # one per slot when root, else empty
+    layers: tuple[Layer, ...]
+    python: str  # the interpreter Python programs run on
+    isolated: bool  # runs are forked by the zygote into their namespaces (else spawned)
+    refusal: str | None  # why programs are refused (a layer missing, no opt-in)
+
+    @property
+    def missing(self) -> list[Layer]:
+        return layers.missing(self.layers)
+
+    def active(self, name: str) -> bool:
+        return any(layer.name == name and layer.active for layer in self.layers)
+
+
+@dataclass(frozen=True)
+class Argv:
+    """Run an executable (found on the sandbox's clean PATH)."""
+
+    argv: Sequence[str]
+
+
+@dataclass(frozen=True)
+class PythonSource:
+    """Run Python source on the sandbox's interpreter through the bootstrap."""
+
+    source: bytes
+
+
+Command = Argv | PythonSource
+
+
+@dataclass
+class Ended:
+    """How one sandboxed process ended. `returncode` is negative for a signal (as in
+    subprocess) and None when it was killed for the deadline or a cancel. `limit` names
+    the limit the run hit when it failed at one."""
+
+    how: Literal["exited", "expired", "cancelled"]
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    truncated: bool
+    report: bytes  # the Python bootstrap's report line(s), empty otherwise
+    duration_ms: float
+    limit: LimitKind | None = None
+
+
+@dataclass
+class Workspace:
+    """A run's private directory (owned by the slot user, removed afterwards). `path` is
+    where the worker finds it; the program sees it as `inside`."""
+
+    slot: int
+    path: Path
+    inside: str
+    env: dict[str, str] = field(default_factory=dict)
+    clean: bool = True  # no process of the slot can be left (none ran, or it was killed)
+
+
+def loop_deadline(deadline: datetime) -> float:
+    """The event loop's clock reading at which `deadline` (aware UTC) passes."""
+    remaining = (deadline - datetime.now(UTC)).total_seconds()
+    return asyncio.get_running_loop().time() + remaining
+
+
+class Sandbox:
+    def __init__(
+        self,
+        slots: int,
+        limits: Limits | None = None,
+        *,
+        work_dir: Path | None = None,
+        lock_dir: Path | None = None,
+        isolate: bool = True,
+        allow_unisolated: bool = False,
+    ) -> None:
+        """`isolate=False` asks for the unisolated (spawned) sandbox; `allow_unisolated`
+        runs programs even when a layer is missing (the operator's explicit opt-in)."""
+        if slots < 1:
+            raise ValueError("a sandbox needs at least one slot")
+        self.slots = slots
+        self.limits = limits or Limits()
+        base = Path(tempfile.gettempdir())
+        self.work_dir = work_dir or base / "taskledger-sandbox"
+        self.lock_dir = lock_dir or (
+            Path("/run/lock/taskledger-sandbox")
+            if Path("/run/lock").is_dir()
+            else base / "taskledger-sandbox-locks"
+        )
+        self.isolate = isolate
+        self.allow_unisolated = allow_unisolated or not isolate
+        self._spawner = Spawner()
+        self._zygote: Zygote | None = None
+        self._zygote_lock: asyncio.Lock | None = None
+        self._probing: Zygote | None = None  # a new zygote, running its first program
+        self._capabilities: Capabilities | None = None
+        self._started = False
+        self._starting: asyncio.Lock | None = None
+        self._locks: list[IO[bytes]] = []
+        self._cgroups: dict[int, SlotCgroup] = {}
+        self._seccomp: bytes | None = None
+        self._binds: list[str] = []
+        self._orphaned: set[int] = set()  # slots whose killed processes may be zombies
+
+    # -- start and stop -------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._capabilities is None:
+            raise RuntimeError("Sandbox.start() has not run")
+        return self._capabilities
+
+    async def start(self) -> Capabilities:
+        """Check each layer, claim one user per slot, prepare the slots, log it once.
+
+        Idempotent: the executors call it before each run, so a sandbox nobody started
+        starts on first use (in the event loop that uses it, as the zygote must)."""
+        if self._started:
+            return self.capabilities
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if not self._started:
+                try:
+                    await self._start()
+                except BaseException:
+                    await self.close()
+                    raise
+                self._started = True
+        return self.capabilities
+
+    async def _start(self) -> None:
+        network_problem = await self._spawner.start()
+        root = os.geteuid() == 0
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Root-owned and not listable: a slot user can enter only its own run directory.
+        os.chmod(self.work_dir, 0o711)  # noqa: S103
+        users: tuple[SlotUser, ...] = ()
+        if root:
+            claimed, self._locks = await claim_users(self.slots, self.lock_dir)
+            users = tuple(claimed)
+        found: dict[str, Layer] = {}
+        found[layers.SLOT_USERS] = Layer(
+            layers.SLOT_USERS,
+            root,
+            f"{', '.join(u.name for u in users)}: one unprivileged user per slot"
+            if root
+            else f"not root (uid {os.geteuid()}): programs would run as this same user",
+        )
+        if root and self.isolate:
+            found.update(await self._probe_namespaces())
+            found.update(self._make_cgroups(users))
+            found[layers.SECCOMP] = self._build_seccomp()
+        else:
+            why = "needs the isolated sandbox (root)" if self.isolate else "isolation is off"
+            for name in (*layers.NAMESPACES, *layers.CGROUP_LAYERS.values(), layers.SECCOMP):
+                found[name] = Layer(name, False, why)
+            found[layers.NETWORK_NS] = Layer(
+                layers.NETWORK_NS,
+                self._spawner.network,
+                "a new one per run (spawned)" if self._spawner.network else network_problem,
+            )
+        self._capabilities = Capabilities(
+            root=root,
+            users=users,
+            layers=tuple(found[name] for name in layers.ORDER),
+            python="",
+            isolated=root and self.isolate and all(found[n].active for n in layers.NAMESPACES),
+            refusal=None,
+        )
+        self._sweep(users)
+        if self._capabilities.isolated:
+            python, self._binds = await self._choose_isolated_python()
+            self._capabilities = _replace(self._capabilities, python=python)
+            try:
+                self._zygote = await self._start_zygote()
+            except SandboxError as error:
+                # Namespaces could be made, but not a root from them: run unisolated.
+                self._capabilities = _replace(
+                    self._capabilities,
+                    isolated=False,
+                    layers=_with(self._capabilities.layers, layers.MOUNT_NS, False, str(error)),
+                )
+        if not self._capabilities.isolated:
+            for slot in range(len(users)):
+                await self.kill_slot(slot)  # leftovers of a worker that died holding the user
+            python = await self._choose_spawned_python()
+            self._capabilities = _replace(self._capabilities, python=python)
+        missing = self._capabilities.missing
+        if missing and not self.allow_unisolated:
+            refusal = layers.refusal(missing)
+            self._capabilities = _replace(self._capabilities, refusal=refusal)
+        self._log_capabilities()
+
+    async def _probe_namespaces(self) -> dict[str, Layer]:
+        """Each namespace the isolated sandbox needs, tried with util-linux's unshare."""
+        unshare = self._spawner.tools["unshare"]
+        limits = self.limits
+        mounts = (
+            "a read-only root of what the languages need; fresh tmpfs /tmp, /var/tmp, "
+            f"/dev/shm ({limits.tmp_bytes // 2**20} MiB, {limits.tmp_files} files each); "  # noqa: S108
+            f"{TASK_DIR}: the run's directory"
+        )
+        found = {}
+        for name, flag in NAMESPACE_FLAGS.items():
+            argv = [unshare, flag, *(["--fork"] if flag == "--pid" else []), "--", "true"]
+            code, output = await run_quietly(argv)
+            detail = {
+                layers.MOUNT_NS: mounts,
+                layers.PID_NS: "a run sees only its own processes; they all end with it",
+                layers.IPC_NS: "SysV IPC and POSIX message queues of its own per run",
+                layers.NETWORK_NS: "an empty network namespace per slot: no interface",
+            }[name]
+            if code != 0:
+                detail = f"`unshare {flag}` failed here: {output.strip() or code}"
+            found[name] = Layer(name, code == 0, detail)
+        return found
+
+    def _make_cgroups(self, users: Sequence[SlotUser]) -> dict[str, Layer]:
+        found = cgroups.find()
+        problems: dict[str, str] = dict(found.missing)
+        limits = self.limits
+        if found.bases:
+            try:
+                for slot, user in enumerate(users):
+                    cgroup = cgroups.create(found, user.name)
+                    cgroup.configure(limits.memory_bytes, limits.processes, limits.cpus)
+                    self._cgroups[slot] = cgroup
+            except CgroupError as error:
+                for cgroup in self._cgroups.values():
+                    cgroup.remove()
+                self._cgroups.clear()
+                problems = {name: str(error) for name in cgroups.CONTROLLERS}
+        described = cgroups.describe(found)
+        bounds = {
+            "memory": f"{limits.memory_bytes // 2**20} MiB",
+            "pids": f"{limits.processes} processes",
+            "cpu": f"{limits.cpus:g} CPU",
+        }
+        return {
+            layer: Layer(
+                layer,
+                controller not in problems,
+                problems.get(controller, f"{bounds[controller]} per slot; {described[controller]}"),
+            )
+            for controller, layer in layers.CGROUP_LAYERS.items()
+        }
+
+    def _build_seccomp(self) -> Layer:
+        try:
+            built = seccomp_filter.build()
+        except (seccomp_filter.SeccompUnavailable, OSError) as error:
+            return Layer(layers.SECCOMP, False, str(error))
+        self._seccomp = built.bpf
+        detail = f"{len(built.denied)} system calls refused with EPERM, clone3 with ENOSYS"
+        if built.unknown:
+            detail += f" (unknown here: {', '.join(built.unknown)})"
+        return Layer(layers.SECCOMP, True, detail)
+
+    def _sweep(self, users: Sequence[SlotUser]) -> None:
+        """Remove what runs of a worker that was killed left in the work directory: its
+        run directories (the isolated ones go with their tmpfs when the zygote mounts a new
+        one), and those of the layout before it (`slotN-*`, owned by our slot users)."""
+        uids = {user.uid for user in users}
+        for entry in os.scandir(self.work_dir):
+            try:
+                owner = entry.stat(follow_symlinks=False).st_uid
+            except OSError:
+                continue
+            stale = entry.name.startswith("slot") and owner in uids
+            stale = stale or _dead_worker_dir(entry.name)
+            if stale:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        for user in users:  # (a stale tmpfs there is replaced by the zygote, too)
+            runs = self.work_dir / user.name
+            if runs.is_dir():
+                for entry in os.scandir(runs):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+    async def _choose_isolated_python(self) -> tuple[str, list[str]]:
+        """The interpreter for programs and the zygote, and what its root must bind: the
+        system's of the worker's version (it lives in /usr), else the worker's own (its
+        prefix is bound read-only into the slot's root)."""
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = []
+        for name in (version, "python3"):
+            found = shutil.which(name, path=CLEAN_PATH)
+            if found:
+                candidates.append(os.path.realpath(found))
+        candidates.append(os.path.realpath(sys.executable))
+        problems = []
+        for python in dict.fromkeys(candidates):
+            code, output = await run_quietly(
+                [
+                    python,
+                    "-I",
+                    "-S",
+                    "-c",
+                    "import sys;print(sys.base_prefix, sys.version_info[:2])",
+                ]
+            )
+            if code != 0:
+                problems.append(f"{python}: {output.strip()}")
+                continue
+            prefix = output.split()[0]
+            binds = [prefix] if not prefix.startswith("/usr") else []
+            return python, [*binds, *ROOT_PATHS]
+        raise SandboxError("no Python interpreter for the sandbox: " + "; ".join(problems))
+
+    async def _choose_spawned_python(self) -> str:
+        """The interpreter for spawned programs: ours, if the slot user can run it (it may
+        live under a home directory it cannot enter), else the system's."""
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        candidates = [os.path.realpath(sys.executable)]
+        for name in (version, "python3"):
+            found = shutil.which(name, path=CLEAN_PATH)
+            if found:
+                candidates.append(os.path.realpath(found))
+        problems = []
+        for candidate in dict.fromkeys(candidates):
+            probe = [candidate, "-I", "-S", "-c", "print(1)"]
+            code, output = await run_quietly(self._spawner.wrap(probe, self.limits, self._user(0)))
+            if code == 0:
+                return candidate
+            problems.append(f"{candidate}: {output.strip() or code}")
+        raise SandboxError("no Python interpreter runs in the sandbox: " + "; ".join(problems))
+
+    async def _start_zygote(self) -> Zygote:
+        """Start a zygote, prepare every slot in it, and run one program through it."""
+        caps = self.capabilities
+        zygote = await Zygote.start(caps.python, {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"})
+        try:
+            for slot, user in enumerate(caps.users):
+                # A zygote replacing one that died keeps the run directories of runs
+                # that are about to start.
+                fresh = self._zygote is None
+                await zygote.prepare({**self._slot_request(slot, user), "fresh": fresh})
+            self._probing = zygote
+            async with self.workspace(0) as workspace:
+                ended = await self.run(
+                    workspace,
+                    PythonSource(b"print(data)"),
+                    stdin=b"1",
+                    deadline=asyncio.get_running_loop().time() + 30,
+                    cancelled=asyncio.Event(),
+                )
+            if ended.returncode != 0 or ended.stdout != b"1\n":
+                stderr = ended.stderr.decode(errors="replace").strip()
+                raise SandboxError(f"a probe program {ended.how} {ended.returncode}: {stderr}")
+        except (ZygoteLost, ZygoteRefused, SandboxError) as error:
+            await zygote.close()
+            raise SandboxError(f"the zygote could not prepare the sandbox: {error}") from None
+        finally:
+            self._probing = None
+        return zygote
+
+    def _slot_request(self, slot: int, user: SlotUser) -> dict[str, object]:
+        limits = self.limits
+        cgroup = self._cgroups.get(slot)
+        return {
+            "slot": slot,
+            "uid": user.uid,
+            "gid": user.gid,
+            "runs_dir": str(self.work_dir / user.name),
+            "stage_dir": str(self.work_dir / f".root-{user.name}"),
+            "tmp_bytes": limits.tmp_bytes,
+            "tmp_files": limits.tmp_files,
+            "binds": self._binds,
+            "etc": _etc_files(user),
+            "cgroup_procs": cgroup.procs_files if cgroup else [],
+            "seccomp": base64.b64encode(self._seccomp).decode() if self._seccomp else None,
+        }
+
+    async def _live_zygote(self) -> Zygote:
+        """The zygote; a new one if the last died (its runs failed with it)."""
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            return zygote
+        if self._zygote_lock is None:
+            self._zygote_lock = asyncio.Lock()
+        async with self._zygote_lock:
+            zygote = self._zygote
+            if zygote is None or not zygote.alive:
+                log.warning("sandbox: starting a new zygote (the last one died)")
+                replacement = await self._start_zygote()
+                if zygote is not None:
+                    await zygote.close()
+                self._zygote = zygote = replacement
+            return zygote
+
+    async def close(self) -> None:
+        """Kill whatever the slots still run and release the slot users and cgroups."""
+        if self._zygote is not None:
+            await self._zygote.close()  # it kills what it started
+            self._zygote = None
+        if self._capabilities is not None:
+            for slot in range(self.slots):
+                await self.kill_slot(slot)
+        for cgroup in self._cgroups.values():
+            cgroup.remove()
+        self._cgroups.clear()
+        for lock in self._locks:
+            lock.close()
+        self._locks.clear()
+        self._capabilities = None  # a later start() claims users again
+        self._started = False
+
+    def _log_capabilities(self) -> None:
+        caps = self.capabilities
+        how = (
+            "every run is forked by a warm zygote into its own namespaces"
+            if caps.isolated
+            else "programs are SPAWNED WITHOUT ISOLATION (util-linux wrappers)"
+        )
+        state = ", ".join(
+            f"{layer.name}: {'on' if layer.active else 'OFF'}" for layer in caps.layers
+        )
+        extra = {
+            "layers": {layer.name: layer.active for layer in caps.layers},
+            "isolated": caps.isolated,
+            "python": caps.python,
+            "slot_users": [u.name for u in caps.users],
+            "memory_bytes": self.limits.memory_bytes,
+            "processes": self.limits.processes,
+            "cpus": self.limits.cpus,
+            "tmp_bytes": self.limits.tmp_bytes,
+            "work_dir": str(self.work_dir),
+        }
+        if caps.refusal is not None:
+            log.error(
+                "sandbox: REFUSING python and csharp tasks: %s. Layers: %s",
+                caps.refusal,
+                state,
+                extra=extra,
+            )
+        elif caps.missing:
+            log.warning(
+                "sandbox: RUNNING UNTRUSTED CODE WITHOUT %s (allowed by [sandbox] "
+                "allow_unisolated): %s; python on %s",
+                ", ".join(layer.name for layer in caps.missing),
+                how,
+                caps.python,
+                extra=extra,
+            )
+        else:
+            log.info(
+                "sandbox ready: every layer is active (%s); %s; python on %s",
+                state,
+                how,
+                caps.python,
+                extra=extra,
+            )
+
+    # -- running ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def workspace(self, slot: int) -> AsyncIterator[Workspace]:
+        """A fresh directory for one run in `slot`; afterwards the slot is killed and the
+        directory removed."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.slots - 1}")
+        user = self._user(slot)
+        if slot in self._orphaned and user is not None:
+            self._orphaned.discard(slot)
+            await wait_for_no_processes(user, zombies=True)  # they count against NPROC
+        runs = self._runs_dir(slot)
+        path = runs / f"run-{secrets.token_hex(8)}"
+        path.mkdir(mode=0o700)
+        if user is not None:
+            os.chown(path, user.uid, user.gid)
+        isolated = self.capabilities.isolated
+        inside = TASK_DIR if isolated else str(path)
+        env = {
+            "PATH": CLEAN_PATH,
+            "HOME": inside,
+            "TMPDIR": "/tmp" if isolated else inside,  # noqa: S108 - the run's own tmpfs
+            "LANG": "C.UTF-8",
+        }
+        workspace = Workspace(slot=slot, path=path, inside=inside, env=env)
+        try:
+            yield workspace
+        finally:
+            if not workspace.clean:
+                await self.kill_slot(slot)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _runs_dir(self, slot: int) -> Path:
+        user = self._user(slot)
+        if user is not None:
+            runs = self.work_dir / user.name
+        else:
+            runs = self.work_dir / f"uid{os.getuid()}-pid{os.getpid()}"
+        runs.mkdir(mode=0o711, exist_ok=True)
+        return runs
+
+    async def run(
+        self,
+        workspace: Workspace,
+        command: Command,
+        *,
+        stdin: bytes,
+        deadline: float,
+        cancelled: asyncio.Event,
+        limits: Limits | None = None,
+    ) -> Ended:
+        """Run one process in `workspace` until it ends, the loop clock passes `deadline`,
+        or `cancelled` is set; then kill the slot. Output is captured up to the caps.
+
+        Raises `SandboxUnavailable` when a layer is missing and not allowed, and
+        `SandboxError` when the zygote died under the run (its slot is killed)."""
+        refusal = self.capabilities.refusal
+        if refusal is not None:
+            raise SandboxUnavailable(refusal)
+        limits = limits or self.limits
+        loop = asyncio.get_running_loop()
+        if cancelled.is_set():
+            return Ended("cancelled", None, b"", b"", False, b"", 0.0)
+        if loop.time() >= deadline:
+            return Ended("expired", None, b"", b"", False, b"", 0.0)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        report_r, report_w = os.pipe()
+        # The child's descriptors, in the order it gets them (0, 1, 2, then Python's).
+        child_fds = [_memfd("stdin", stdin), out_w, err_w]
+        if isinstance(command, PythonSource):
+            child_fds += [_memfd("code", command.source), report_w]
+        cgroup = self._cgroups.get(workspace.slot)
+        before = cgroup.counters() if cgroup is not None else Counters()
+        workspace.clean = False
+        try:
+            started = time.perf_counter()
+            process = await self._launch(workspace, command, child_fds, limits)
+        except BaseException:
+            for fd in (out_r, err_r, report_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in {*child_fds, report_w}:
+                os.close(fd)
+        stdout = await OutputCapture.attach(out_r, limits.output_bytes)
+        stderr = await OutputCapture.attach(err_r, limits.output_bytes)
+        report = await OutputCapture.attach(report_r, 64 * 1024)
+        how: Literal["exited", "expired", "cancelled"] = "exited"
+        waiter = asyncio.ensure_future(process.wait())
+        canceller = asyncio.ensure_future(cancelled.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, canceller},
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if waiter not in done:
+                how = "cancelled" if canceller in done else "expired"
+                await process.kill()
+        finally:
+            canceller.cancel()
+            try:
+                # Whatever happens to this coroutine, nothing of the slot outlives it.
+                if not waiter.done():
+                    await process.kill()
+                returncode = await waiter
+                await process.clean()
+                workspace.clean = True
+            finally:
+                duration_ms = (time.perf_counter() - started) * 1000
+                await OutputCapture.drain(stdout, stderr, report)
+        limit = None
+        if how == "exited" and returncode != 0:
+            after = cgroup.counters() if cgroup is not None else Counters()
+            limit = _limit_hit(before, after, [*process.full, *_full(workspace)], returncode)
+        return Ended(
+            how=how,
+            returncode=returncode if how == "exited" else None,
+            stdout=stdout.data(),
+            stderr=stderr.data(),
+            truncated=stdout.truncated or stderr.truncated,
+            report=report.data(),
+            duration_ms=duration_ms,
+            limit=limit,
+        )
+
+    async def _launch(
+        self, workspace: Workspace, command: Command, child_fds: list[int], limits: Limits
+    ) -> _Process:
+        user = self._user(workspace.slot)
+        if self.capabilities.isolated:
+            zygote = self._probing or await self._live_zygote()
+            request: dict[str, object] = {
+                "slot": workspace.slot,
+                "run_dir": workspace.path.name,
+                "env": workspace.env,
+                "limits": limits.rlimits(per_user=user is not None),
+                "argv": list(command.argv) if isinstance(command, Argv) else None,
+            }
+            try:
+                return _ZygoteProcess(self, workspace.slot, await zygote.run(request, child_fds))
+            except (ZygoteLost, ZygoteRefused) as error:
+                raise SandboxError(f"the zygote could not start the run: {error}") from None
+        source = None
+        if isinstance(command, PythonSource):
+            code_fd, report_fd = child_fds[3:]
+            source = _memfd("bootstrap", BOOTSTRAP)
+            argv = Spawner.python_argv(self.capabilities.python, source, code_fd, report_fd)
+            child_fds = [*child_fds, source]
+        else:
+            argv = list(command.argv)
+        try:
+            process = await self._spawner.spawn(
+                argv, child_fds, env=workspace.env, cwd=workspace.path, limits=limits, user=user
+            )
+        finally:
+            if source is not None:
+                os.close(source)
+        return _SpawnedProcess(self, workspace.slot, process)
+
+    # -- killing ----------------------------------------------------------------------
+
+    async def kill_slot(self, slot: int, process_group: int | None = None) -> None:
+        """SIGKILL every process of the slot: its process group, its cgroup, and (as root)
+        every process of the slot's user, including any that left the group."""
+        if process_group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process_group, signal.SIGKILL)
+        cgroup = self._cgroups.get(slot)
+        if cgroup is not None:
+            await asyncio.to_thread(cgroup.kill)
+        user = self._user(slot)
+        # No process of the user left means none can appear: only its own processes
+        # (or we) could start one. That saves spawning the killer after most runs.
+        if user is not None and uid_processes(user.uid):
+            await self._spawner.kill_uid(user, self.capabilities.python)
+            await wait_for_no_processes(user)
+            self._orphaned.add(slot)  # their zombies may wait for pid 1 a while
+
+    def _user(self, slot: int) -> SlotUser | None:
+        users = self.capabilities.users
+        return users[slot] if users else None
+
+    def slot_uid(self, slot: int) -> int | None:
+        user = self._user(slot)
+        return None if user is None else user.uid
+
+
+class _Process(Protocol):
+    full: tuple[str, ...]  # the run's filesystems that were full at its end
+
+    async def wait(self) -> int:
+        """The return code (negative: killed by that signal)."""
+        ...
+
+    async def kill(self) -> None:
+        """Kill the run now: everything it started."""
+        ...
+
+    async def clean(self) -> None:
+        """After the end: return once no process of the slot is left."""
+        ...
+
+
+class _SpawnedProcess:
+    full: tuple[str, ...] = ()
+
+    def __init__(self, sandbox: Sandbox, slot: int, process: asyncio.subprocess.Process) -> None:
+        self.sandbox = sandbox
+        self.slot = slot
+        self.process = process
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def kill(self) -> None:
+        await self.sandbox.kill_slot(self.slot, self.process.pid)
+
+    async def clean(self) -> None:
+        await self.sandbox.kill_slot(self.slot, self.process.pid)
+
+
+class _ZygoteProcess:
+    def __init__(self, sandbox: Sandbox, slot: int, run: ZygoteRun) -> None:
+        self.sandbox = sandbox
+        self.slot = slot
+        self.run = run
+        self.clean_checked = False
+        self.full: tuple[str, ...] = ()
+
+    async def wait(self) -> int:
+        try:
+            exited = await self.run.wait()
+        except ZygoteLost as error:
+            await self.sandbox.kill_slot(self.slot)
+            raise SandboxError(f"the zygote died during the run ({error})") from None
+        self.clean_checked = exited.clean
+        self.full = exited.full
+        return exited.returncode
+
+    async def kill(self) -> None:
+        try:
+            await self.run.kill()  # pid 1 of the run's namespace: all of it dies
+        except ZygoteLost:
+            await self.sandbox.kill_slot(self.slot)
+            return
+        # The zygote reports the end of a killed run at once. If it does not, it is
+        # broken: kill it, and the run fails with SandboxError after its slot is killed.
+        loop = asyncio.get_running_loop()
+        watchdog = loop.call_later(ZYGOTE_ANSWER_SECONDS, self.run.zygote.kill_now)
+        self.run.exited.add_done_callback(lambda _: watchdog.cancel())
+
+    async def clean(self) -> None:
+        # The zygote saw the slot's cgroup empty before it reported the end, unless it
+        # could not tell.
+        if not self.clean_checked:
+            await self.sandbox.kill_slot(self.slot)
+
+
+def _limit_hit(
+    before: Counters, after: Counters, full: Sequence[str], returncode: int
+) -> LimitKind | None:
+    """Which limit a failed run hit, if any (the most telling first)."""
+    if after.oom_kills > before.oom_kills:
+        return "memory_limit"
+    if after.pids_refused > before.pids_refused:
+        return "pids"
+    if full:
+        return "disk_full"
+    return signal_limit(returncode)
+
+
+def _full(workspace: Workspace) -> list[str]:
+    """The run's directory, if its filesystem (the slot's tmpfs) is full."""
+    if workspace.inside != TASK_DIR:
+        return []
+    try:
+        usage = os.statvfs(workspace.path.parent)
+    except OSError:
+        return []
+    return [TASK_DIR] if usage.f_bavail == 0 or usage.f_favail == 0 else []
+
+
+def _etc_files(user: SlotUser) -> dict[str, str]:
+    """/etc of a slot's root: who is who, and localhost."""
+    return {
+        "passwd": (
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"sandbox:x:{user.uid}:{user.gid}:taskledger sandbox:{TASK_DIR}:/usr/sbin/nologin\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\nsandbox:x:{user.gid}:\nnogroup:x:65534:\n",
+        "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost\n",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+        "hostname": "sandbox\n",
+    }
+
+
+def _dead_worker_dir(name: str) -> bool:
+    """`uid<U>-pid<P>`: the run directories of an unprivileged worker; stale once P is
+    gone (or is someone else's process)."""
+    if not name.startswith(f"uid{os.getuid()}-pid"):
+        return False
+    try:
+        pid = int(name.rsplit("pid", 1)[1])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _replace(caps: Capabilities, **changes: object) -> Capabilities:
+    import dataclasses
+
+    return dataclasses.replace(caps, **changes)  # type: ignore[arg-type]
+
+
+def _with(found: tuple[Layer, ...], name: str, active: bool, detail: str) -> tuple[Layer, ...]:
+    return tuple(Layer(name, active, detail) if layer.name == name else layer for layer in found)
+
+
+def _memfd(name: str, content: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
