@@ -28,11 +28,13 @@ from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.runner import ProjectionRunner
 from taskledger.embedded import EmbeddedPostgres
-from taskledger.settings import ConfigError, Settings
+from taskledger.settings import ConfigError, SandboxSettings, Settings
 from workers.broker import Broker, broker_for
 from workers.dispatcher import Dispatcher
+from workers.executors import build_executors
 from workers.metrics import WorkerMetrics
 from workers.reaper import Reaper
+from workers.sandbox import Limits, MiB
 from workers.worker import Worker
 
 # Threads that may touch the ledger at once: its connection pool's size (5 + 10 overflow).
@@ -99,12 +101,21 @@ class Services:
         reaper = Reaper(self.database_url, self.schema, self.ledger, clock, metrics=metrics)
         return [dispatcher.run, reaper.run]
 
-    def worker(self, concurrency: int, **options: Any) -> Worker:
+    def worker(
+        self, concurrency: int, *, unisolated_by_default: bool = False, **options: Any
+    ) -> Worker:
+        """A worker; its sandbox runs programs without a missing isolation layer only if
+        [sandbox] allow_unisolated says so, or (unset) `unisolated_by_default` (dev)."""
         executors = self.overrides.get("executors")
         if executors is None:
-            from workers.executors import build_executors
-
-            executors = build_executors(concurrency=concurrency, data_dir=self.settings.data_dir)
+            configured = self.settings.sandbox
+            allow = configured.allow_unisolated
+            executors = build_executors(
+                concurrency=concurrency,
+                data_dir=self.settings.data_dir,
+                limits=sandbox_limits(configured),
+                allow_unisolated=unisolated_by_default if allow is None else allow,
+            )
         options.setdefault("metrics", self.worker_metrics)
         return Worker(self.ledger, self.broker, executors, concurrency=concurrency, **options)
 
@@ -179,6 +190,17 @@ class Services:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sandbox_limits(configured: SandboxSettings) -> Limits:
+    """The sandbox's limits from the [sandbox] section."""
+    return Limits(
+        memory_bytes=configured.memory_mib * MiB,
+        processes=configured.pids,
+        cpus=configured.cpus,
+        tmp_bytes=configured.tmp_mib * MiB,
+        tmp_files=configured.tmp_files,
+    )
 
 
 def bootstrap(settings: Settings, **overrides: Any) -> Services:

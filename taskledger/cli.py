@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ledger.errors import LedgerError
 from projections import all_projections
 from projections.admin import rebuild, status
-from taskledger.bootstrap import Services, bootstrap
+from taskledger.bootstrap import Services, bootstrap, sandbox_limits
 from taskledger.logs import configure_logging
 from taskledger.settings import ConfigError, Settings, env_name, load_settings
 from workers.metrics import serving
@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--grace", type=float, default=30.0, help="seconds running attempts get on SIGTERM"
+    )
+    worker.add_argument(
+        "--check-sandbox",
+        action="store_true",
+        help="check each isolation layer of the sandbox on this machine (namespaces, cgroups, "
+        "seccomp, slot users), print them as a table, and exit: 0 if all are active, 1 if "
+        "one is missing (needs no database or broker)",
     )
     worker.add_argument(
         "--metrics-port",
@@ -175,7 +182,10 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
     tls = settings.tls_files()  # a missing or wrong file stops us before anything starts
     roles = services.singleton_roles()
     if dev:
-        roles.append(services.worker(concurrency=args.concurrency).run)
+        # On a laptop (not root, no cgroups) dev still runs programs, with a loud warning
+        # from the sandbox, unless [sandbox] allow_unisolated says otherwise.
+        worker = services.worker(concurrency=args.concurrency, unisolated_by_default=True)
+        roles.append(worker.run)
     app = services.api_app(background=roles)
     if not getattr(args, "no_projections", False):
         services.start_projections()
@@ -212,6 +222,8 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
 
 def _run_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, metrics_port=args.metrics_port)
+    if args.check_sandbox:
+        return _check_sandbox(settings, args.concurrency)
     if settings.broker_url.startswith("memory://"):
         raise ConfigError(
             f"{settings.origin('broker_url')}: memory:// only works inside one process "
@@ -235,6 +247,34 @@ def _run_worker(args: argparse.Namespace) -> int:
 
         asyncio.run(main())
     return 0
+
+
+def _check_sandbox(settings: Settings, slots: int) -> int:
+    """`taskledger worker --check-sandbox`: the layers as a table; 1 if one is missing."""
+    from workers.sandbox import Sandbox
+    from workers.sandbox.layers import table
+
+    configure_logging(settings.log_level.upper())
+    sandbox = Sandbox(slots, sandbox_limits(settings.sandbox))
+
+    async def check() -> int:
+        try:
+            caps = await sandbox.start()
+            print(table(caps.layers))
+            mode = "isolated (zygote)" if caps.isolated else "UNISOLATED (spawned)"
+            print(f"\nprograms run {mode}; python: {caps.python}; slots: {slots}")
+            missing = caps.missing
+            if missing:
+                names = ", ".join(layer.name for layer in missing)
+                print(
+                    f"MISSING: {names}. A worker here refuses python and csharp tasks unless "
+                    "[sandbox] allow_unisolated = true (see docs/sandbox.md)."
+                )
+            return 1 if missing else 0
+        finally:
+            await sandbox.close()
+
+    return asyncio.run(check())
 
 
 def _run_keys(args: argparse.Namespace) -> int:
@@ -340,13 +380,19 @@ def _run_config(args: argparse.Namespace) -> int:
         "# taskledger settings; strongest first: flag > environment (TASKLEDGER_*) > "
         f"file ({settings.config_file or 'none'}) > default"
     )
-    for name, value in shown.items():
+    section = ""
+    # Top-level settings first: in TOML, whatever follows a [section] header is in it.
+    for name, value in sorted(shown.items(), key=lambda item: "." in item[0]):
+        where, _, key = name.rpartition(".")
+        if where != section:
+            print(f"\n[{where}]")
+            section = where
         source = settings.source(name)
         if value is None:
-            print(f"# {name} is unset ({UNSET.get(name, 'no default')})  # {source}")
+            print(f"# {key} is unset ({UNSET.get(name, 'no default')})  # {source}")
         else:
-            literal = json.dumps(value, ensure_ascii=False)  # a TOML string or integer
-            print(f"{name} = {literal}  # {source}")
+            literal = json.dumps(value, ensure_ascii=False)  # a TOML string, number, bool
+            print(f"{key} = {literal}  # {source}")
     return 0
 
 
@@ -357,6 +403,7 @@ UNSET = {
     "ssl_certfile": "plain HTTP",
     "ssl_keyfile": "plain HTTP",
     "metrics_port": "no worker metrics server",
+    "sandbox.allow_unisolated": "`taskledger dev` allows it, with a warning; workers refuse",
 }
 
 

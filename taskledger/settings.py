@@ -19,7 +19,9 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -42,10 +44,11 @@ ENV_PREFIX = "TASKLEDGER_"
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SECRET_FIELDS = frozenset({"api_keys"})
+SECTIONS = ("sandbox",)  # settings that are TOML tables of their own
 URL_FIELDS = frozenset({"database_url", "broker_url"})
 
 Source = Literal["default", "file", "env", "flag"]
-Shown = str | int | None
+Shown = str | int | float | None
 
 
 class ConfigError(Exception):
@@ -72,6 +75,33 @@ LogLevel = Annotated[
     Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_log_level)
 ]
 
+
+class SandboxSettings(BaseModel):
+    """The `[sandbox]` section: what one run of a program may use, and the opt-in to run
+    untrusted code where an isolation layer is missing (docs/sandbox.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory_mib: int = Field(
+        default=512,
+        ge=32,
+        description="memory of a run, all its processes and tmpfs files together (MiB)",
+    )
+    pids: int = Field(default=256, ge=16, description="processes and threads of a run at once")
+    cpus: float = Field(default=1.0, ge=0.01, le=1024, description="CPUs a run may use")
+    tmp_mib: int = Field(
+        default=64,
+        ge=1,
+        description="size of each of /tmp, /var/tmp, /dev/shm and the run's directory (MiB)",
+    )
+    tmp_files: int = Field(default=16_384, ge=64, description="files in each of those")
+    allow_unisolated: bool | None = Field(
+        default=None,
+        description="run untrusted code even where an isolation layer is missing; "
+        "unset = only `taskledger dev` does, with a warning",
+    )
+
+
 # The TOML source of the settings being loaded (set by load_settings for one construction).
 _toml_source: ContextVar[TomlConfigSettingsSource | None] = ContextVar(
     "taskledger_toml_source", default=None
@@ -83,6 +113,8 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         # An empty variable (`TASKLEDGER_METRICS_PORT=` in a compose file) means unset.
         env_ignore_empty=True,
+        # TASKLEDGER_SANDBOX__MEMORY_MIB: `memory_mib` of the [sandbox] section.
+        env_nested_delimiter="__",
         extra="ignore",
         frozen=True,
     )
@@ -109,6 +141,9 @@ class Settings(BaseSettings):
     ssl_keyfile: Path | None = Field(default=None, description="… and this private key (PEM)")
     metrics_port: Port | None = Field(
         default=None, description="a worker serves Prometheus metrics on this port"
+    )
+    sandbox: SandboxSettings = Field(
+        default_factory=SandboxSettings, description="the [sandbox] section"
     )
 
     _sources: dict[str, Source] = PrivateAttr(default_factory=dict)
@@ -196,11 +231,16 @@ class Settings(BaseSettings):
         return _origin(name, self.source(name), self._config_file)
 
     def masked(self) -> dict[str, Shown]:
-        """Every setting by name as an operator may see it: secrets hidden, None when unset."""
+        """Every setting by name as an operator may see it: secrets hidden, None when unset.
+        A section's settings are named `section.name` (`sandbox.memory_mib`)."""
         shown: dict[str, Shown] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if value is None or isinstance(value, int):
+            if isinstance(value, BaseModel):
+                for key in type(value).model_fields:
+                    shown[f"{name}.{key}"] = getattr(value, key)
+                continue
+            if value is None or isinstance(value, int | float):
                 shown[name] = value
             elif name in SECRET_FIELDS:
                 shown[name] = "***"
@@ -238,7 +278,8 @@ class Settings(BaseSettings):
 
 
 def env_name(name: str) -> str:
-    return f"{ENV_PREFIX}{name.upper()}"
+    """TASKLEDGER_PORT for `port`; TASKLEDGER_SANDBOX__MEMORY_MIB for `sandbox.memory_mib`."""
+    return f"{ENV_PREFIX}{name.replace('.', '__').upper()}"
 
 
 def flag_name(name: str) -> str:
@@ -249,7 +290,10 @@ def _origin(name: str, source: Source, config_file: Path | None) -> str:
     if source == "flag":
         return flag_name(name)
     if source == "file":
-        return f"`{name}` in {config_file}"
+        section, _, key = name.rpartition(".")
+        return (
+            f"`{key}` in [{section}] of {config_file}" if section else f"`{name}` in {config_file}"
+        )
     return env_name(name)
 
 
@@ -291,6 +335,14 @@ def load_settings(
             sources[name] = "env"
         elif toml is not None and name in toml.toml_data:
             sources[name] = "file"
+    for section in SECTIONS:  # each setting of a section by itself: env over file
+        from_env = environment.get(section)
+        from_file = toml.toml_data.get(section) if toml is not None else None
+        for key in SandboxSettings.model_fields:
+            if isinstance(from_env, dict) and key in from_env:
+                sources[f"{section}.{key}"] = "env"
+            elif isinstance(from_file, dict) and key in from_file:
+                sources[f"{section}.{key}"] = "file"
     token = _toml_source.set(toml)
     try:
         settings = Settings(**given)
@@ -335,7 +387,12 @@ def _explain(error: ErrorDetails, sources: Mapping[str, Source], path: Path | No
     if not error["loc"]:
         return message
     name = str(error["loc"][0])
-    where = _origin(name, sources.get(name, "default"), path)
+    if name in SECTIONS and len(error["loc"]) > 1:
+        name = f"{name}.{error['loc'][1]}"
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(SandboxSettings.model_fields)
+            message = f"no such setting (known: {known})"
+    where = _origin(name, sources.get(name, sources.get(name.split(".")[0], "default")), path)
     value = error.get("input")
     if name in SECRET_FIELDS or isinstance(value, dict | list):
         return f"{where}: {message}"

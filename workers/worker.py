@@ -36,6 +36,7 @@ from taskledger.logs import log_context
 from workers.broker import Broker, Delivery
 from workers.executors.base import Executor, RunOutcome, RunRequest
 from workers.metrics import WorkerMetrics
+from workers.sandbox import SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,16 @@ class Worker:
         log.info(
             "worker started", extra={"worker_id": self.worker_id, "concurrency": self.concurrency}
         )
+        for executor in {id(e): e for e in self.executors.values()}.values():
+            try:
+                await executor.start()  # the sandbox checks and logs its layers now
+            except SandboxError as error:  # its tasks fail with the reason, retryably
+                log.error(
+                    "the %s executor cannot start: %s",
+                    executor.language,
+                    error,
+                    extra={"language": executor.language},
+                )
         handlers: set[asyncio.Task[None]] = set()
         cancels = asyncio.create_task(self._follow_cancels())
         consumer = asyncio.create_task(self._consume(handlers))

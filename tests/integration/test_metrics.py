@@ -211,6 +211,9 @@ class FinishesAnyway:
 
         return RunOutcome("completed", result=AttemptResult(stdout="late"))
 
+    async def start(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -26,7 +26,7 @@ from tests import services
 from workers.executors.base import RunOutcome, RunRequest
 from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
-from workers.sandbox import Limits, Sandbox
+from workers.sandbox import Limits, Sandbox, uid_processes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -515,3 +515,63 @@ async def test_the_root_is_read_only_and_small(python: PythonExecutor) -> None:
     assert isinstance(listing, list)
     for host_only in ("root", "home", "srv", "opt", "run", "work", "boot", "mnt"):
         assert host_only not in listing, listing
+
+
+LEAVE_EVERYTHING = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+for place in ("/tmp", "/var/tmp", "/dev/shm", "/task"):
+    with open(os.path.join(place, "left"), "w") as f:
+        f.write("x")
+libc.shmget(0x7a5d, 4096, 0o1600)  # SysV shared memory, a message queue, semaphores
+libc.msgget(0x7a5d, 0o1600)
+libc.semget(0x7a5d, 1, 0o1600)
+if os.fork() == 0:  # a daemon: its own session, its own child, holding nothing
+    os.setsid()
+    if os.fork() == 0:
+        for fd in (0, 1, 2):
+            os.close(fd)
+        while True:
+            time.sleep(1)
+    os._exit(0)
+os.wait()
+print("left")
+"""
+
+
+def owned_by(uid: int, *places: Path) -> list[str]:
+    """What `uid` owns in these directories (what it could make there is at their top)."""
+    found = []
+    for place in places:
+        for path in [place, *place.iterdir()] if place.exists() else []:
+            try:
+                if path.lstat().st_uid == uid:
+                    found.append(str(path))
+            except OSError:
+                continue
+    return found
+
+
+def sysv_ipc_of(uid: int) -> list[str]:
+    rows = []
+    for kind in ("shm", "msg", "sem"):
+        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        header = lines[0].split()
+        rows += [
+            f"{kind}: {line}" for line in lines[1:] if int(line.split()[header.index("uid")]) == uid
+        ]
+    return rows
+
+
+async def test_nothing_of_the_slot_user_survives_a_run(python: PythonExecutor) -> None:
+    sandbox = python.sandbox
+    uid = sandbox.slot_uid(1)
+    assert uid is not None
+    outcome = await python.run(request(LEAVE_EVERYTHING, slot=1), asyncio.Event())
+    assert outcome.result is not None, describe(outcome)
+    assert outcome.result.stdout == "left\n"
+    assert uid_processes(uid, zombies=True) == []
+    places = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")]
+    assert owned_by(uid, *places) == []
+    assert not any(sandbox.work_dir.rglob("run-*"))
+    assert sysv_ipc_of(uid) == []

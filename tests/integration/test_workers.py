@@ -61,6 +61,9 @@ class StandIn:
             return RunOutcome("cancelled")
         return RunOutcome("completed", result=AttemptResult(stdout=str(request.data)))
 
+    async def start(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -72,6 +72,7 @@ def test_config_output_is_a_toml_file_of_the_effective_values(
         "log_level": "debug",
         "host": "127.0.0.1",
         "port": 9001,
+        "sandbox": {"memory_mib": 512, "pids": 256, "cpus": 1.0, "tmp_mib": 64, "tmp_files": 16384},
     }
     assert f"file ({config})" in out.splitlines()[0]
     assert 'log_level = "debug"  # file' in out

@@ -362,3 +362,56 @@ def test_a_port_of_digits_other_than_ascii_is_refused_as_a_port(text: str) -> No
         config.write_text(f'port = "{text}"\n', encoding="utf-8")
         with pytest.raises(ConfigError, match=f"^`port` in {config}: must be a port number"):
             load_settings(config_file=config)
+
+
+# -- the [sandbox] section ---------------------------------------------------------------------
+
+
+def test_sandbox_defaults_and_their_sources() -> None:
+    settings = load_settings()
+    sandbox = settings.sandbox
+    assert (sandbox.memory_mib, sandbox.pids, sandbox.cpus) == (512, 256, 1.0)
+    assert (sandbox.tmp_mib, sandbox.tmp_files, sandbox.allow_unisolated) == (64, 16_384, None)
+    assert settings.source("sandbox.memory_mib") == "default"
+    assert settings.masked()["sandbox.memory_mib"] == 512
+
+
+def test_sandbox_settings_come_from_the_section_and_nested_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write(
+        tmp_path / "taskledger.toml",
+        "port = 9000\n[sandbox]\nmemory_mib = 1024\ncpus = 0.5\nallow_unisolated = true\n",
+    )
+    monkeypatch.setenv("TASKLEDGER_SANDBOX__MEMORY_MIB", "2048")
+    settings = load_settings(config_file=config)
+    assert settings.sandbox.memory_mib == 2048
+    assert settings.sandbox.cpus == 0.5
+    assert settings.sandbox.allow_unisolated is True
+    assert settings.sandbox.pids == 256
+    assert settings.source("sandbox.memory_mib") == "env"
+    assert settings.source("sandbox.cpus") == "file"
+    assert settings.source("sandbox.pids") == "default"
+    assert settings.origin("sandbox.memory_mib") == "TASKLEDGER_SANDBOX__MEMORY_MIB"
+    assert settings.origin("sandbox.cpus") == f"`cpus` in [sandbox] of {config}"
+
+
+def test_a_wrong_sandbox_value_names_its_variable_or_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKLEDGER_SANDBOX__PIDS", "3")
+    with pytest.raises(ConfigError, match=r"^TASKLEDGER_SANDBOX__PIDS: .*16"):
+        load_settings()
+    monkeypatch.delenv("TASKLEDGER_SANDBOX__PIDS")
+    config = write(tmp_path / "taskledger.toml", '[sandbox]\ncpus = "lots"\n')
+    with pytest.raises(ConfigError, match=rf"^`cpus` in \[sandbox\] of {config}: "):
+        load_settings(config_file=config)
+
+
+def test_an_unknown_sandbox_key_is_named_with_the_known_ones(tmp_path: Path) -> None:
+    config = write(tmp_path / "taskledger.toml", "[sandbox]\nmemory = 1024\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_file=config)
+    message = str(raised.value)
+    assert message.startswith(f"`memory` in [sandbox] of {config}: no such setting (known: ")
+    assert "memory_mib" in message

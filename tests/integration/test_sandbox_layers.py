@@ -1,0 +1,175 @@
+"""The sandbox's layers as an operator meets them: the check, the refusal without a layer
+and the explicit opt-in, and the sweep after a worker was killed.
+
+Real processes as root (fails in CI when not root, skipped elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from taskledger.cli import main
+from tests import services
+from workers.executors.base import RunRequest
+from workers.executors.python import PythonExecutor
+from workers.sandbox import Sandbox, cgroups, layers, uid_processes
+from workers.sandbox.cgroups import Found
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def as_root() -> None:
+    if os.geteuid() != 0:
+        services.unavailable("root", "the isolated sandbox needs root (slot users, namespaces)")
+
+
+@pytest.fixture
+def no_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine whose cgroup controllers cannot be had (a container without delegation)."""
+    why = "not delegated to this worker (test)"
+    hidden = Found(0, {}, dict.fromkeys(cgroups.CONTROLLERS, why))
+    monkeypatch.setattr(cgroups, "find", lambda: hidden)
+
+
+def request(code: str, seconds: float = 30) -> RunRequest:
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
+    return RunRequest(uuid.uuid4(), 1, code, None, deadline, 0)
+
+
+def test_check_sandbox_lists_every_layer_active() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "taskledger", "worker", "--check-sandbox", "--concurrency", "1"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for name in layers.ORDER:
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert row.split()[len(name.split())] == "active", row
+    assert "programs run isolated (zygote)" in result.stdout
+
+
+def test_check_sandbox_fails_naming_a_missing_layer(
+    no_cgroups: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["worker", "--check-sandbox", "--concurrency", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "cgroup memory      MISSING  not delegated to this worker (test)" in out
+    assert "MISSING: cgroup memory, cgroup pids, cgroup cpu." in out
+    assert "mount namespace    active" in out
+
+
+@pytest.mark.asyncio
+async def test_without_a_layer_programs_are_refused_unless_allowed(
+    no_cgroups: None, tmp_path: Path
+) -> None:
+    refusing = Sandbox(1, work_dir=tmp_path / "work")
+    try:
+        caps = await refusing.start()
+        assert caps.isolated  # namespaces are there; cgroups are not
+        outcome = await PythonExecutor(refusing).run(request("print('x')"), asyncio.Event())
+    finally:
+        await refusing.close()
+    assert outcome.kind == "failed"
+    assert not outcome.retryable
+    assert outcome.error is not None
+    assert outcome.error.kind == "sandbox_unavailable"
+    assert "cgroup memory (not delegated to this worker (test))" in outcome.error.message
+    allowing = Sandbox(1, work_dir=tmp_path / "work", allow_unisolated=True)
+    try:
+        assert (await allowing.start()).refusal is None
+        code = "import os\nprint(os.getpid(), os.getcwd())"
+        outcome = await PythonExecutor(allowing).run(request(code), asyncio.Event())
+    finally:
+        await allowing.close()
+    assert outcome.result is not None
+    assert outcome.result.stdout == "2 /task\n"  # still in its namespaces, without cgroups
+
+
+# A worker with one slot, running a program that sleeps: it prints the run's directory on
+# the host and its slot user's uid, then waits to be killed.
+RUNNING_WORKER = """
+import asyncio, sys
+from pathlib import Path
+from workers.sandbox import PythonSource, Sandbox, uid_processes
+
+async def main():
+    sandbox = Sandbox(1, work_dir=Path(sys.argv[1]))
+    await sandbox.start()
+    uid = sandbox.slot_uid(0)
+    async with sandbox.workspace(0) as workspace:
+        run = asyncio.ensure_future(sandbox.run(
+            workspace, PythonSource(b"import time; time.sleep(600)"), stdin=b"null",
+            deadline=asyncio.get_running_loop().time() + 600, cancelled=asyncio.Event()))
+        while not uid_processes(uid):
+            await asyncio.sleep(0.01)
+        print(workspace.path, uid, sandbox._zygote.process.pid, flush=True)
+        await run
+
+asyncio.run(main())
+"""
+
+
+def start_running_worker(work_dir: Path) -> tuple[subprocess.Popen[str], Path, int, int]:
+    worker = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(RUNNING_WORKER), str(work_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdout is not None
+    path, uid, zygote = worker.stdout.readline().split()
+    return worker, Path(path), int(uid), int(zygote)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("killed", ["the worker", "the worker and its zygote"])
+async def test_a_killed_workers_runs_are_swept(killed: str, tmp_path: Path) -> None:
+    work_dir = tmp_path / "work"
+    worker, run_dir, uid, zygote = start_running_worker(work_dir)
+    assert run_dir.is_dir()
+    if killed == "the worker and its zygote":
+        os.kill(zygote, signal.SIGKILL)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    assert worker.stdout is not None
+    worker.stdout.close()
+    # Left by the layout before this one: a run directory owned by a slot user.
+    legacy = []
+    for entry in pwd.getpwall():
+        if entry.pw_name.startswith("tlsbx"):
+            old = work_dir / f"slot0-{entry.pw_name}"
+            old.mkdir()
+            os.chown(old, entry.pw_uid, entry.pw_gid)
+            legacy.append((old, entry.pw_uid))
+    sandbox = Sandbox(1, work_dir=work_dir)
+    try:
+        caps = await sandbox.start()
+        assert caps.users[0].uid == uid  # the dead worker's slot user, free again
+        assert not run_dir.exists(), f"{run_dir} survived {killed}"
+        assert not uid_processes(uid)
+        mine = caps.users[0].uid
+        for old, owner in legacy:
+            assert old.exists() == (owner != mine), old
+        outcome = await PythonExecutor(sandbox).run(request("print('after')"), asyncio.Event())
+        assert outcome.result is not None
+        assert outcome.result.stdout == "after\n"
+    finally:
+        await sandbox.close()
