@@ -23,7 +23,8 @@ from workers.sandbox import Ended, Layer, Limits, MiB, Sandbox, cgroups, layers,
 from workers.sandbox.capture import OutputCapture
 from workers.sandbox.cgroups import Counters, SlotCgroup
 from workers.sandbox.child.bootstrap import parse_json
-from workers.sandbox.sandbox import _limit_hit, _memfd
+from workers.sandbox.processes import limit_hit
+from workers.sandbox.sandbox import _memfd
 
 LIMITS = Limits()
 
@@ -167,12 +168,12 @@ def test_each_limit_says_what_it_is_and_its_setting() -> None:
 
 def test_the_limit_a_failed_run_hit() -> None:
     none = Counters()
-    assert _limit_hit(none, Counters(oom_kills=1), ["/tmp"], -9) == "memory_limit"
-    assert _limit_hit(none, Counters(pids_refused=3), ["/tmp"], 1) == "pids"
-    assert _limit_hit(none, none, ["/dev/shm"], 1) == "disk_full"
-    assert _limit_hit(none, none, [], -signal.SIGXCPU) == "cpu"
-    assert _limit_hit(none, none, [], -signal.SIGXFSZ) == "disk_full"
-    assert _limit_hit(Counters(2, 2), Counters(2, 2), [], 1) is None  # counts from before
+    assert limit_hit(none, Counters(oom_kills=1), ["/tmp"], -9) == "memory_limit"
+    assert limit_hit(none, Counters(pids_refused=3), ["/tmp"], 1) == "pids"
+    assert limit_hit(none, none, ["/dev/shm"], 1) == "disk_full"
+    assert limit_hit(none, none, [], -signal.SIGXCPU) == "cpu"
+    assert limit_hit(none, none, [], -signal.SIGXFSZ) == "disk_full"
+    assert limit_hit(Counters(2, 2), Counters(2, 2), [], 1) is None  # counts from before
 
 
 def test_a_limit_failure_is_permanent_and_named() -> None:

@@ -23,45 +23,40 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import IO, Literal
 
-from workers.sandbox import cgroups, layers
-from workers.sandbox import seccomp as seccomp_filter
+from workers.sandbox import layers, setup
 from workers.sandbox.capture import OutputCapture
-from workers.sandbox.cgroups import CgroupError, Counters, SlotCgroup
+from workers.sandbox.cgroups import Counters, SlotCgroup
 from workers.sandbox.errors import SandboxError, SandboxUnavailable
 from workers.sandbox.layers import Layer
-from workers.sandbox.limits import LimitKind, Limits, signal_limit
+from workers.sandbox.limits import LimitKind, Limits
+from workers.sandbox.processes import (
+    Process,
+    SpawnedProcess,
+    ZygoteProcess,
+    full_task_dir,
+    limit_hit,
+)
 from workers.sandbox.spawn import BOOTSTRAP, Spawner
 from workers.sandbox.users import (
     CLEAN_PATH,
     SlotUser,
     claim_users,
-    run_quietly,
     uid_processes,
     wait_for_no_processes,
 )
-from workers.sandbox.zygote import Zygote, ZygoteLost, ZygoteRefused, ZygoteRun
+from workers.sandbox.zygote import Zygote, ZygoteLost, ZygoteRefused
 
 log = logging.getLogger(__name__)
 
-ZYGOTE_ANSWER_SECONDS = 10.0  # for the zygote to report the end of a run it killed
-TASK_DIR = "/task"  # where an isolated run sees its directory
-# What the languages need in a slot's root besides /usr (bound read-only where present).
-ROOT_PATHS = ("/etc/ld.so.cache", "/etc/localtime", "/etc/mono", "/etc/alternatives")
-NAMESPACE_FLAGS = {
-    layers.MOUNT_NS: "--mount",
-    layers.PID_NS: "--pid",
-    layers.IPC_NS: "--ipc",
-    layers.NETWORK_NS: "--net",
-}
+TASK_DIR = setup.TASK_DIR
 
 
 @dataclass(frozen=True)
@@ -219,9 +214,10 @@ class Sandbox:
             else f"not root (uid {os.geteuid()}): programs would run as this same user",
         )
         if root and self.isolate:
-            found.update(await self._probe_namespaces())
-            found.update(self._make_cgroups(users))
-            found[layers.SECCOMP] = self._build_seccomp()
+            found.update(await setup.probe_namespaces(self._spawner.tools["unshare"], self.limits))
+            self._cgroups, cgroup_layers = setup.make_cgroups(users, self.limits)
+            found.update(cgroup_layers)
+            self._seccomp, found[layers.SECCOMP] = setup.build_seccomp()
         else:
             why = "needs the isolated sandbox (root)" if self.isolate else "isolation is off"
             for name in (*layers.NAMESPACES, *layers.CGROUP_LAYERS.values(), layers.SECCOMP):
@@ -239,9 +235,9 @@ class Sandbox:
             isolated=root and self.isolate and all(found[n].active for n in layers.NAMESPACES),
             refusal=None,
         )
-        self._sweep(users)
+        setup.sweep(self.work_dir, users)
         if self._capabilities.isolated:
-            python, self._binds = await self._choose_isolated_python()
+            python, self._binds = await setup.choose_isolated_python()
             self._capabilities = _replace(self._capabilities, python=python)
             try:
                 self._zygote = await self._start_zygote()
@@ -255,146 +251,13 @@ class Sandbox:
         if not self._capabilities.isolated:
             for slot in range(len(users)):
                 await self.kill_slot(slot)  # leftovers of a worker that died holding the user
-            python = await self._choose_spawned_python()
+            python = await setup.choose_spawned_python(self._spawner, self.limits, self._user(0))
             self._capabilities = _replace(self._capabilities, python=python)
         missing = self._capabilities.missing
         if missing and not self.allow_unisolated:
             refusal = layers.refusal(missing)
             self._capabilities = _replace(self._capabilities, refusal=refusal)
         self._log_capabilities()
-
-    async def _probe_namespaces(self) -> dict[str, Layer]:
-        """Each namespace the isolated sandbox needs, tried with util-linux's unshare."""
-        unshare = self._spawner.tools["unshare"]
-        limits = self.limits
-        mounts = (
-            "a read-only root of what the languages need; fresh tmpfs /tmp, /var/tmp, "
-            f"/dev/shm ({limits.tmp_bytes // 2**20} MiB, {limits.tmp_files} files each); "  # noqa: S108
-            f"{TASK_DIR}: the run's directory"
-        )
-        found = {}
-        for name, flag in NAMESPACE_FLAGS.items():
-            argv = [unshare, flag, *(["--fork"] if flag == "--pid" else []), "--", "true"]
-            code, output = await run_quietly(argv)
-            detail = {
-                layers.MOUNT_NS: mounts,
-                layers.PID_NS: "a run sees only its own processes; they all end with it",
-                layers.IPC_NS: "SysV IPC and POSIX message queues of its own per run",
-                layers.NETWORK_NS: "an empty network namespace per slot: no interface",
-            }[name]
-            if code != 0:
-                detail = f"`unshare {flag}` failed here: {output.strip() or code}"
-            found[name] = Layer(name, code == 0, detail)
-        return found
-
-    def _make_cgroups(self, users: Sequence[SlotUser]) -> dict[str, Layer]:
-        found = cgroups.find()
-        problems: dict[str, str] = dict(found.missing)
-        limits = self.limits
-        if found.bases:
-            try:
-                for slot, user in enumerate(users):
-                    cgroup = cgroups.create(found, user.name)
-                    cgroup.configure(limits.memory_bytes, limits.processes, limits.cpus)
-                    self._cgroups[slot] = cgroup
-            except CgroupError as error:
-                for cgroup in self._cgroups.values():
-                    cgroup.remove()
-                self._cgroups.clear()
-                problems = {name: str(error) for name in cgroups.CONTROLLERS}
-        described = cgroups.describe(found)
-        bounds = {
-            "memory": f"{limits.memory_bytes // 2**20} MiB",
-            "pids": f"{limits.processes} processes",
-            "cpu": f"{limits.cpus:g} CPU",
-        }
-        return {
-            layer: Layer(
-                layer,
-                controller not in problems,
-                problems.get(controller, f"{bounds[controller]} per slot; {described[controller]}"),
-            )
-            for controller, layer in layers.CGROUP_LAYERS.items()
-        }
-
-    def _build_seccomp(self) -> Layer:
-        try:
-            built = seccomp_filter.build()
-        except (seccomp_filter.SeccompUnavailable, OSError) as error:
-            return Layer(layers.SECCOMP, False, str(error))
-        self._seccomp = built.bpf
-        detail = f"{len(built.denied)} system calls refused with EPERM, clone3 with ENOSYS"
-        if built.unknown:
-            detail += f" (unknown here: {', '.join(built.unknown)})"
-        return Layer(layers.SECCOMP, True, detail)
-
-    def _sweep(self, users: Sequence[SlotUser]) -> None:
-        """Remove what runs of a worker that was killed left in the work directory: its
-        run directories (the isolated ones go with their tmpfs when the zygote mounts a new
-        one), and those of the layout before it (`slotN-*`, owned by our slot users)."""
-        uids = {user.uid for user in users}
-        for entry in os.scandir(self.work_dir):
-            try:
-                owner = entry.stat(follow_symlinks=False).st_uid
-            except OSError:
-                continue
-            stale = entry.name.startswith("slot") and owner in uids
-            stale = stale or _dead_worker_dir(entry.name)
-            if stale:
-                shutil.rmtree(entry.path, ignore_errors=True)
-        for user in users:  # (a stale tmpfs there is replaced by the zygote, too)
-            runs = self.work_dir / user.name
-            if runs.is_dir():
-                for entry in os.scandir(runs):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-
-    async def _choose_isolated_python(self) -> tuple[str, list[str]]:
-        """The interpreter for programs and the zygote, and what its root must bind: the
-        system's of the worker's version (it lives in /usr), else the worker's own (its
-        prefix is bound read-only into the slot's root)."""
-        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-        candidates = []
-        for name in (version, "python3"):
-            found = shutil.which(name, path=CLEAN_PATH)
-            if found:
-                candidates.append(os.path.realpath(found))
-        candidates.append(os.path.realpath(sys.executable))
-        problems = []
-        for python in dict.fromkeys(candidates):
-            code, output = await run_quietly(
-                [
-                    python,
-                    "-I",
-                    "-S",
-                    "-c",
-                    "import sys;print(sys.base_prefix, sys.version_info[:2])",
-                ]
-            )
-            if code != 0:
-                problems.append(f"{python}: {output.strip()}")
-                continue
-            prefix = output.split()[0]
-            binds = [prefix] if not prefix.startswith("/usr") else []
-            return python, [*binds, *ROOT_PATHS]
-        raise SandboxError("no Python interpreter for the sandbox: " + "; ".join(problems))
-
-    async def _choose_spawned_python(self) -> str:
-        """The interpreter for spawned programs: ours, if the slot user can run it (it may
-        live under a home directory it cannot enter), else the system's."""
-        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-        candidates = [os.path.realpath(sys.executable)]
-        for name in (version, "python3"):
-            found = shutil.which(name, path=CLEAN_PATH)
-            if found:
-                candidates.append(os.path.realpath(found))
-        problems = []
-        for candidate in dict.fromkeys(candidates):
-            probe = [candidate, "-I", "-S", "-c", "print(1)"]
-            code, output = await run_quietly(self._spawner.wrap(probe, self.limits, self._user(0)))
-            if code == 0:
-                return candidate
-            problems.append(f"{candidate}: {output.strip() or code}")
-        raise SandboxError("no Python interpreter runs in the sandbox: " + "; ".join(problems))
 
     async def _start_zygote(self) -> Zygote:
         """Start a zygote, prepare every slot in it, and run one program through it."""
@@ -437,7 +300,7 @@ class Sandbox:
             "tmp_bytes": limits.tmp_bytes,
             "tmp_files": limits.tmp_files,
             "binds": self._binds,
-            "etc": _etc_files(user),
+            "etc": setup.etc_files(user),
             "cgroup_procs": cgroup.procs_files if cgroup else [],
             "seccomp": base64.b64encode(self._seccomp).decode() if self._seccomp else None,
         }
@@ -638,7 +501,8 @@ class Sandbox:
         limit = None
         if how == "exited" and returncode != 0:
             after = cgroup.counters() if cgroup is not None else Counters()
-            limit = _limit_hit(before, after, [*process.full, *_full(workspace)], returncode)
+            full = [*process.full, *full_task_dir(workspace.path, workspace.inside)]
+            limit = limit_hit(before, after, full, returncode)
         return Ended(
             how=how,
             returncode=returncode if how == "exited" else None,
@@ -652,7 +516,7 @@ class Sandbox:
 
     async def _launch(
         self, workspace: Workspace, command: Command, child_fds: list[int], limits: Limits
-    ) -> _Process:
+    ) -> Process:
         user = self._user(workspace.slot)
         if self.capabilities.isolated:
             zygote = self._probing or await self._live_zygote()
@@ -664,7 +528,7 @@ class Sandbox:
                 "argv": list(command.argv) if isinstance(command, Argv) else None,
             }
             try:
-                return _ZygoteProcess(self, workspace.slot, await zygote.run(request, child_fds))
+                return ZygoteProcess(self, workspace.slot, await zygote.run(request, child_fds))
             except (ZygoteLost, ZygoteRefused) as error:
                 raise SandboxError(f"the zygote could not start the run: {error}") from None
         source = None
@@ -682,7 +546,7 @@ class Sandbox:
         finally:
             if source is not None:
                 os.close(source)
-        return _SpawnedProcess(self, workspace.slot, process)
+        return SpawnedProcess(self, workspace.slot, process)
 
     # -- killing ----------------------------------------------------------------------
 
@@ -710,136 +574,6 @@ class Sandbox:
     def slot_uid(self, slot: int) -> int | None:
         user = self._user(slot)
         return None if user is None else user.uid
-
-
-class _Process(Protocol):
-    full: tuple[str, ...]  # the run's filesystems that were full at its end
-
-    async def wait(self) -> int:
-        """The return code (negative: killed by that signal)."""
-        ...
-
-    async def kill(self) -> None:
-        """Kill the run now: everything it started."""
-        ...
-
-    async def clean(self) -> None:
-        """After the end: return once no process of the slot is left."""
-        ...
-
-
-class _SpawnedProcess:
-    full: tuple[str, ...] = ()
-
-    def __init__(self, sandbox: Sandbox, slot: int, process: asyncio.subprocess.Process) -> None:
-        self.sandbox = sandbox
-        self.slot = slot
-        self.process = process
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-    async def kill(self) -> None:
-        await self.sandbox.kill_slot(self.slot, self.process.pid)
-
-    async def clean(self) -> None:
-        await self.sandbox.kill_slot(self.slot, self.process.pid)
-
-
-class _ZygoteProcess:
-    def __init__(self, sandbox: Sandbox, slot: int, run: ZygoteRun) -> None:
-        self.sandbox = sandbox
-        self.slot = slot
-        self.run = run
-        self.clean_checked = False
-        self.full: tuple[str, ...] = ()
-
-    async def wait(self) -> int:
-        try:
-            exited = await self.run.wait()
-        except ZygoteLost as error:
-            await self.sandbox.kill_slot(self.slot)
-            raise SandboxError(f"the zygote died during the run ({error})") from None
-        self.clean_checked = exited.clean
-        self.full = exited.full
-        return exited.returncode
-
-    async def kill(self) -> None:
-        try:
-            await self.run.kill()  # pid 1 of the run's namespace: all of it dies
-        except ZygoteLost:
-            await self.sandbox.kill_slot(self.slot)
-            return
-        # The zygote reports the end of a killed run at once. If it does not, it is
-        # broken: kill it, and the run fails with SandboxError after its slot is killed.
-        loop = asyncio.get_running_loop()
-        watchdog = loop.call_later(ZYGOTE_ANSWER_SECONDS, self.run.zygote.kill_now)
-        self.run.exited.add_done_callback(lambda _: watchdog.cancel())
-
-    async def clean(self) -> None:
-        # The zygote saw the slot's cgroup empty before it reported the end, unless it
-        # could not tell.
-        if not self.clean_checked:
-            await self.sandbox.kill_slot(self.slot)
-
-
-def _limit_hit(
-    before: Counters, after: Counters, full: Sequence[str], returncode: int
-) -> LimitKind | None:
-    """Which limit a failed run hit, if any (the most telling first)."""
-    if after.oom_kills > before.oom_kills:
-        return "memory_limit"
-    if after.pids_refused > before.pids_refused:
-        return "pids"
-    if full:
-        return "disk_full"
-    return signal_limit(returncode)
-
-
-def _full(workspace: Workspace) -> list[str]:
-    """The run's directory, if its filesystem (the slot's tmpfs) is full."""
-    if workspace.inside != TASK_DIR:
-        return []
-    try:
-        usage = os.statvfs(workspace.path.parent)
-    except OSError:
-        return []
-    return [TASK_DIR] if usage.f_bavail == 0 or usage.f_favail == 0 else []
-
-
-def _etc_files(user: SlotUser) -> dict[str, str]:
-    """/etc of a slot's root: who is who, and localhost."""
-    return {
-        "passwd": (
-            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-            f"sandbox:x:{user.uid}:{user.gid}:taskledger sandbox:{TASK_DIR}:/usr/sbin/nologin\n"
-            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-        ),
-        "group": f"root:x:0:\nsandbox:x:{user.gid}:\nnogroup:x:65534:\n",
-        "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
-        "hostname": "sandbox\n",
-    }
-
-
-def _dead_worker_dir(name: str) -> bool:
-    """`uid<U>-pid<P>`: the run directories of an unprivileged worker; stale once P is
-    gone (or is someone else's process)."""
-    if not name.startswith(f"uid{os.getuid()}-pid"):
-        return False
-    try:
-        pid = int(name.rsplit("pid", 1)[1])
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _replace(caps: Capabilities, **changes: object) -> Capabilities:
