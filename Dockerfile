@@ -12,21 +12,27 @@
 # Root or not:
 # - Every role except the worker runs as the unprivileged user `taskledger` (USER below).
 # - The worker runs as root inside its container (compose: `user: root`), with every
-#   capability dropped except CHOWN, DAC_OVERRIDE, KILL, SETUID, SETGID and SYS_ADMIN.
-#   Its sandbox (workers/sandbox.py, docs/sandbox.md) runs each slot's programs as that
-#   slot's own unprivileged user (tlsbx0, tlsbx1, ...): switching to it needs SETUID and
-#   SETGID, handing it its run directory needs CHOWN, cleaning that directory (owned by
-#   the slot user, mode 0700) needs DAC_OVERRIDE, killing what the slot left behind needs
-#   KILL, and the empty network namespace of each run (unshare/setns) needs SYS_ADMIN
-#   (Docker's default seccomp profile allows those calls only with it). Without SYS_ADMIN
-#   the sandbox still runs but logs "NETWORK IS NOT ISOLATED": programs could then reach
-#   PostgreSQL and RabbitMQ. That set was checked on a Debian 12 machine by running the
-#   sandbox under a bounding set of exactly these capabilities (Python, C#, no network, a
-#   setsid() daemon killed); not in a container.
-#   A non-root worker is possible but weaker (docs/sandbox.md, "not root"): programs would
-#   run as the worker's own user, with no process limit, could signal the worker, and
-#   could read /proc/<worker pid>/environ, i.e. the database and broker passwords.
-#   Programs never run as root: the sandbox drops to the slot user with no_new_privs.
+#   capability dropped but those its sandbox (workers/sandbox/, docs/sandbox.md) uses to
+#   give each run its own world; programs themselves never run as root (each slot has its
+#   own unprivileged user, tlsbx0, tlsbx1, ..., and no_new_privs):
+#     SETUID, SETGID   switch a run to its slot user;
+#     CHOWN            hand a run its directory;
+#     DAC_OVERRIDE     remove that directory afterwards (the slot user's, mode 0700);
+#     KILL             kill what a slot left behind (another uid);
+#     SYS_ADMIN        the run's namespaces (mount, PID, IPC, UTS, network: unshare and
+#                      setns), its mounts (tmpfs, /proc, binds, pivot_root), and a
+#                      cgroup2 mount of its own (the container's /sys/fs/cgroup is
+#                      read-only) for the per-slot memory, pids and cpu cgroups; Docker's
+#                      default seccomp profile allows these calls only with it;
+#     SYS_CHROOT       enter a slot's mount namespace (setns requires it).
+#   Docker's default AppArmor profile denies mount(2) whatever the capabilities: the
+#   worker runs with apparmor=unconfined (compose: security_opt), in its own cgroup
+#   namespace (compose: cgroup: private) so that its cgroup2 mount is rooted at the
+#   container's own cgroup. Check what a container got with
+#   `docker compose run --rm worker taskledger worker --check-sandbox`: a worker missing a
+#   layer refuses python and csharp tasks (sandbox_unavailable) unless
+#   TASKLEDGER_SANDBOX__ALLOW_UNISOLATED=true. None of this has been run in a container
+#   yet (the development machines have no container engine).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -37,13 +43,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # - mono-mcs, mono-runtime: the C# executor (mcs compiles, mono runs); without them C# tasks
 #   fail as language_unavailable. Same packages as scripts/_services.sh installs.
-# - util-linux (unshare, setpriv, prlimit: the sandbox's exec wrappers; Essential in Debian,
-#   named to be explicit) and procps (kill, used to kill a slot's user in one step).
+# - util-linux (unshare for the layer check, mount for the cgroup2 mount, setpriv and
+#   prlimit for the unisolated fallback; Essential in Debian, named to be explicit),
+#   procps (kill, to kill a slot's user in one step) and libseccomp2 (the seccomp filter
+#   is compiled with it).
 # - tini: pid 1 that passes SIGTERM on (a worker drains its running attempts) and buries
 #   orphans (in spawn mode a slot's unburied zombies count against its process limit).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        mono-mcs mono-runtime procps tini util-linux \
+        libseccomp2 mono-mcs mono-runtime procps tini util-linux \
     && rm -rf /var/lib/apt/lists/*
 
 # The runtime user, and the sandbox's slot users made now, in a fixed order, so that they

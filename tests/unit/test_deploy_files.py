@@ -38,7 +38,7 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 # turn a real key into something compose ignores or refuses).
 TOP_LEVEL_KEYS = {"version", "name", "services", "volumes", "networks", "configs", "secrets"}
 SERVICE_KEYS = {
-    "build", "cap_add", "cap_drop", "command", "configs", "container_name", "cpus",
+    "build", "cap_add", "cap_drop", "cgroup", "command", "configs", "container_name", "cpus",
     "depends_on", "deploy", "devices", "entrypoint", "env_file", "environment", "expose",
     "extra_hosts", "healthcheck", "hostname", "image", "init", "labels", "logging",
     "mem_limit", "networks", "pids_limit", "platform", "ports", "privileged", "profiles",
@@ -60,8 +60,11 @@ CAPABILITIES = {
 }  # fmt: skip
 # What the worker's sandbox does as root: switch to the slot users (SETUID, SETGID), give
 # them their run directory (CHOWN) and clean it (DAC_OVERRIDE), kill what a slot left
-# (KILL), put each run in an empty network namespace (SYS_ADMIN).
-SANDBOX_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "KILL", "SETUID", "SETGID", "SYS_ADMIN"}
+# (KILL), make each run's namespaces, mounts and cgroups (SYS_ADMIN) and enter a slot's
+# mount namespace (SYS_CHROOT).
+SANDBOX_CAPABILITIES = {
+    "CHOWN", "DAC_OVERRIDE", "KILL", "SETUID", "SETGID", "SYS_ADMIN", "SYS_CHROOT"
+}  # fmt: skip
 DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
 INTERPOLATION = re.compile(
     r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
@@ -207,6 +210,10 @@ def parse_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
 
 def real_variables() -> set[str]:
     names = {f"{settings_module.ENV_PREFIX}{field.upper()}" for field in Settings.model_fields}
+    for section in getattr(settings_module, "SECTIONS", ()):  # TASKLEDGER_SANDBOX__PIDS, …
+        model = Settings.model_fields[section].annotation
+        assert isinstance(model, type)
+        names |= {settings_module.env_name(f"{section}.{key}") for key in model.model_fields}
     config_variable = getattr(settings_module, "CONFIG_VARIABLE", None)
     return names | ({config_variable} if config_variable else set())
 
@@ -453,6 +460,10 @@ def test_workers_run_as_root_with_only_the_sandbox_capabilities_and_api_does_not
             assert service.get("cap_drop") == ["ALL"], f"service {name}: drop the rest"
             assert set(service.get("cap_add") or []) == SANDBOX_CAPABILITIES, name
             assert not service.get("privileged"), name
+            # Mounts for each run's namespaces (AppArmor's docker-default denies them) and
+            # a cgroup2 rooted at the container's own cgroup.
+            assert "apparmor=unconfined" in (service.get("security_opt") or []), name
+            assert service.get("cgroup") == "private", name
             mounts = [str(v).partition(":")[2] for v in service.get("volumes") or []]
             assert "/run/lock/taskledger-sandbox" in mounts, (
                 f"service {name}: replicas must share the slot users' locks"
@@ -503,7 +514,7 @@ def test_dockerfile_layers() -> None:
 
 def test_dockerfile_installs_what_the_worker_needs() -> None:
     runs = " ".join(i.arguments for i in dockerfile() if i.keyword == "RUN")
-    for package in ("mono-mcs", "mono-runtime", "util-linux", "procps", "tini"):
+    for package in ("mono-mcs", "mono-runtime", "util-linux", "procps", "tini", "libseccomp2"):
         assert re.search(rf"apt-get install[^&]*\b{package}\b", runs), package
     # The slot users, made in the image so that they have the same uids in every container.
     assert f'"{USER_PREFIX}$n"' in runs

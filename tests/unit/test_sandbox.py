@@ -218,9 +218,33 @@ def test_cgroups_v1_when_v2_offers_no_controllers(tmp_path: Path) -> None:
 
 def test_cgroups_v2_under_the_workers_own_cgroup(tmp_path: Path) -> None:
     fake_tree(tmp_path, {"sys/fs/cgroup/app/cgroup.controllers": "cpuset cpu io memory pids\n"})
-    found = cgroups.find(V2_MOUNTS, "0::/app\n", tmp_path)
+    found = cgroups.find(V2_MOUNTS, "0::/app\n", tmp_path, mount_private=False)
     assert found.version == 2
     assert found.bases["cpu"] == tmp_path / "sys/fs/cgroup/app/taskledger"
+
+
+def test_a_read_only_v2_is_mounted_again_privately(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a container: its cgroupfs is read-only, its own cgroup namespace is not."""
+    fake_tree(tmp_path, {"sys/fs/cgroup/cgroup.controllers": "cpu io memory pids\n"})
+    private = tmp_path / "private"
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path).startswith(str(private)))
+    mounted: list[Path] = []
+
+    def mount(point: Path) -> tuple[Path | None, str]:
+        mounted.append(point)
+        return private, ""
+
+    monkeypatch.setattr(cgroups, "_mount_private_v2", mount)
+    found = cgroups.find(V2_MOUNTS, "0::/\n", tmp_path)
+    assert mounted == [cgroups.PRIVATE_V2]
+    assert found.version == 2
+    assert found.bases["memory"] == private / "taskledger"
+    monkeypatch.setattr(cgroups, "_mount_private_v2", lambda point: (None, "EPERM (test)"))
+    refused = cgroups.find(V2_MOUNTS, "0::/\n", tmp_path)
+    assert not refused.bases
+    assert "EPERM (test)" in refused.missing["memory"]
 
 
 def test_cgroups_missing_say_why(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ CONTROLLERS = ("memory", "pids", "cpu")
 GROUP = "taskledger"
 CPU_PERIOD_US = 100_000
 V2_LEAF = "taskledger-worker"  # where v2 delegation moves the worker's own processes
+PRIVATE_V2 = Path("/run/taskledger-sandbox/cgroup")  # our own cgroup2 mount, if we need one
 KILL_WAIT_SECONDS = 5.0
 
 
@@ -141,11 +143,16 @@ class SlotCgroup:
 
 
 def find(
-    mountinfo: str | None = None, self_cgroup: str | None = None, root: Path = Path("/")
+    mountinfo: str | None = None,
+    self_cgroup: str | None = None,
+    root: Path = Path("/"),
+    *,
+    mount_private: bool = True,
 ) -> Found:
     """Where this process can make slot cgroups: v2 if it offers every controller, else
-    v1 controller by controller. (`mountinfo`, `self_cgroup` and `root` let tests describe
-    another machine.)"""
+    v1 controller by controller. A v2 hierarchy mounted read-only (as in a container) is
+    mounted again, writable, at PRIVATE_V2 when `mount_private`. (`mountinfo`,
+    `self_cgroup` and `root` let tests describe another machine.)"""
     if mountinfo is None:
         mountinfo = (root / "proc/self/mountinfo").read_text()
     if self_cgroup is None:
@@ -162,12 +169,21 @@ def find(
             v2_problem = f"cannot read {base / 'cgroup.controllers'}: {error.strerror}"
         else:
             absent = [name for name in CONTROLLERS if name not in available]
-            if not absent:
-                return Found(2, dict.fromkeys(CONTROLLERS, base / GROUP), {})
-            v2_problem = (
-                f"cgroup v2 at {base} does not offer {', '.join(absent)} (bound to v1, or not "
-                "delegated to this worker)"
-            )
+            private: Path | None = base
+            if not absent and not os.access(base, os.W_OK) and mount_private:
+                # A container's cgroupfs is mounted read-only; a cgroup2 mounted by us in
+                # our own mount namespace is writable (and, in a container's own cgroup
+                # namespace, rooted at the container's cgroup).
+                private, v2_problem = _mount_private_v2(PRIVATE_V2)
+                if private is not None:
+                    private = private / own.lstrip("/")
+            if absent:
+                v2_problem = (
+                    f"cgroup v2 at {base} does not offer {', '.join(absent)} (bound to v1, or "
+                    "not delegated to this worker)"
+                )
+            elif private is not None:
+                return Found(2, dict.fromkeys(CONTROLLERS, private / GROUP), {})
     bases: dict[str, Path] = {}
     missing: dict[str, str] = {}
     for name in CONTROLLERS:
@@ -217,6 +233,25 @@ def _delegate_v2(own: Path, group: Path) -> None:
         _write(own / "cgroup.subtree_control", wanted)
     _mkdir(group)
     _write(group / "cgroup.subtree_control", wanted)
+
+
+def _mount_private_v2(point: Path) -> tuple[Path | None, str]:
+    """Mount cgroup2 at `point` (kept if already there); the mount point, or why not."""
+    if os.path.ismount(point):
+        return point, ""
+    try:
+        point.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "cgroup2", "cgroup2", str(point)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        output = getattr(error, "stderr", "") or str(error)
+        return None, f"cgroup v2 is read-only here and mounting it at {point} failed: {output}"
+    return point, ""
 
 
 def _mounts(mountinfo: str, root: Path) -> tuple[dict[str, Path], Path | None]:
