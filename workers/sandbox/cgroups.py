@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,13 +119,14 @@ class SlotCgroup:
                 found.update(int(line) for line in Path(procs).read_text().split())
         return sorted(found)
 
-    def kill(self) -> bool:
-        """SIGKILL whatever is in the cgroup until it is empty; False if it will not be.
+    def kill(self, spare: Collection[int] = ()) -> bool:
+        """SIGKILL whatever is in the cgroup but `spare` (the slot's zygote) until nothing
+        else is left; False if that will not happen.
 
         (v1 has no cgroup.kill: a fork between reading and killing is caught by the next
         round, and the pids limit bounds how many can appear.)"""
         give_up = time.monotonic() + KILL_WAIT_SECONDS
-        while pids := self.pids():
+        while pids := [pid for pid in self.pids() if pid not in spare]:
             if time.monotonic() > give_up:
                 return False
             for pid in pids:

@@ -6,8 +6,8 @@ the slots' cgroups, starts the zygote that builds each slot's namespaces, and lo
 active), runs programs with `workspace()` + `run()`, and `await sandbox.close()` at
 shutdown. One slot runs one program at a time; the caller (the worker) hands out slots.
 
-Isolated (root, with mount, PID, IPC and network namespaces): every run is forked by the
-zygote (`child/zygote.py`) into its own world; see docs/sandbox.md. Where a layer is
+Isolated (root, with mount, PID, IPC and network namespaces): every run is forked by its
+slot's zygote (`child/zygote.py`) into its own world; see docs/sandbox.md. Where a layer is
 missing the sandbox refuses to run programs (`SandboxUnavailable`) unless the operator
 opted in (`allow_unisolated`); without namespaces it then spawns them through exec
 wrappers (`spawn.py`), which isolate far less.
@@ -156,9 +156,11 @@ class Sandbox:
         self.isolate = isolate
         self.allow_unisolated = allow_unisolated or not isolate
         self._spawner = Spawner()
-        self._zygote: Zygote | None = None
-        self._zygote_lock: asyncio.Lock | None = None
-        self._probing: Zygote | None = None  # a new zygote, running its first program
+        # One zygote per slot: it sits in its slot's cgroups, so that its runs are born in
+        # them (moving a process into a cgroup costs an RCU grace period: ~13 ms here).
+        self._zygotes: dict[int, Zygote] = {}
+        self._zygote_locks: dict[int, asyncio.Lock] = {}
+        self._probing: dict[int, Zygote] = {}  # new zygotes, running their first program
         self._capabilities: Capabilities | None = None
         self._started = False
         self._starting: asyncio.Lock | None = None
@@ -240,7 +242,14 @@ class Sandbox:
             python, self._binds = await setup.choose_isolated_python()
             self._capabilities = _replace(self._capabilities, python=python)
             try:
-                self._zygote = await self._start_zygote()
+                started = await asyncio.gather(
+                    *(self._start_zygote(slot) for slot in range(len(users))),
+                    return_exceptions=True,
+                )
+                for slot, zygote in enumerate(started):
+                    if isinstance(zygote, BaseException):
+                        raise zygote
+                    self._zygotes[slot] = zygote
             except SandboxError as error:
                 # Namespaces could be made, but not a root from them: run unisolated.
                 self._capabilities = _replace(
@@ -259,18 +268,18 @@ class Sandbox:
             self._capabilities = _replace(self._capabilities, refusal=refusal)
         self._log_capabilities()
 
-    async def _start_zygote(self) -> Zygote:
-        """Start a zygote, prepare every slot in it, and run one program through it."""
+    async def _start_zygote(self, slot: int) -> Zygote:
+        """Start slot `slot`'s zygote, prepare the slot in it, run one program through it."""
         caps = self.capabilities
         zygote = await Zygote.start(caps.python, {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"})
         try:
-            for slot, user in enumerate(caps.users):
-                # A zygote replacing one that died keeps the run directories of runs
-                # that are about to start.
-                fresh = self._zygote is None
-                await zygote.prepare({**self._slot_request(slot, user), "fresh": fresh})
-            self._probing = zygote
-            async with self.workspace(0) as workspace:
+            # A zygote replacing one that died keeps the run directories of runs that are
+            # about to start.
+            fresh = slot not in self._zygotes
+            request = {**self._slot_request(slot, caps.users[slot]), "fresh": fresh}
+            await zygote.prepare(request)
+            self._probing[slot] = zygote
+            async with self.workspace(slot) as workspace:
                 ended = await self.run(
                     workspace,
                     PythonSource(b"print(data)"),
@@ -285,7 +294,7 @@ class Sandbox:
             await zygote.close()
             raise SandboxError(f"the zygote could not prepare the sandbox: {error}") from None
         finally:
-            self._probing = None
+            self._probing.pop(slot, None)
         return zygote
 
     def _slot_request(self, slot: int, user: SlotUser) -> dict[str, object]:
@@ -305,28 +314,31 @@ class Sandbox:
             "seccomp": base64.b64encode(self._seccomp).decode() if self._seccomp else None,
         }
 
-    async def _live_zygote(self) -> Zygote:
-        """The zygote; a new one if the last died (its runs failed with it)."""
-        zygote = self._zygote
+    async def _live_zygote(self, slot: int) -> Zygote:
+        """The slot's zygote; a new one if the last died (its runs failed with it)."""
+        zygote = self._zygotes.get(slot)
         if zygote is not None and zygote.alive:
             return zygote
-        if self._zygote_lock is None:
-            self._zygote_lock = asyncio.Lock()
-        async with self._zygote_lock:
-            zygote = self._zygote
+        lock = self._zygote_locks.setdefault(slot, asyncio.Lock())
+        async with lock:
+            zygote = self._zygotes.get(slot)
             if zygote is None or not zygote.alive:
-                log.warning("sandbox: starting a new zygote (the last one died)")
-                replacement = await self._start_zygote()
+                log.warning(
+                    "sandbox: starting a new zygote for slot %d (the last one died)",
+                    slot,
+                    extra={"slot": slot},
+                )
+                replacement = await self._start_zygote(slot)
                 if zygote is not None:
                     await zygote.close()
-                self._zygote = zygote = replacement
+                self._zygotes[slot] = zygote = replacement
             return zygote
 
     async def close(self) -> None:
         """Kill whatever the slots still run and release the slot users and cgroups."""
-        if self._zygote is not None:
-            await self._zygote.close()  # it kills what it started
-            self._zygote = None
+        zygotes, self._zygotes = self._zygotes, {}
+        for zygote in zygotes.values():
+            await zygote.close()  # it kills what it started
         if self._capabilities is not None:
             for slot in range(self.slots):
                 await self.kill_slot(slot)
@@ -519,7 +531,7 @@ class Sandbox:
     ) -> Process:
         user = self._user(workspace.slot)
         if self.capabilities.isolated:
-            zygote = self._probing or await self._live_zygote()
+            zygote = self._probing.get(workspace.slot) or await self._live_zygote(workspace.slot)
             request: dict[str, object] = {
                 "slot": workspace.slot,
                 "run_dir": workspace.path.name,
@@ -557,8 +569,10 @@ class Sandbox:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process_group, signal.SIGKILL)
         cgroup = self._cgroups.get(slot)
-        if cgroup is not None:
-            await asyncio.to_thread(cgroup.kill)
+        if cgroup is not None:  # (its zygote lives there too)
+            zygote = self._zygotes.get(slot)
+            spare = {zygote.process.pid} if zygote is not None and zygote.alive else set()
+            await asyncio.to_thread(cgroup.kill, spare)
         user = self._user(slot)
         # No process of the user left means none can appear: only its own processes
         # (or we) could start one. That saves spawning the killer after most runs.

@@ -57,7 +57,7 @@ class Slot:
         self.net: int | None = None  # its empty network namespace
         self.cgroups: list[int] = []  # cgroup.procs, open for writing
         self.cgroup_procs: list[str] = []  # the same files' paths, to read back
-        self.seccomp: bytes | None = None
+        self.seccomp: object | None = None  # the compiled filter, for Kernel.seccomp
         self.runs_dir: str | None = None  # the host tmpfs of its run directories
         self.tmp_options = ""  # of each run's tmpfs
 
@@ -85,7 +85,7 @@ def prepare(kernel: Kernel, request: dict[str, object]) -> Slot:
     if isinstance(seccomp, str):
         import base64
 
-        slot.seccomp = base64.b64decode(seccomp)
+        slot.seccomp = kernel.seccomp_program(base64.b64decode(seccomp))
     try:
         options = f"size={tmp_bytes},nr_inodes={tmp_files},mode=0711"
         _mount_runs_dir(kernel, runs_dir, options, fresh=bool(request.get("fresh", True)))

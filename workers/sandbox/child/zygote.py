@@ -1,5 +1,5 @@
-"""The zygote: a warm, single-threaded root interpreter that builds each slot's sandbox
-once and forks one child per run into it.
+"""The zygote: a warm, single-threaded root interpreter that builds its slot's sandbox
+once and forks one child per run into it. Each slot has its own zygote.
 
 Standard library only. The worker starts it as
 
@@ -10,22 +10,24 @@ Standard library only. The worker starts it as
 CONTROL_FD, a SOCK_SEQPACKET socket: JSON requests, the run's descriptors attached
 (SCM_RIGHTS), JSON replies. Its process name is `tl-zygote` (`pgrep tl-zygote`).
 
-Once per slot (`prepare`, see `slots.py`): the host tmpfs of its run directories, its root
-as a mount namespace, its empty network namespace, its cgroups.
+Once (`prepare`, see `slots.py`): the host tmpfs of the slot's run directories, its root as
+a mount namespace, its empty network namespace; then the zygote moves itself into the
+slot's cgroups, so that every run is born there.
 
 Per run (`run`): the zygote unshares a PID namespace for its next child and forks. The
 child is pid 1 there: when it ends, the kernel kills everything else in the namespace, so
-nothing a run started outlives it. The child joins the slot's cgroups, enters the slot's
-network and mount namespaces, makes private copies of the mount namespace and fresh IPC
-and UTS namespaces, mounts /tmp, /var/tmp and /dev/shm (tmpfs made here per run, so that
-the zygote can tell afterwards whether one filled up), /proc (its own processes only)
-and its run directory at /task; then it drops to the slot user without privileges and
-loads the seccomp filter. It forks the program (pid 2: the limits, then the Python source
-in the warm interpreter, or exec) and stays as the run's init.
+nothing a run started outlives it. The child enters the slot's network and mount
+namespaces, makes private copies of the mount namespace and fresh IPC and UTS
+namespaces, mounts /tmp, /var/tmp and /dev/shm (tmpfs made here per run, so that the
+zygote can tell afterwards whether one filled up), /proc (its own processes only) and
+its run directory at /task; then it drops to the slot user without privileges, applies
+the limits and loads the seccomp filter. Python source then runs in that process, in the
+warm interpreter; an executable (mcs, mono) is spawned as pid 2, the child staying as
+its init.
 
 The zygote is a child subreaper and buries whatever comes back to it. After a run's
-child ends it checks that the slot's cgroup is empty (killing what it finds) before it
-reports the end.
+child ends it checks that the slot's cgroup holds nothing but itself (killing what it
+finds) before it reports the end.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ from typing import TYPE_CHECKING, Any
 
 TMPFS_TARGETS = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108 - inside the run's root
 HOSTNAME = b"sandbox"
+# Signals whose default action ends a process (other than the uncatchable and the
+# synchronous faults, which the kernel delivers even to pid 1). SIGINT has Python's own.
+TERMINATING_SIGNALS = (
+    "SIGHUP",
+    "SIGQUIT",
+    "SIGABRT",
+    "SIGUSR1",
+    "SIGUSR2",
+    "SIGALRM",
+    "SIGTERM",
+    "SIGXCPU",
+    "SIGVTALRM",
+    "SIGPROF",
+)
 
 # Imported before the first fork, so that programs (and the bootstrap) find them warm.
 WARM_MODULES = [
@@ -160,10 +176,7 @@ class Zygote:
                 request = json_module.loads(message)
                 try:
                     if request["op"] == "prepare":
-                        old = self.slots.pop(request["slot"], None)
-                        if old is not None:
-                            old.release()
-                        self.slots[request["slot"]] = slots.prepare(self.kernel, request)
+                        self._prepare(request)
                         self._send({"op": "prepared", "slot": request["slot"]})
                     elif request["op"] == "run":
                         self._start(request, fds)
@@ -173,6 +186,30 @@ class Zygote:
                     for fd in fds:
                         os.close(fd)
                     self._send({"op": "failed", **_ids(request), "message": str(error)})
+
+    def _prepare(self, request: dict[str, object]) -> None:
+        """Prepare this zygote's slot (one per zygote) and move into its cgroups: every
+        run is then born there, and nothing pays for moving a process into a cgroup (an
+        RCU grace period, ~13 ms on a small VM). The OOM killer is to leave the zygote
+        alone: -1000 where we may set it, and its runs get +500."""
+        if self.slots and request["slot"] not in self.slots:
+            raise slots.Failure("a zygote serves one slot")
+        old = self.slots.pop(request["slot"], None)  # type: ignore[call-overload]
+        if old is not None:
+            old.release()
+        slot = slots.prepare(self.kernel, request)
+        try:
+            for procs in slot.cgroups:
+                os.write(procs, b"0")
+        except BaseException:
+            slot.release()
+            raise
+        try:
+            with open("/proc/self/oom_score_adj", "w") as score:
+                score.write("-1000")
+        except PermissionError:
+            pass  # no CAP_SYS_RESOURCE (a container): the runs' +500 must do
+        self.slots[slot.number] = slot
 
     def _send(self, reply: dict[str, object]) -> None:
         import json
@@ -310,6 +347,7 @@ class Zygote:
                         pids.update(int(pid) for pid in procs.read().split())
                 except OSError:
                     return False
+            pids.discard(os.getpid())  # the zygote lives in its slot's cgroups
             if not pids:
                 return True
             if time.monotonic() > give_up:
@@ -342,8 +380,8 @@ class Zygote:
         k = self.kernel
         k.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.setsid()
-        for procs in slot.cgroups:
-            os.write(procs, b"0")  # this process, and all it will start
+        with open("/proc/self/oom_score_adj", "w") as score:
+            score.write("500")  # at the memory limit (or the machine's), the run goes first
         assert slot.net is not None
         assert slot.mnt is not None
         k.setns(slot.net, kernel.CLONE_NEWNET, "net")
@@ -373,53 +411,72 @@ class Zygote:
         # The run's descriptors and the status pipe, above any number they will go to.
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
         status = fcntl.fcntl(status_w, fcntl.F_DUPFD_CLOEXEC, 100)
-        if slot.seccomp is not None:
-            k.seccomp(slot.seccomp)  # for this process and the program alike
-        program = os.fork()
-        if program != 0:
-            self._init(program, status)
-        # The program: pid 2, a child of the namespace's init like everything it starts.
-        for number, fd in enumerate(high):
-            os.dup2(fd, number)
-        os.closerange(len(high), 1 << 16)
         limits = request["limits"]
+        env = request["env"]
+        argv = request["argv"]
         assert isinstance(limits, dict)
+        assert isinstance(env, dict)
         for limit, (soft, hard) in limits.items():
             resource.setrlimit(getattr(resource, limit), (soft, hard))
-        env = request["env"]
-        assert isinstance(env, dict)
+        if slot.seccomp is not None:
+            k.seccomp(slot.seccomp)  # for this process and all it starts
+        if isinstance(argv, list):
+            self._init(argv, env, high, status)
+        # Python: this process runs the program (pid 1 of the namespace).
+        for number, fd in enumerate(high):
+            os.dup2(fd, number)
+        os.closerange(len(high), status)
+        os.closerange(status + 1, 1 << 16)
         os.environ.clear()
         os.environ.update(env)
-        argv = request["argv"]
-        if isinstance(argv, list):
-            # What Python ignores for itself, a program it execs gets back.
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-            try:
-                os.execvpe(argv[0], argv, env)  # noqa: S606 - argv is ours
-            except OSError as error:
-                print(f"cannot run {argv[0]}: {error}", file=sys.stderr)
-            return
-        self._python()
+        self._python(status)
 
-    def _init(self, program: int, status: int) -> None:
-        """The run's init (pid 1): bury whatever ends, and end with the program, writing
-        its wait status to `status` first. The program is not pid 1 itself because the
-        kernel protects pid 1 from signals it does not handle: SIGXCPU and SIGXFSZ at a
-        limit, SIGTERM sent to itself, would do nothing. When init ends, the kernel kills
-        everything else in the namespace."""
+    def _init(self, argv: list[str], env: dict[str, str], fds: list[int], status: int) -> None:
+        """Start an executable as pid 2 and be its init (pid 1): bury whatever ends, and
+        end with the program, writing its wait status to `status` first. An executable is
+        not pid 1 itself: the kernel protects pid 1 from the signals it does not handle
+        (SIGXCPU at the CPU limit, SIGTERM sent to itself). posix_spawn (vfork and exec)
+        costs no copy of this process. When init ends, the kernel kills everything else
+        in the namespace."""
+        import signal
+
+        for number, fd in enumerate(fds):  # (posix_spawn's own dup2 checks the fd limit)
+            os.dup2(fd, number)
+        try:
+            # What Python ignores for itself, the program gets back.
+            default = (signal.SIGPIPE, signal.SIGXFSZ)
+            program = os.posix_spawn(argv[0], argv, env, setsigdef=default)
+        except OSError as error:
+            os.write(2, f"cannot run {argv[0]}: {error}\n".encode())
+            os._exit(127)
         os.closerange(0, status)  # the output pipes are the program's alone
         os.closerange(status + 1, 1 << 16)
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, 0)
             except ChildProcessError:
-                os._exit(0)
+                os._exit(127)
             if pid == program:
                 os.write(status, wait_status.to_bytes(4, "little", signed=True))
                 os._exit(0)
 
-    def _python(self) -> None:
+    def _python(self, status_fd: int) -> None:
+        """Run the Python program in this process, pid 1 of the run's namespace.
+
+        The kernel protects pid 1 from signals it does not handle: a signal whose default
+        is to end the process (SIGTERM sent by the program to itself, SIGALRM, SIGXCPU at
+        the CPU limit) would do nothing. Handlers do what the default would, and tell the
+        zygote through `status_fd` that the program was killed by that signal. A fork
+        less per run than keeping an init beside the program; its orphans stay unburied
+        (they count against the process limit) until the run ends."""
+        import signal
+
+        def killed(signum: int, frame: object) -> None:
+            os.write(status_fd, signum.to_bytes(4, "little", signed=True))
+            os._exit(128 + signum)
+
+        for name in TERMINATING_SIGNALS:
+            signal.signal(getattr(signal, name), killed)
         try:
             status = bootstrap.run_python(3, 4)
         except SystemExit as error:
