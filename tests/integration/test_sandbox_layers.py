@@ -173,3 +173,26 @@ async def test_a_killed_workers_runs_are_swept(killed: str, tmp_path: Path) -> N
         assert outcome.result.stdout == "after\n"
     finally:
         await sandbox.close()
+
+
+@pytest.mark.asyncio
+async def test_each_slot_has_a_zygote_named_for_ps(tmp_path: Path) -> None:
+    """`ps -ef` shows a short, recognisable command line, `pgrep tl-zygote` finds them
+    (issue 19: its command line used to be its whole source), and each zygote lives in its
+    slot's cgroups."""
+    sandbox = Sandbox(2, work_dir=tmp_path / "work")
+    try:
+        await sandbox.start()
+        zygotes = sandbox._zygotes
+        assert sorted(zygotes) == [0, 1]
+        for slot, zygote in zygotes.items():
+            pid = zygote.process.pid
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            assert argv[1:3] == [b"-I", b"-S"]
+            assert argv[3].endswith(b"workers/sandbox/child/zygote.py")
+            assert argv[4] == b"serve"
+            assert len(b" ".join(argv)) < 200
+            assert Path(f"/proc/{pid}/comm").read_text() == "tl-zygote\n"
+            assert pid in sandbox._cgroups[slot].pids()
+    finally:
+        await sandbox.close()
