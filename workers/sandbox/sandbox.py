@@ -2,8 +2,8 @@
 
 A worker creates one `Sandbox` with its concurrency as the number of slots, `await
 sandbox.start()` once (it checks each layer, claims one unprivileged user per slot, makes
-the slots' cgroups, starts the zygote that builds each slot's namespaces, and logs what is
-active), runs programs with `workspace()` + `run()`, and `await sandbox.close()` at
+the slots' cgroups, starts one zygote per slot that builds the slot's namespaces, and logs
+what is active), runs programs with `workspace()` + `run()`, and `await sandbox.close()` at
 shutdown. One slot runs one program at a time; the caller (the worker) hands out slots.
 
 Isolated (root, with mount, PID, IPC and network namespaces): every run is forked by its
