@@ -20,6 +20,7 @@ from uuid import UUID
 import orjson
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
+from eventsourcing.postgres import PostgresApplicationRecorder
 
 from ledger.errors import LedgerError
 
@@ -67,6 +68,41 @@ class InvalidDatabaseURL(LedgerError):
     pass
 
 
+# Above this many bytes of events in one save, psycopg's pipeline mode is not used.
+PIPELINE_LIMIT = 64 * 1024
+
+
+class LedgerRecorder(PostgresApplicationRecorder):
+    """The library's recorder, but a large save is written without pipeline mode.
+
+    psycopg (3.3.9, C and Python alike) can deadlock in a pipeline whose queued data is
+    more than the socket takes at once: `pipeline_communicate` stops writing once every
+    command is queued even when libpq's output buffer is not yet flushed, and then waits
+    for results, while the server waits for the rest of the query (its backend sits in
+    ClientRead). With a Unix socket that happens from a few hundred KB (one task's output
+    at its 1 MiB cap wedged the embedded default); over TCP from a few MB (a group commit of
+    several large outputs). psycopg issue #685 was a similar case, closed in 2024. Without
+    the pipeline the same statements take a round trip each, in blocking mode, which
+    sends a query whole."""
+
+    def insert_events(
+        self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any
+    ) -> typing.Sequence[int] | None:
+        if sum(len(event.state) for event in stored_events) <= PIPELINE_LIMIT:
+            ids: typing.Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+            return ids
+        with (
+            self.datastore.get_connection() as conn,
+            conn.transaction(),
+            conn.cursor() as curs,
+        ):
+            self._insert_events(curs, stored_events, **kwargs)
+            if not stored_events:
+                return None
+            self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+
+
 def postgres_env(
     url: str, *, schema: str = "", pool_size: int = 5, max_overflow: int = 10
 ) -> dict[str, str]:
@@ -91,6 +127,7 @@ def postgres_env(
         raise InvalidDatabaseURL("database URL names no database (postgresql://host/DBNAME)")
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": "ledger.persistence:LedgerRecorder",
         "POSTGRES_DBNAME": dbname,
         "POSTGRES_HOST": host,
         "POSTGRES_PORT": str(parts.port or query.get("port", ["5432"])[0]),

@@ -7,6 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ledger import AttemptResult, Status
 from taskledger.bootstrap import bootstrap
 from taskledger.settings import Settings
 
@@ -26,3 +27,24 @@ def test_without_a_database_url_the_ledger_runs_on_an_embedded_postgres(tmp_path
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with bootstrap(settings) as services:
         assert services.ledger.get(task.id) == task
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_output_at_the_cap_is_stored_over_the_unix_socket(tmp_path: Path) -> None:
+    """One task's output at the 1 MiB cap, stdout and stderr: it wedged the embedded default
+    (psycopg's pipeline mode over a Unix socket; see ledger.persistence.LedgerRecorder)."""
+    settings = Settings(data_dir=tmp_path / "data")
+    with bootstrap(settings) as services:
+        ledger = services.ledger
+        task = ledger.submit(
+            description="d", language="python", code="", tenant="t", submitted_by="k"
+        ).task
+        ledger.start_attempt(task.id, 1, "w")
+        big = AttemptResult("y" * (1 << 20), "e" * (1 << 20), 0, 1.0, truncated=True)
+        assert ledger.complete_attempt(task.id, 1, big).status is Status.COMPLETED
+        # And the store still answers: nothing is left half-sent on a pooled connection.
+        again = ledger.submit(
+            description="d", language="echo", code="", tenant="t", submitted_by="k"
+        )
+        assert ledger.get(again.task.id).status is Status.PENDING

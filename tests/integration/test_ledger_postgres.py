@@ -342,3 +342,26 @@ def test_racing_batches_record_exactly_one_outcome_per_attempt(
     finally:
         for ledger in (setup, *racers):
             ledger.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_save_of_several_megabytes_goes_through(store_env: dict[str, str]) -> None:
+    """Eight outcomes at the 1 MiB output cap, stdout and stderr, saved in one group commit:
+    16 MiB in one transaction. In psycopg's pipeline mode such a save deadlocked (the client
+    waiting for results of a query it had not finished sending): over TCP from a few MB,
+    over a Unix socket from a few hundred KB (test_embedded has that one)."""
+    ledger = Ledger(store_env)
+    try:
+        ids = [ledger.submit(**TASK).task.id for _ in range(8)]
+        for task_id in ids:
+            ledger.start_attempt(task_id, 1, "w")
+        big = AttemptResult("y" * (1 << 20), "e" * (1 << 20), 0, 1.0, truncated=True)
+        transactions = ledger.group_commit.transactions
+        outcomes = ledger.execute_many([ledger.complete_command(t, 1, big) for t in ids])
+        assert ledger.group_commit.transactions == transactions + 1
+        assert [getattr(o, "status", o) for o in outcomes] == [Status.COMPLETED] * 8
+        result = ledger.get(ids[-1]).result
+        assert result is not None
+        assert (len(result["stdout"]), len(result["stderr"])) == (1 << 20, 1 << 20)
+    finally:
+        ledger.close()
