@@ -44,6 +44,7 @@ from ledger.domain import (
     TaskLimits,
 )
 from ledger.errors import (
+    AttemptLeaseLost,
     ContentionExhausted,
     IdempotencyConflict,
     KeyNotFound,
@@ -54,7 +55,8 @@ from ledger.errors import (
 from ledger.groupcommit import GroupCommit
 from ledger.jsonvalue import JSONValue
 from ledger.keys import ApiKey, KeyAlreadyRevoked, key_stream_id, parse_key
-from ledger.persistence import EventMapper, OrjsonTranscoder
+from ledger.leases import LeaseBook, LeaseLostError, Leases
+from ledger.persistence import EventMapper, LedgerRecorder, OrjsonTranscoder
 from ledger.retry import RetryPolicy
 
 # uuid5 namespace for tasks submitted with an idempotency key: the key decides the id, so
@@ -262,6 +264,7 @@ class Ledger(Application[UUID]):
         limits: TaskLimits | None = None,
         max_contention_retries: int = 16,
         recent_capacity: int = 1024,
+        lease_seconds: float = 10.0,
     ) -> None:
         self.clock = clock or SystemClock()
         self.retry_policy = retry_policy or RetryPolicy()
@@ -272,6 +275,13 @@ class Ledger(Application[UUID]):
         with _store_errors():
             super().__init__(env)
         self.group_commit = GroupCommit(self.recorder.insert_events)
+        # Attempt leases (ledger.leases): granted and settled with the events; renewed,
+        # and taken when they lapse, through `leases`. None on a store without them.
+        self.leases: Leases | None = None
+        if isinstance(self.recorder, LedgerRecorder):
+            schema = self.recorder.datastore.schema
+            self.recorder.lease_book = LeaseBook(schema, lease_seconds)
+            self.leases = Leases(self.recorder.datastore, schema, lease_seconds)
         # Tasks this process saved last, so that the next command on one (a worker's
         # AttemptCompleted after its AttemptStarted) need not read it back. Never
         # trusted for a query nor for a refusal; see _execute.
@@ -566,6 +576,8 @@ class Ledger(Application[UUID]):
                 self._keep_recent(task)
                 self.recent_hits += not trusted
                 results[i] = TaskState.of(task)
+            elif isinstance(met, LeaseLostError):
+                results[i] = AttemptLeaseLost(commands[i].task_id, str(met))
             elif isinstance(met, IntegrityError):
                 self.version_conflicts += trusted
                 alone.append(i)
@@ -716,6 +728,8 @@ class Ledger(Application[UUID]):
                 continue
             try:
                 self._save(task)
+            except LeaseLostError as lost:
+                raise AttemptLeaseLost(task_id, str(lost)) from None
             except IntegrityError:
                 if trusted:
                     self.version_conflicts += 1

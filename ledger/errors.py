@@ -56,6 +56,13 @@ class AttemptAlreadyStarted(TransitionRefused):
     rule = "attempt-already-started"
 
 
+class AttemptLeaseLost(TransitionRefused):
+    """A worker's outcome for an attempt whose lease it no longer holds (it lapsed, or
+    the leader recorded the attempt as worker_lost): not recorded."""
+
+    rule = "attempt-lease-lost"
+
+
 class AttemptNotStarted(TransitionRefused):
     rule = "attempt-not-started"
 

@@ -19,10 +19,13 @@ from uuid import UUID
 
 import orjson
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
+from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Transcoder
 from eventsourcing.postgres import PostgresApplicationRecorder
+from psycopg import Cursor
+from psycopg.rows import DictRow
 
 from ledger.errors import LedgerError
+from ledger.leases import LeaseBook, ddl
 
 
 class OrjsonTranscoder(Transcoder):
@@ -73,7 +76,8 @@ PIPELINE_LIMIT = 64 * 1024
 
 
 class LedgerRecorder(PostgresApplicationRecorder):
-    """The library's recorder, but a large save is written without pipeline mode.
+    """The library's recorder, plus the attempt leases kept in step with the events (in
+    the same transaction; ledger.leases), and a large save written without pipeline mode.
 
     psycopg (3.3.9, C and Python alike) can deadlock in a pipeline whose queued data is
     more than the socket takes at once: `pipeline_communicate` stops writing once every
@@ -85,22 +89,42 @@ class LedgerRecorder(PostgresApplicationRecorder):
     the pipeline the same statements take a round trip each, in blocking mode, which
     sends a query whole."""
 
+    lease_book: LeaseBook | None = None  # set by the Ledger
+
+    def create_table(self) -> None:
+        super().create_table()
+        with self.datastore.get_connection() as conn:
+            for statement in ddl(self.datastore.schema):
+                conn.execute(statement)
+
     def insert_events(
         self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any
     ) -> typing.Sequence[int] | None:
-        if sum(len(event.state) for event in stored_events) <= PIPELINE_LIMIT:
-            ids: typing.Sequence[int] | None = super().insert_events(stored_events, **kwargs)
-            return ids
-        with (
-            self.datastore.get_connection() as conn,
-            conn.transaction(),
-            conn.cursor() as curs,
-        ):
-            self._insert_events(curs, stored_events, **kwargs)
-            if not stored_events:
-                return None
-            self._insert_stored_events(curs, stored_events, **kwargs)
-            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+        try:
+            if sum(len(event.state) for event in stored_events) <= PIPELINE_LIMIT:
+                ids: typing.Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+                return ids
+            with (
+                self.datastore.get_connection() as conn,
+                conn.transaction(),
+                conn.cursor() as curs,
+            ):
+                self._insert_events(curs, stored_events, **kwargs)
+                if not stored_events:
+                    return None
+                self._insert_stored_events(curs, stored_events, **kwargs)
+                return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+        except IntegrityError as error:
+            if self.lease_book is None:
+                raise
+            raise LeaseBook.translate(error) from error.__cause__
+
+    def _insert_events(
+        self, curs: Cursor[DictRow], stored_events: typing.Sequence[StoredEvent], **_: Any
+    ) -> None:
+        # The library calls this first in the save's transaction (pipelined, when it is).
+        if self.lease_book is not None:
+            self.lease_book.write(curs, stored_events)
 
 
 def postgres_env(
