@@ -129,6 +129,7 @@ def create_app(context: ApiContext) -> Starlette:
         Route("/api/tasks/{task_id}/history", tasks.task_history, methods=["GET"]),
         Route("/api/audit", system.audit, methods=["GET"]),
         Route("/api/stats", system.stats, methods=["GET"]),
+        Route("/api/workers", system.workers, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),

@@ -210,6 +210,13 @@ OPERATIONS = (
         problems=("400", "401", "403", "422"),
     ),
     Operation("get", "/api/stats", "stats", "Counts by status and projection lag", schemas.Stats),
+    Operation(
+        "get",
+        "/api/workers",
+        "workers",
+        "Workers from their heartbeats: slots, busy, attempts, last seen",
+        schemas.Workers,
+    ),
     Operation("get", "/healthz", "healthz", "Liveness", schemas.Health, auth=False, problems=()),
     Operation(
         "get",

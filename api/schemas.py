@@ -173,6 +173,37 @@ class Stats(BaseModel):
     projections: dict[str, ProjectionLag]
 
 
+class WorkerAttempt(BaseModel):
+    task_id: UUID
+    attempt: int
+    language: str
+
+
+class WorkerOut(BaseModel):
+    """A worker, from its heartbeats."""
+
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    state: str = Field(
+        description="alive (renewing its leases), lost (silent longer than a lease: its "
+        "attempts are taken and retried), stopped (shut down)"
+    )
+    slots: int = Field(description="programs it runs at once (--concurrency)")
+    busy: int = Field(description="slots running a program at its last heartbeat")
+    running: int = Field(description="attempts it held at its last heartbeat")
+    attempts: list[WorkerAttempt] | None = Field(
+        default=None, description="those attempts (admin keys only: they span tenants)"
+    )
+    started_at: datetime
+    last_seen: datetime
+
+
+class Workers(BaseModel):
+    workers: list[WorkerOut]
+
+
 class FieldProblem(BaseModel):
     field: str
     message: str

@@ -146,6 +146,46 @@ async def stats(request: Request) -> Response:
     return json_response(await in_thread(request, query))
 
 
+# Workers silent for longer than this are no longer listed.
+WORKERS_REMEMBERED_SECONDS = 3600.0
+
+
+async def workers(request: Request) -> Response:
+    """The workers from their heartbeats; the attempts they run only for admin keys."""
+    principal = await authenticate(request, Role.READ)
+    reject_unknown_params(request, set())
+    leases = context(request).ledger.leases
+    if leases is None:
+        return json_response({"workers": []})
+    rows = await in_thread(request, lambda: leases.workers(WORKERS_REMEMBERED_SECONDS))
+    listed = []
+    for row in rows:
+        silent = row["silence"].total_seconds()
+        state = (
+            "stopped"
+            if row["stopped_at"]
+            else "alive"
+            if silent <= leases.lease_seconds
+            else "lost"
+        )
+        item: dict[str, Any] = {
+            "worker_id": row["worker_id"],
+            "host": row["host"],
+            "pid": row["pid"],
+            "version": row["version"],
+            "state": state,
+            "slots": row["slots"],
+            "busy": row["busy"],
+            "running": len(row["running"]),
+            "started_at": row["started_at"],
+            "last_seen": row["last_seen"],
+        }
+        if principal.role is Role.ADMIN:
+            item["attempts"] = row["running"]
+        listed.append(item)
+    return json_response({"workers": listed})
+
+
 async def healthz(request: Request) -> Response:
     return json_response({"status": "ok", "checks": {}})
 

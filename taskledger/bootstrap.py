@@ -117,6 +117,7 @@ class Services:
                 allow_unisolated=unisolated_by_default if allow is None else allow,
             )
         options.setdefault("metrics", self.worker_metrics)
+        options.setdefault("heartbeat_seconds", self.settings.heartbeat_seconds)
         return Worker(self.ledger, self.broker, executors, concurrency=concurrency, **options)
 
     def start_projections(self, names: list[str] | None = None, **options: Any) -> None:
@@ -222,6 +223,7 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
         ledger = overrides.pop("ledger", None)
         if ledger is None:
             env = postgres_env(database_url, schema=settings.database_schema)
+            overrides.setdefault("lease_seconds", settings.lease_seconds)
             ledger = Ledger(env, **overrides)
             stack.callback(ledger.close)
         return Services(

@@ -142,6 +142,16 @@ class Settings(BaseSettings):
     metrics_port: Port | None = Field(
         default=None, description="a worker serves Prometheus metrics on this port"
     )
+    lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="a worker's lease on a running attempt: this long after its last "
+        "heartbeat the attempt is recorded as worker_lost and retried",
+    )
+    heartbeat_seconds: float = Field(
+        default=2.0, gt=0, le=600, description="how often a worker renews its leases"
+    )
     sandbox: SandboxSettings = Field(
         default_factory=SandboxSettings, description="the [sandbox] section"
     )
@@ -204,6 +214,16 @@ class Settings(BaseSettings):
         if not value or any(c.isspace() or c in "/:" for c in value):
             raise ValueError("must be a host name or an IPv4 address, e.g. 0.0.0.0")
         return value
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_the_lease(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                "TASKLEDGER_HEARTBEAT_SECONDS must be at most half of TASKLEDGER_LEASE_SECONDS "
+                f"(got {self.heartbeat_seconds:g} and {self.lease_seconds:g}): one lost "
+                "heartbeat must not lose a lease"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

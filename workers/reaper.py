@@ -7,6 +7,10 @@ deadline index), and wakes early when the view changes (a new, nearer deadline).
 InProgress tasks get `worker_grace` seconds past their deadline so their worker can record
 the expiry (and its `detected_by: worker`); either way, the first writer wins.
 
+It also takes the attempt leases that lapsed (their worker died, or cannot reach the
+store) and records those attempts as AttemptFailed(worker_lost); the normal retry rule
+then applies. It looks at least every `poll_interval` seconds.
+
 One reaper per deployment is active (a PostgreSQL advisory lock); the others wait.
 """
 
@@ -22,7 +26,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from ledger import Ledger
+from ledger import AttemptError, Ledger
 from ledger.clock import Clock
 from ledger.errors import LedgerError, TransitionRefused
 from projections.runner import PROJECTION_CHANNEL
@@ -57,6 +61,7 @@ class Reaper:
         self.standby_interval = standby_interval
         self.batch_size = batch_size
         self.expired = 0
+        self.lost = 0  # attempts recorded as worker_lost
         self.is_leader = asyncio.Event()
         self.metrics = metrics or WorkerMetrics()
         self.min_interval = min_interval
@@ -114,6 +119,7 @@ class Reaper:
         due = conn.execute(
             self._due_query, {"now": now, "graced": graced, "limit": self.batch_size}
         ).fetchall()
+        self._take_lapsed_leases()
         if len(due) > 1:
             # Concurrent expiries share transactions (the ledger's group commit): a few
             # hundred tasks that expire together are recorded in milliseconds, not one
@@ -130,6 +136,41 @@ class Reaper:
         grace = timedelta(seconds=self.worker_grace)
         first: datetime = min(d + (grace if s == "InProgress" else 0 * grace) for s, d in upcoming)
         return max(0.0, (first - now).total_seconds())
+
+    def _take_lapsed_leases(self) -> None:
+        leases = self.ledger.leases
+        if leases is None:
+            return
+        try:
+            lapsed = leases.take_lapsed()
+        except Exception as failure:  # noqa: BLE001 - the next pass tries again
+            log.warning("reaper could not read the leases", extra={"error": str(failure)})
+            return
+        for lease in lapsed:
+            context = {"task_id": str(lease.task_id), "attempt": lease.attempt}
+            lost = AttemptError(
+                "worker_lost",
+                f"worker {lease.worker_id} stopped renewing its lease on attempt "
+                f"{lease.attempt} (it lapsed at {lease.expires_at.isoformat()}): the worker "
+                "died, or cannot reach the database",
+            )
+            try:
+                task = self.ledger.fail_attempt(lease.task_id, lease.attempt, lost, retryable=True)
+            except TransitionRefused:
+                leases.drop(lease.task_id, lease.attempt)  # it ended some other way meanwhile
+                continue
+            except LedgerError as problem:
+                log.warning(
+                    "reaper could not record a lost worker",
+                    extra={**context, "error": str(problem)},
+                )
+                continue
+            self.lost += 1
+            self.metrics.outcome_recorded(task)
+            log.warning(
+                "attempt's worker lost: its lease lapsed",
+                extra={**context, "worker_id": lease.worker_id},
+            )
 
     def _expire(self, task_id: UUID, attempt: int) -> None:
         try:

@@ -1,13 +1,19 @@
 """The worker: takes attempt commands from the broker, runs them, records their outcome.
 
 For each command: append AttemptStarted (losing that race means someone else has it:
-drop), run the program in the sandbox, append the outcome, then acknowledge. The ack
-comes last, so a worker that dies mid-attempt leaves the message unacknowledged; the
-broker redelivers it, and the next worker, finding the attempt InProgress under another
-worker, records AttemptFailed(kind=worker_lost), after which the normal retry rule applies.
+drop), acknowledge the command, run the program in the sandbox, append the outcome.
+Once AttemptStarted is stored the ledger owns the attempt, not the broker: the worker
+holds a lease on it (granted with AttemptStarted) and renews it with a heartbeat every
+`heartbeat_seconds`. A worker that dies or is cut off stops renewing; when the lease
+lapses, the leader (the reaper) records AttemptFailed(kind=worker_lost) and the normal
+retry rule applies. A worker that learns it lost a lease (or cannot renew for a whole
+lease) kills the run; the ledger refuses an outcome from a worker that no longer holds
+the lease. A redelivered command for an attempt that already started is dropped: a
+broker restart or its consumer_timeout loses nothing.
 
 Shutdown (SIGTERM): stop taking commands, let running attempts finish for up to
-`grace_seconds`, then kill them and hand their commands back to the broker.
+`grace_seconds`, then kill them and record them as worker_lost (retried by the normal
+rule); commands still waiting for a slot go back to the broker.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
+from importlib import metadata
+from uuid import UUID
 
 from ledger import AttemptError, Ledger, Status, TaskState
 from ledger.application import Command
@@ -27,11 +35,13 @@ from ledger.batching import Batcher
 from ledger.domain import Task
 from ledger.errors import (
     AttemptAlreadyStarted,
+    AttemptLeaseLost,
     DeadlinePassed,
     LedgerUnavailable,
     TaskNotFound,
     TransitionRefused,
 )
+from ledger.leases import WorkerInfo
 from taskledger.logs import log_context
 from workers.broker import Broker, Delivery
 from workers.executors.base import Executor, RunOutcome, RunRequest
@@ -60,6 +70,7 @@ class Worker:
         prefetch: int | None = None,
         worker_id: str | None = None,
         grace_seconds: float = 30.0,
+        heartbeat_seconds: float | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.ledger = ledger
@@ -68,10 +79,17 @@ class Worker:
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
         self.grace_seconds = grace_seconds
+        # Five heartbeats to a lease: a late one or two lose nothing.
+        lease = ledger.leases.lease_seconds if ledger.leases is not None else 10.0
+        self.heartbeat_seconds = heartbeat_seconds or lease / 5
+        self.started_at = datetime.now(UTC)
         self.busy = 0
         self.handled = 0
         # task id -> its cancel event and attempt
         self._running: dict[str, tuple[asyncio.Event, int]] = {}
+        # Attempts this worker started and has not settled: their leases are renewed.
+        self._held: dict[tuple[UUID, int], str] = {}  # (task, attempt) -> language
+        self._lease_lost: set[tuple[UUID, int]] = set()
         self._shutting_down = False
         self._slots: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(concurrency):
@@ -101,6 +119,7 @@ class Worker:
                 )
         handlers: set[asyncio.Task[None]] = set()
         cancels = asyncio.create_task(self._follow_cancels())
+        heartbeat = asyncio.create_task(self._keep_leases())
         consumer = asyncio.create_task(self._consume(handlers))
         try:
             await stop.wait()
@@ -120,13 +139,14 @@ class Worker:
                     await asyncio.wait(pending)
         finally:
             # Also when run() itself is cancelled: nothing it started may outlive it.
-            children = [consumer, cancels, *handlers]
+            children = [consumer, cancels, heartbeat, *handlers]
             for child in children:
                 child.cancel()
             await asyncio.gather(*children, return_exceptions=True)
             await self._batcher.close()
             for executor in {id(e): e for e in self.executors.values()}.values():
                 await executor.close()
+            await self._beat(stopped=True)
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
 
     async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
@@ -164,6 +184,7 @@ class Worker:
 
     async def _handle_in_context(self, delivery: Delivery, context: dict[str, object]) -> None:
         slot: int | None = None
+        acked = False
         try:
             # One round trip reads the task and, when it needs no sandbox slot (echo, an
             # unknown language that fails at once), starts it too.
@@ -174,29 +195,76 @@ class Worker:
                 # a slot, the start is refused and the worker records the expiry.
                 slot = await self._slot_or_deadline(task.deadline)
                 task = await self._start(delivery, self._start_command(delivery))
+            # Started (or not ours): the ledger owns the attempt now, not the broker.
+            acked = True
+            await self._let_go(delivery, "ack", context)
             if task is None:
-                await delivery.ack()
                 return
-            outcome = await self._run(task, slot)
-            if outcome is None:  # shutting down: hand the command back
-                await delivery.requeue()
-                return
-            await self._record(task, outcome)
-            await delivery.ack()
+            held = (task.id, task.attempt)
+            self._held[held] = task.language
+            try:
+                outcome = await self._run(task, slot)
+                if outcome is None:  # shutting down, killed: the attempt is lost
+                    outcome = RunOutcome(
+                        "failed",
+                        error=AttemptError(
+                            "worker_lost",
+                            f"worker {self.worker_id} stopped (SIGTERM) before attempt "
+                            f"{task.attempt} finished; it was killed after the "
+                            f"{self.grace_seconds:g} s grace",
+                        ),
+                        retryable=True,
+                    )
+                if held in self._lease_lost:
+                    log.warning(
+                        "lease lost while running: the run was killed, nothing is recorded "
+                        "(the leader records the attempt as worker_lost)",
+                        extra=context,
+                    )
+                else:
+                    await self._record(task, outcome)
+            finally:
+                self._held.pop(held, None)
+                self._lease_lost.discard(held)
             self.handled += 1
         except LedgerUnavailable as error:
+            if acked:
+                log.error(
+                    "ledger unavailable while recording an outcome: the lease will lapse and "
+                    "the leader record the attempt as worker_lost",
+                    extra={**context, "error": str(error)},
+                )
+                return
             log.error(
                 "ledger unavailable: the command goes back to the queue",
                 extra={**context, "error": str(error)},
             )
             await asyncio.sleep(1)
-            await delivery.requeue()
+            await self._let_go(delivery, "requeue", context)
         except Exception:
+            if acked:
+                log.exception(
+                    "worker failed on a started attempt; its lease will lapse", extra=context
+                )
+                return
             log.exception("worker failed on a command; it goes back to the queue", extra=context)
-            await delivery.requeue()
+            await self._let_go(delivery, "requeue", context)
         finally:
             if slot is not None:
                 self._slots.put_nowait(slot)
+
+    async def _let_go(self, delivery: Delivery, how: str, context: dict[str, object]) -> None:
+        """Ack or requeue a delivery. If its channel is gone (a broker restart), the broker
+        redelivers the command by itself, and a started attempt's command is then dropped:
+        that is no reason to stop the run."""
+        try:
+            await (delivery.ack() if how == "ack" else delivery.requeue())
+        except Exception as error:  # noqa: BLE001 - any broker failure means the same here
+            log.info(
+                "could not %s a command (its channel is gone); the broker will deliver it again",
+                how,
+                extra={**context, "error": repr(error)},
+            )
 
     async def _slot_or_deadline(self, deadline: datetime) -> int | None:
         """A free sandbox slot, or None once `deadline` has passed."""
@@ -251,23 +319,13 @@ class Worker:
                 self.metrics.attempt_started(task)
             return task
         except AttemptAlreadyStarted:
-            if delivery.redelivered:
-                # The worker that started it held this message and lost its channel.
-                await self._settle(
-                    self.ledger.fail_command(
-                        task_id,
-                        attempt,
-                        AttemptError(
-                            "worker_lost",
-                            f"the worker running attempt {attempt} stopped answering",
-                        ),
-                        retryable=True,
-                    ),
-                    context,
-                )
-                log.warning("attempt's worker was lost; recorded as failed", extra=context)
-            else:
-                log.info("duplicate command for a started attempt; dropped", extra=context)
+            # A duplicate, or redelivered after a broker restart or its consumer_timeout:
+            # the worker that started it holds its lease; if that worker is gone, the lease
+            # lapses and the leader records the attempt as worker_lost.
+            log.info(
+                "command for an attempt that already started: dropped",
+                extra={**context, "redelivered": delivery.redelivered},
+            )
         except DeadlinePassed:
             await self._settle(
                 self.ledger.expire_command(task_id, attempt, detected_by="worker"), context
@@ -334,8 +392,85 @@ class Worker:
         """Record an outcome; if the rules refuse it, someone else recorded one first."""
         try:
             self.metrics.outcome_recorded(await self._ledger(command))
+        except AttemptLeaseLost as lost:
+            log.warning(
+                "outcome not recorded: this worker no longer holds the attempt's lease",
+                extra={**context, "reason": str(lost)},
+            )
         except TransitionRefused as refused:
             log.info(
                 "outcome not recorded: another came first",
                 extra={**context, "reason": str(refused)},
             )
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _info(self) -> WorkerInfo:
+        running = [
+            {"task_id": str(task_id), "attempt": attempt, "language": language}
+            for (task_id, attempt), language in self._held.items()
+        ]
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=_version(),
+            slots=self.concurrency,
+            busy=self.busy,
+            running=running,
+            started_at=self.started_at,
+        )
+
+    async def _beat(self, *, stopped: bool = False) -> set[tuple[UUID, int]] | None:
+        """One heartbeat: the leases still held, or None when the store did not answer."""
+        leases = self.ledger.leases
+        if leases is None:
+            return set(self._held)
+        info = self._info()
+        try:
+            when = datetime.now(UTC) if stopped else None
+            return await asyncio.to_thread(leases.heartbeat, info, stopped=when)
+        except Exception as error:  # noqa: BLE001 - the next beat tries again
+            log.warning(
+                "heartbeat failed: leases not renewed",
+                extra={"worker_id": self.worker_id, "error": str(error)},
+            )
+            return None
+
+    async def _keep_leases(self) -> None:
+        """Renew the leases of the running attempts; kill the runs whose lease is lost,
+        and every run once no renewal has got through for a whole lease."""
+        leases = self.ledger.leases
+        if leases is None:
+            return
+        loop = asyncio.get_running_loop()
+        renewed_at = loop.time()
+        while True:
+            asked = set(self._held)
+            held = await self._beat()
+            if held is not None:
+                renewed_at = loop.time()
+                lost = asked - held
+            elif loop.time() - renewed_at > leases.lease_seconds:
+                lost = asked  # cut off from the store: the leader will take them
+            else:
+                lost = set()
+            for task_id, attempt in lost & set(self._held):
+                if (task_id, attempt) in self._lease_lost:
+                    continue
+                self._lease_lost.add((task_id, attempt))
+                running = self._running.get(str(task_id))
+                log.warning(
+                    "lease lost: killing the run",
+                    extra={"task_id": str(task_id), "attempt": attempt},
+                )
+                if running is not None and running[1] == attempt:
+                    running[0].set()
+            await asyncio.sleep(self.heartbeat_seconds)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("taskledger")
+    except metadata.PackageNotFoundError:
+        return "unknown"

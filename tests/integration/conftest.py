@@ -43,10 +43,13 @@ def ledger(store_env: dict[str, str], clock: ManualClock) -> Iterator[Ledger]:
 
 @pytest.fixture
 def live_ledger(store_env: dict[str, str], database_url: str, schema: str) -> Iterator[Ledger]:
-    """A ledger on the real clock with short retry backoffs, its views installed: for the
-    roles (dispatcher, workers, reaper) running in the test."""
+    """A ledger on the real clock with short retry backoffs and leases, its views
+    installed: for the roles (dispatcher, workers, reaper) running in the test."""
     ledger = Ledger(
-        store_env, clock=SystemClock(), retry_policy=RetryPolicy(base_seconds=0.2, max_seconds=2)
+        store_env,
+        clock=SystemClock(),
+        retry_policy=RetryPolicy(base_seconds=0.2, max_seconds=2),
+        lease_seconds=1.0,  # a lost worker's attempt is taken a second after it went silent
     )
     with psycopg.connect(database_url, autocommit=True) as conn:
         for projection in all_projections().values():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from api.schemas import TaskOut, TaskSummaryOut
 from ledger import AttemptError, AttemptResult
+from ledger.leases import WorkerInfo
 from tests.integration.conftest import Api
 
 pytestmark = [pytest.mark.postgres, pytest.mark.asyncio]
@@ -557,3 +559,31 @@ async def test_an_unexpected_error_is_a_500_problem_without_internals(
     assert vars(logged)["request_id"] == body["request_id"]
     assert str(vars(logged)["task_id"]) == str(task_id)
     assert logged.exc_info is not None
+
+
+async def test_workers_are_listed_from_their_heartbeats(api: Api) -> None:
+    task = await submit(api)
+    task_id = uuid.UUID(task["id"])
+    ledger = api.context.ledger
+    await asyncio.to_thread(ledger.start_attempt, task_id, 1, "worker-7")
+    assert ledger.leases is not None
+    info = WorkerInfo(
+        worker_id="worker-7",
+        host="box",
+        pid=42,
+        version="1.2.3",
+        slots=2,
+        busy=1,
+        running=[{"task_id": str(task_id), "attempt": 1, "language": "python"}],
+        started_at=datetime.now(UTC),
+    )
+    assert await asyncio.to_thread(ledger.leases.heartbeat, info) == {(task_id, 1)}
+    admin = (await api.client.get("/api/workers", headers=api.auth("acme-admin"))).json()
+    (seen,) = [w for w in admin["workers"] if w["worker_id"] == "worker-7"]
+    assert (seen["state"], seen["slots"], seen["busy"], seen["running"]) == ("alive", 2, 1, 1)
+    assert seen["attempts"] == [{"task_id": str(task_id), "attempt": 1, "language": "python"}]
+    # Other roles see the workers, not which tenants' tasks they run.
+    reader = (await api.client.get("/api/workers", headers=api.auth("acme-read"))).json()
+    (seen,) = [w for w in reader["workers"] if w["worker_id"] == "worker-7"]
+    assert "attempts" not in seen
+    assert (await api.client.get("/api/workers")).status_code == 401

@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 import pytest_asyncio
+from psycopg import sql
 
 from ledger import AttemptError, AttemptResult, Ledger, Status
 from projections import all_projections
 from projections.runner import ProjectionRunner
 from tests import services
-from workers.broker import Broker
+from workers.broker import Broker, RunAttempt
 from workers.dispatcher import Dispatcher
 from workers.executors.base import RunOutcome, RunRequest
 from workers.memory import MemoryBroker
@@ -218,9 +220,12 @@ async def test_a_lost_worker_s_attempt_fails_as_worker_lost_and_is_retried(
         await doomed_task
     await doomed_broker.close()  # its channel closes with the message unacknowledged
 
+    # Its command was acknowledged when the attempt started: nothing comes back from the
+    # broker. Its lease lapses (nobody renews it) and the leader records the loss.
     rescuer = StandIn()
     _, worker = roles(live_ledger, database_url, schema, rabbitmq(), rescuer, worker_id="worker-b")
-    async with running(worker.run):
+    reaper = Reaper(database_url, schema, live_ledger, live_ledger.clock, poll_interval=0.2)
+    async with running(worker.run, reaper.run):
         (state,) = await settled(live_ledger, [task_id])
     stop_dispatcher.set()
     await dispatching
@@ -230,6 +235,8 @@ async def test_a_lost_worker_s_attempt_fails_as_worker_lost_and_is_retried(
     lost = [h for h in history if h.type == "AttemptFailed"]
     assert len(lost) == 1
     assert lost[0].data["error"]["kind"] == "worker_lost"
+    assert "worker-doomed stopped renewing its lease" in lost[0].data["error"]["message"]
+    assert reaper.lost == 1
     assert [h.data["worker_id"] for h in history if h.type == "AttemptStarted"] == [
         "worker-doomed",
         "worker-b",
@@ -318,7 +325,7 @@ async def test_with_no_worker_the_reaper_expires_queued_tasks(
         assert [h.data["detected_by"] for h in history if h.type == "TaskExpired"] == ["reaper"]
 
 
-async def test_shutdown_hands_running_attempts_back(
+async def test_shutdown_records_running_attempts_lost_and_they_are_retried(
     live_ledger: Ledger, database_url: str, schema: str
 ) -> None:
     broker = MemoryBroker()
@@ -333,8 +340,88 @@ async def test_shutdown_hands_running_attempts_back(
         await asyncio.wait_for(executor.started.wait(), 30)
         stop.set()
         await asyncio.wait_for(working, 30)
-    assert broker._queue.qsize() == 1, "the command went back to the queue"
-    command, redelivered = broker._queue.get_nowait()
-    assert (command.task_id, redelivered) == (task_id, True)
     state = await asyncio.to_thread(live_ledger.get, task_id)
-    assert state.status is Status.IN_PROGRESS  # the next worker will record it as lost
+    assert state.status is Status.PENDING  # attempt 2, scheduled by the retry rule
+    assert state.attempt == 2
+    history = await asyncio.to_thread(live_ledger.history, task_id)
+    (failed,) = [h for h in history if h.type == "AttemptFailed"]
+    assert failed.data["error"]["kind"] == "worker_lost"
+    assert "stopped (SIGTERM)" in failed.data["error"]["message"]
+
+
+async def test_the_command_is_acknowledged_once_the_attempt_starts(
+    live_ledger: Ledger, database_url: str, schema: str
+) -> None:
+    """The ledger owns a started attempt, not the broker: a run longer than RabbitMQ's
+    consumer_timeout (or a broker restart) cannot bring the command back."""
+    broker = MemoryBroker()
+    executor = StandIn()
+    dispatcher, worker = roles(live_ledger, database_url, schema, broker, executor)
+    async with running(dispatcher.run, worker.run):
+        task_id = submit(live_ledger, "hang", ttl_seconds=60)
+        await asyncio.wait_for(executor.started.wait(), 30)
+        assert broker._unsettled == 0, "the delivery is settled while the program runs"
+        await asyncio.to_thread(live_ledger.cancel, task_id, by="test")
+
+
+async def test_a_redelivered_command_for_a_started_attempt_is_dropped(
+    live_ledger: Ledger, database_url: str, schema: str
+) -> None:
+    """After a broker restart the same command may come again, to the same worker or
+    another: it marks nothing lost (it used to record worker_lost over a healthy run)."""
+    broker = MemoryBroker()
+    executor = StandIn()
+    release = asyncio.Event()
+
+    async def hang_until_released(request: RunRequest, cancelled: asyncio.Event) -> RunOutcome:
+        executor.runs.append((request.task_id, request.attempt, str(request.slot)))
+        executor.started.set()
+        await release.wait()
+        return RunOutcome("completed", result=AttemptResult(stdout="done"))
+
+    executor.run = hang_until_released  # type: ignore[method-assign]
+    dispatcher, worker = roles(live_ledger, database_url, schema, broker, executor)
+    async with running(dispatcher.run, worker.run):
+        task_id = submit(live_ledger, "hang", ttl_seconds=60)
+        await asyncio.wait_for(executor.started.wait(), 30)
+        broker._queue.put_nowait((RunAttempt(task_id, 1), True))  # redelivered
+        while broker._queue.qsize() or broker._unsettled:  # taken, and dropped
+            await asyncio.sleep(0.01)
+        release.set()
+        (state,) = await settled(live_ledger, [task_id])
+    assert state.status is Status.COMPLETED
+    history = await asyncio.to_thread(live_ledger.history, task_id)
+    assert [h.type for h in history].count("AttemptFailed") == 0
+    assert len(executor.runs) == 1
+
+
+async def test_a_worker_that_loses_its_lease_kills_the_run_and_records_nothing(
+    live_ledger: Ledger, database_url: str, schema: str
+) -> None:
+    broker = MemoryBroker()
+    executor = StandIn()
+    dispatcher, worker = roles(
+        live_ledger, database_url, schema, broker, executor, heartbeat_seconds=0.1
+    )
+    reaper = Reaper(database_url, schema, live_ledger, live_ledger.clock, poll_interval=0.2)
+    async with running(dispatcher.run, worker.run):
+        task_id = submit(live_ledger, "hang", ttl_seconds=60, max_attempts=1)
+        await asyncio.wait_for(executor.started.wait(), 30)
+        # The leader takes the lease (as if this worker had been cut off meanwhile).
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("UPDATE {} SET state = 'lost' WHERE task_id = %s").format(
+                    sql.Identifier(schema, "attempt_leases")
+                ),
+                (task_id,),
+            )
+        while worker.busy:  # the next heartbeat learns it and kills the run
+            await asyncio.sleep(0.02)
+        assert (await asyncio.to_thread(live_ledger.get, task_id)).status is Status.IN_PROGRESS
+        async with running(reaper.run):
+            (state,) = await settled(live_ledger, [task_id])
+    assert state.status is Status.FAILED
+    history = await asyncio.to_thread(live_ledger.history, task_id)
+    (failed,) = [h for h in history if h.type == "AttemptFailed"]
+    assert failed.data["error"]["kind"] == "worker_lost"
+    assert [h.type for h in history].count("AttemptCompleted") == 0
