@@ -114,7 +114,16 @@ def ledger_problem(error: LedgerError) -> ApiProblem:
         return ApiProblem(412, "version-mismatch", str(error))
     if isinstance(error, IdempotencyConflict):
         return ApiProblem(409, "idempotency-key-reused", str(error))
-    if isinstance(error, ContentionExhausted | LedgerUnavailable):
+    if isinstance(error, LedgerUnavailable):
+        # The driver's text (host names, SQL) is for the log, not for clients.
+        log.error("the event store is unavailable", extra={"error": str(error)})
+        return ApiProblem(
+            503,
+            "ledger-unavailable",
+            "the event store is not available right now; retry in a moment",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(error, ContentionExhausted):
         return ApiProblem(503, "ledger-unavailable", str(error), headers={"Retry-After": "1"})
     return ApiProblem(400, "ledger-error", str(error))
 

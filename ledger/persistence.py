@@ -10,6 +10,8 @@ exactly.
 
 from __future__ import annotations
 
+import logging
+import time
 import typing
 from datetime import datetime
 from functools import cache
@@ -19,10 +21,18 @@ from uuid import UUID
 
 import orjson
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Transcoder
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    Mapper,
+    OperationalError,
+    StoredEvent,
+    Transcoder,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg import Cursor
 from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
 
 from ledger.errors import LedgerError
 from ledger.leases import LeaseBook, ddl
@@ -71,8 +81,12 @@ class InvalidDatabaseURL(LedgerError):
     pass
 
 
+log = logging.getLogger(__name__)
+
 # Above this many bytes of events in one save, psycopg's pipeline mode is not used.
 PIPELINE_LIMIT = 64 * 1024
+# Writes of a save whose connection broke before it was stored (each after a look).
+AMBIGUOUS_TRIES = 3
 
 
 class LedgerRecorder(PostgresApplicationRecorder):
@@ -100,9 +114,38 @@ class LedgerRecorder(PostgresApplicationRecorder):
     def insert_events(
         self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any
     ) -> typing.Sequence[int] | None:
+        """Write the events in one transaction. When the connection breaks meanwhile, the
+        commit may or may not have happened (an ambiguous commit): look. Stored, the save
+        succeeded (the library would write them again and report the duplicate key as a
+        conflict, which turned a stored submission into a 503); not stored, write again,
+        a few times, then give up with the connection's error."""
+        for attempt in range(1, AMBIGUOUS_TRIES + 1):
+            try:
+                return self._insert_once(stored_events, **kwargs)
+            except (OperationalError, InterfaceError) as broken:
+                try:
+                    if stored_events and self._stored(stored_events[-1]):
+                        log.warning(
+                            "the connection broke during a save whose events are stored: "
+                            "it succeeded",
+                            extra={"events": len(stored_events), "error": str(broken)},
+                        )
+                        return None
+                except (OperationalError, InterfaceError):
+                    pass  # the store is still out of reach: as if not stored
+                if attempt == AMBIGUOUS_TRIES:
+                    raise
+                time.sleep(0.1 * attempt)
+        return None  # (not reached)
+
+    def _insert_once(
+        self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any
+    ) -> typing.Sequence[int] | None:
         try:
             if sum(len(event.state) for event in stored_events) <= PIPELINE_LIMIT:
-                ids: typing.Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+                # The library's own method without its retry decorator (see insert_events).
+                insert = PostgresApplicationRecorder.insert_events.__wrapped__
+                ids: typing.Sequence[int] | None = insert(self, stored_events, **kwargs)
                 return ids
             with (
                 self.datastore.get_connection() as conn,
@@ -118,6 +161,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
             if self.lease_book is None:
                 raise
             raise LeaseBook.translate(error) from error.__cause__
+
+    def _stored(self, event: StoredEvent) -> bool:
+        """Whether this very event (same stream, version and bytes) is in the store."""
+        statement = SQL(
+            "SELECT state FROM {} WHERE originator_id = %s AND originator_version = %s"
+        ).format(Identifier(self.datastore.schema, self.events_table_name))
+        with self.datastore.get_connection() as conn:
+            row = conn.execute(
+                statement, (event.originator_id, event.originator_version)
+            ).fetchone()
+        return row is not None and bytes(row["state"]) == bytes(event.state)
 
     def _insert_events(
         self, curs: Cursor[DictRow], stored_events: typing.Sequence[StoredEvent], **_: Any

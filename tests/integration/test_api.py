@@ -12,6 +12,7 @@ import pytest
 
 from api.schemas import TaskOut, TaskSummaryOut
 from ledger import AttemptError, AttemptResult
+from ledger.errors import LedgerUnavailable
 from ledger.leases import WorkerInfo
 from tests.integration.conftest import Api
 
@@ -587,3 +588,31 @@ async def test_workers_are_listed_from_their_heartbeats(api: Api) -> None:
     (seen,) = [w for w in reader["workers"] if w["worker_id"] == "worker-7"]
     assert "attempts" not in seen
     assert (await api.client.get("/api/workers")).status_code == 401
+
+
+async def test_an_unavailable_store_answers_503_without_driver_text(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = (
+        'event store error: connection to server at "db.internal" (10.0.0.7), port 5432 '
+        'failed: FATAL: password authentication failed for user "ledger"; SELECT * FROM x'
+    )
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise LedgerUnavailable(secret)
+
+    monkeypatch.setattr(api.context.submissions, "_batch", down)
+    monkeypatch.setattr(api.context.ledger, "get", down)
+    response = await api.client.post(
+        "/api/tasks", json={"language": "echo"}, headers=api.auth("acme-submit")
+    )
+    fetched = await api.client.get(f"/api/tasks/{uuid.uuid4()}", headers=api.auth("acme-read"))
+    for answer in (response, fetched):
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "1"
+        body = answer.text
+        for leaked in ("db.internal", "10.0.0.7", "password", "SELECT", "FATAL"):
+            assert leaked not in body, body
+        assert answer.json()["detail"] == (
+            "the event store is not available right now; retry in a moment"
+        )

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.persistence import OperationalError
 from psycopg import sql
 
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock, Status
@@ -20,7 +21,7 @@ from ledger.errors import (
     TaskNotFound,
     VersionMismatch,
 )
-from ledger.persistence import postgres_env
+from ledger.persistence import LedgerRecorder, postgres_env
 
 pytestmark = pytest.mark.postgres
 
@@ -363,5 +364,56 @@ def test_a_save_of_several_megabytes_goes_through(store_env: dict[str, str]) -> 
         result = ledger.get(ids[-1]).result
         assert result is not None
         assert (len(result["stdout"]), len(result["stderr"])) == (1 << 20, 1 << 20)
+    finally:
+        ledger.close()
+
+
+def test_a_save_whose_commit_answer_is_lost_is_stored_once_and_succeeds(
+    store_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection breaks after the commit went through (the answer is lost): the
+    save looks, finds its events, and succeeds. It used to write them again and report
+    the duplicate key, which answered 503 for a stored submission."""
+    ledger = Ledger(store_env)
+    real = LedgerRecorder._insert_once
+    broken = []
+
+    def commit_then_break(self: LedgerRecorder, events: Any, **kwargs: Any) -> Any:
+        real(self, events, **kwargs)
+        if not broken:
+            broken.append(True)
+            raise OperationalError("server closed the connection unexpectedly")
+        return None
+
+    try:
+        monkeypatch.setattr(LedgerRecorder, "_insert_once", commit_then_break)
+        submission = ledger.submit(**TASK)
+        assert broken == [True]
+        monkeypatch.undo()
+        history = ledger.history(submission.task.id)
+        assert [h.type for h in history] == ["TaskSubmitted", "AttemptScheduled"]
+    finally:
+        ledger.close()
+
+
+def test_a_save_whose_connection_breaks_before_the_commit_is_written_again(
+    store_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger(store_env)
+    real = LedgerRecorder._insert_once
+    tries = []
+
+    def break_first(self: LedgerRecorder, events: Any, **kwargs: Any) -> Any:
+        tries.append(len(events))
+        if len(tries) == 1:
+            raise OperationalError("connection refused")
+        return real(self, events, **kwargs)
+
+    try:
+        monkeypatch.setattr(LedgerRecorder, "_insert_once", break_first)
+        submission = ledger.submit(**TASK)
+        monkeypatch.undo()
+        assert len(tries) == 2
+        assert ledger.get(submission.task.id).status is Status.PENDING
     finally:
         ledger.close()
