@@ -246,10 +246,17 @@ class Sandbox:
                     *(self._start_zygote(slot) for slot in range(len(users))),
                     return_exceptions=True,
                 )
-                for slot, zygote in enumerate(started):
-                    if isinstance(zygote, BaseException):
-                        raise zygote
-                    self._zygotes[slot] = zygote
+                failures = [z for z in started if isinstance(z, BaseException)]
+                for zygote in started:
+                    if failures and isinstance(zygote, Zygote):
+                        await zygote.close()  # one slot without isolation: none runs
+                if failures:
+                    raise failures[0]
+                self._zygotes = {
+                    slot: zygote
+                    for slot, zygote in enumerate(started)
+                    if isinstance(zygote, Zygote)
+                }
             except SandboxError as error:
                 # Namespaces could be made, but not a root from them: run unisolated.
                 self._capabilities = _replace(
