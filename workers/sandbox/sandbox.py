@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -240,26 +241,21 @@ class Sandbox:
         setup.sweep(self.work_dir, users)
         if self._capabilities.isolated:
             python, self._binds = await setup.choose_isolated_python()
-            self._capabilities = _replace(self._capabilities, python=python)
+            self._capabilities = dataclasses.replace(self._capabilities, python=python)
             try:
                 started = await asyncio.gather(
                     *(self._start_zygote(slot) for slot in range(len(users))),
                     return_exceptions=True,
                 )
-                failures = [z for z in started if isinstance(z, BaseException)]
-                for zygote in started:
-                    if failures and isinstance(zygote, Zygote):
-                        await zygote.close()  # one slot without isolation: none runs
-                if failures:
-                    raise failures[0]
-                self._zygotes = {
-                    slot: zygote
-                    for slot, zygote in enumerate(started)
-                    if isinstance(zygote, Zygote)
-                }
+                zygotes = [z for z in started if isinstance(z, Zygote)]
+                if len(zygotes) < len(started):  # one slot without isolation: none runs
+                    for zygote in zygotes:
+                        await zygote.close()
+                    raise next(z for z in started if isinstance(z, BaseException))
+                self._zygotes = dict(enumerate(zygotes))
             except SandboxError as error:
                 # Namespaces could be made, but not a root from them: run unisolated.
-                self._capabilities = _replace(
+                self._capabilities = dataclasses.replace(
                     self._capabilities,
                     isolated=False,
                     layers=_with(self._capabilities.layers, layers.MOUNT_NS, False, str(error)),
@@ -268,11 +264,11 @@ class Sandbox:
             for slot in range(len(users)):
                 await self.kill_slot(slot)  # leftovers of a worker that died holding the user
             python = await setup.choose_spawned_python(self._spawner, self.limits, self._user(0))
-            self._capabilities = _replace(self._capabilities, python=python)
+            self._capabilities = dataclasses.replace(self._capabilities, python=python)
         missing = self._capabilities.missing
         if missing and not self.allow_unisolated:
             refusal = layers.refusal(missing)
-            self._capabilities = _replace(self._capabilities, refusal=refusal)
+            self._capabilities = dataclasses.replace(self._capabilities, refusal=refusal)
         self._log_capabilities()
 
     async def _start_zygote(self, slot: int) -> Zygote:
@@ -595,12 +591,6 @@ class Sandbox:
     def slot_uid(self, slot: int) -> int | None:
         user = self._user(slot)
         return None if user is None else user.uid
-
-
-def _replace(caps: Capabilities, **changes: object) -> Capabilities:
-    import dataclasses
-
-    return dataclasses.replace(caps, **changes)  # type: ignore[arg-type]
 
 
 def _with(found: tuple[Layer, ...], name: str, active: bool, detail: str) -> tuple[Layer, ...]:

@@ -133,7 +133,7 @@ class Zygote:
         self.kernel = kernel.Kernel()
         self.control = socket.socket(fileno=control_fd)
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.slots: dict[int, slots.Slot] = {}
+        self.slot: slots.Slot | None = None  # the one slot this zygote serves
         self.runs: dict[int, Run] = {}  # pid -> run
         self.ended: list[tuple[int, int]] = []  # (pid, wait status) of runs, to report
         # A child checks this pipe's read end before the program starts: at EOF the
@@ -192,10 +192,11 @@ class Zygote:
         run is then born there, and nothing pays for moving a process into a cgroup (an
         RCU grace period, ~13 ms on a small VM). The OOM killer is to leave the zygote
         alone: -1000 where we may set it, and its runs get +500."""
-        if self.slots and request["slot"] not in self.slots:
-            raise slots.Failure("a zygote serves one slot")
-        old = self.slots.pop(request["slot"], None)  # type: ignore[call-overload]
+        old, self.slot = self.slot, None
         if old is not None:
+            if old.number != request["slot"]:
+                self.slot = old
+                raise slots.Failure("a zygote serves one slot")
             old.release()
         slot = slots.prepare(self.kernel, request)
         try:
@@ -209,7 +210,7 @@ class Zygote:
                 score.write("-1000")
         except PermissionError:
             pass  # no CAP_SYS_RESOURCE (a container): the runs' +500 must do
-        self.slots[slot.number] = slot
+        self.slot = slot
 
     def _send(self, reply: dict[str, object]) -> None:
         import json
@@ -224,12 +225,11 @@ class Zygote:
                 os.kill(pid, signal.SIGKILL)  # pid 1 of its namespace: all of it dies
             except ProcessLookupError:
                 pass
-        for slot in self.slots.values():
-            if slot.runs_dir is not None:
-                try:  # noqa: SIM105
-                    self.kernel.umount(slot.runs_dir)
-                except OSError:
-                    pass
+        if self.slot is not None and self.slot.runs_dir is not None:
+            try:  # noqa: SIM105
+                self.kernel.umount(self.slot.runs_dir)
+            except OSError:
+                pass
 
     # -- runs --------------------------------------------------------------------------
 
@@ -238,8 +238,8 @@ class Zygote:
         run_id = request["id"]
         assert isinstance(number, int)
         assert isinstance(run_id, int)
-        slot = self.slots.get(number)
-        if slot is None:
+        slot = self.slot
+        if slot is None or slot.number != number:
             raise slots.Failure(f"slot {number} is not prepared")
         tmpfs = [self.kernel.tmpfs(slot.tmp_options) for _ in TMPFS_TARGETS]
         status_r, status_w = os.pipe()
