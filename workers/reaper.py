@@ -9,7 +9,8 @@ the expiry (and its `detected_by: worker`); either way, the first writer wins.
 
 It also takes the attempt leases that lapsed (their worker died, or cannot reach the
 store) and records those attempts as AttemptFailed(worker_lost); the normal retry rule
-then applies. It looks at least every `poll_interval` seconds.
+then applies. It looks every `lease_interval` seconds, or at the latest every
+`poll_interval`: leases lapse on a scale of seconds, deadlines on one of milliseconds.
 
 One reaper per deployment is active (a PostgreSQL advisory lock); the others wait.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
@@ -50,6 +52,7 @@ class Reaper:
         batch_size: int = 200,
         min_interval: float = 0.02,
         expiry_threads: int = 8,
+        lease_interval: float = 0.5,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.database_url = database_url
@@ -62,6 +65,8 @@ class Reaper:
         self.batch_size = batch_size
         self.expired = 0
         self.lost = 0  # attempts recorded as worker_lost
+        self.lease_interval = lease_interval
+        self._leases_taken_at = float("-inf")  # time.monotonic() of the last look
         self.is_leader = asyncio.Event()
         self.metrics = metrics or WorkerMetrics()
         self.min_interval = min_interval
@@ -139,8 +144,10 @@ class Reaper:
 
     def _take_lapsed_leases(self) -> None:
         leases = self.ledger.leases
-        if leases is None:
+        now = time.monotonic()
+        if leases is None or now - self._leases_taken_at < self.lease_interval:
             return
+        self._leases_taken_at = now
         try:
             lapsed = leases.take_lapsed()
         except Exception as failure:  # noqa: BLE001 - the next pass tries again

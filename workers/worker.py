@@ -83,6 +83,7 @@ class Worker:
         lease = ledger.leases.lease_seconds if ledger.leases is not None else 10.0
         self.heartbeat_seconds = heartbeat_seconds or lease / 5
         self.started_at = datetime.now(UTC)
+        self._host, self._version = socket.gethostname(), _version()  # for the heartbeats
         self.busy = 0
         self.handled = 0
         # task id -> its cancel event and attempt
@@ -412,9 +413,9 @@ class Worker:
         ]
         return WorkerInfo(
             worker_id=self.worker_id,
-            host=socket.gethostname(),
+            host=self._host,
             pid=os.getpid(),
-            version=_version(),
+            version=self._version,
             slots=self.concurrency,
             busy=self.busy,
             running=running,
