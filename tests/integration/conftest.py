@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import httpx
@@ -21,6 +22,10 @@ from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.base import ensure_installed
 from projections.runner import apply_batch
+from tests import services
+from workers.executors.csharp import CSharpExecutor
+from workers.executors.python import PythonExecutor
+from workers.sandbox import Sandbox
 
 
 @pytest.fixture
@@ -56,6 +61,24 @@ def live_ledger(store_env: dict[str, str], database_url: str, schema: str) -> It
             ensure_installed(conn, schema, projection)
     yield ledger
     ledger.close()
+
+
+# -- executors over the module's own `sandbox` fixture ------------------------------------------
+
+
+@pytest.fixture
+def python(sandbox: Sandbox) -> PythonExecutor:
+    return PythonExecutor(sandbox)
+
+
+@pytest.fixture
+def csharp(sandbox: Sandbox, tmp_path: Path) -> CSharpExecutor:
+    executor = CSharpExecutor(sandbox, tmp_path / "csharp-cache")
+    if not executor.available:
+        services.unavailable(
+            "Mono", "mcs or mono not found (apt-get install mono-mcs mono-runtime)"
+        )
+    return executor
 
 
 # -- the HTTP API over a real ledger and real views ---------------------------------------------

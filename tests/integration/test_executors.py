@@ -14,16 +14,14 @@ import json
 import os
 import signal
 import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from ledger.jsonvalue import JSONValue
 from tests import services
+from tests.sandboxing import describe, request
 from workers.executors import build_executors, executors
 from workers.executors.base import RunOutcome, RunRequest
 from workers.executors.csharp import CSharpExecutor
@@ -44,24 +42,6 @@ async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
         assert caps.isolated, caps.layers
     yield sandbox
     await sandbox.close()
-
-
-@pytest.fixture
-def python(sandbox: Sandbox) -> PythonExecutor:
-    return PythonExecutor(sandbox)
-
-
-def request(code: str, data: JSONValue = None, *, seconds: float = 20, slot: int = 0) -> RunRequest:
-    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
-    return RunRequest(uuid.uuid4(), 1, code, data, deadline, slot)
-
-
-def describe(outcome: RunOutcome) -> str:
-    """The whole outcome, stderr included (pytest would cut a long repr short)."""
-    error = outcome.error
-    if error is None:
-        return repr(outcome)
-    return f"{outcome.kind}: {error.kind}: {error.message}\n--- stderr:\n{error.stderr}"
 
 
 async def run(executor: PythonExecutor | CSharpExecutor, req: RunRequest) -> RunOutcome:
@@ -501,16 +481,6 @@ async def test_registry_has_every_language(sandbox: Sandbox, tmp_path: Path) -> 
 
 
 # -- C# -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def csharp(sandbox: Sandbox, tmp_path: Path) -> CSharpExecutor:
-    executor = CSharpExecutor(sandbox, tmp_path / "csharp-cache")
-    if not executor.available:
-        services.unavailable(
-            "Mono", "mcs or mono not found (apt-get install mono-mcs mono-runtime)"
-        )
-    return executor
 
 
 HELLO = """

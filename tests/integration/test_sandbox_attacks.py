@@ -13,9 +13,7 @@ import json
 import os
 import secrets
 import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,8 @@ import pytest_asyncio
 
 from ledger.jsonvalue import JSONValue
 from tests import services
-from workers.executors.base import RunOutcome, RunRequest
+from tests.sandboxing import describe, request
+from workers.executors.base import RunRequest
 from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
 from workers.sandbox import Limits, Sandbox, uid_processes
@@ -50,26 +49,6 @@ async def sandbox() -> AsyncIterator[Sandbox]:
     await sandbox.close()
 
 
-@pytest.fixture
-def python(sandbox: Sandbox) -> PythonExecutor:
-    return PythonExecutor(sandbox)
-
-
-@pytest.fixture
-def csharp(sandbox: Sandbox, tmp_path: Path) -> CSharpExecutor:
-    executor = CSharpExecutor(sandbox, tmp_path / "csharp-cache")
-    if not executor.available:
-        services.unavailable(
-            "Mono", "mcs or mono not found (apt-get install mono-mcs mono-runtime)"
-        )
-    return executor
-
-
-def request(code: str, data: JSONValue = None, *, seconds: float = 30, slot: int = 0) -> RunRequest:
-    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
-    return RunRequest(uuid.uuid4(), 1, code, data, deadline, slot)
-
-
 async def report(executor: PythonExecutor | CSharpExecutor, req: RunRequest) -> JSONValue:
     """Run an attacker that prints one JSON document; what it printed."""
     outcome = await executor.run(req, asyncio.Event())
@@ -79,13 +58,6 @@ async def report(executor: PythonExecutor | CSharpExecutor, req: RunRequest) -> 
     assert lines, describe(outcome)
     reported: JSONValue = json.loads(lines[-1])
     return reported
-
-
-def describe(outcome: RunOutcome) -> str:
-    error = outcome.error
-    if error is None:
-        return repr(outcome)
-    return f"{outcome.kind}: {error.kind}: {error.message}\n--- stderr:\n{error.stderr}"
 
 
 # -- host sockets -----------------------------------------------------------------------

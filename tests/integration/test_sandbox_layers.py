@@ -13,15 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from taskledger.cli import main
 from tests import services
-from workers.executors.base import RunRequest
+from tests.sandboxing import request
 from workers.executors.python import PythonExecutor
 from workers.sandbox import Sandbox, cgroups, layers, uid_processes
 from workers.sandbox.cgroups import Found
@@ -41,11 +39,6 @@ def no_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
     why = "not delegated to this worker (test)"
     hidden = Found(0, {}, dict.fromkeys(cgroups.CONTROLLERS, why))
     monkeypatch.setattr(cgroups, "find", lambda: hidden)
-
-
-def request(code: str, seconds: float = 30) -> RunRequest:
-    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
-    return RunRequest(uuid.uuid4(), 1, code, None, deadline, 0)
 
 
 def test_check_sandbox_lists_every_layer_active() -> None:
