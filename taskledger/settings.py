@@ -358,7 +358,7 @@ def load_settings(
     for section in SECTIONS:  # each setting of a section by itself: env over file
         from_env = environment.get(section)
         from_file = toml.toml_data.get(section) if toml is not None else None
-        for key in SandboxSettings.model_fields:
+        for key in _section_keys(section):
             if isinstance(from_env, dict) and key in from_env:
                 sources[f"{section}.{key}"] = "env"
             elif isinstance(from_file, dict) and key in from_file:
@@ -402,6 +402,14 @@ def _read_toml(path: Path) -> TomlConfigSettingsSource:
     return toml
 
 
+def _section_keys(section: str) -> list[str]:
+    """The settings of a section (a TOML table, TASKLEDGER_<SECTION>__<KEY>)."""
+    model = Settings.model_fields[section].annotation
+    assert isinstance(model, type)
+    assert issubclass(model, BaseModel)
+    return list(model.model_fields)
+
+
 def _explain(error: ErrorDetails, sources: Mapping[str, Source], path: Path | None) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if not error["loc"]:
@@ -410,7 +418,7 @@ def _explain(error: ErrorDetails, sources: Mapping[str, Source], path: Path | No
     if name in SECTIONS and len(error["loc"]) > 1:
         name = f"{name}.{error['loc'][1]}"
         if error["type"] == "extra_forbidden":
-            known = ", ".join(SandboxSettings.model_fields)
+            known = ", ".join(_section_keys(name.split(".")[0]))
             message = f"no such setting (known: {known})"
     where = _origin(name, sources.get(name, sources.get(name.split(".")[0], "default")), path)
     value = error.get("input")
