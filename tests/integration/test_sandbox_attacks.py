@@ -261,6 +261,24 @@ async def test_a_full_disk_fails_as_disk_full(python: PythonExecutor) -> None:
     assert not outcome.retryable
 
 
+FORK_UNTIL_REFUSED = """
+import os, time
+while True:
+    if os.fork() == 0:  # raises once the run has all the processes it may have
+        time.sleep(60)
+        os._exit(0)
+"""
+
+
+async def test_a_run_stopped_at_the_process_limit_fails_as_pids(python: PythonExecutor) -> None:
+    outcome = await python.run(request(FORK_UNTIL_REFUSED), asyncio.Event())
+    assert outcome.kind == "failed", describe(outcome)
+    assert outcome.error is not None
+    assert outcome.error.kind == "pids", describe(outcome)
+    assert f"{LIMITS.processes} processes" in outcome.error.message
+    assert not outcome.retryable
+
+
 MANY_FILES = """
 import json, os
 count = 0
