@@ -27,6 +27,33 @@ from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
 from workers.sandbox import Sandbox
 
+# -- which modules run on both PostgreSQL backends ---------------------------------------------
+
+# The tests of the store and the views run on the embedded server too ("embedded": another
+# PostgreSQL version, over a Unix socket; see tests/conftest.py), as that is what
+# `taskledger dev` runs on by default. Each costs 10-50 s more there (on 2 cores).
+BOTH_BACKENDS = {
+    "test_ledger_postgres",  # events, group commit, large saves, ambiguous commits
+    "test_projections",  # views: live, batched, exactly once, rebuilt, queried
+    "test_leases",  # lease rows in the events' transaction, a real race
+    "test_concurrency",  # first writer wins, threads and processes
+    "test_projection_processes",  # advisory-lock leaders, a projector killed mid-batch
+    "test_api",  # view queries and pagination, long polls on LISTEN/NOTIFY, 503s
+    "test_workers",  # outbox relay, reaper, leases and heartbeats through the store
+    "test_openapi",  # generated requests: odd values all the way into the views
+}
+# Not here: tests that use the database only as a place to keep tasks while they test
+# something else (metrics, HTTPS, logs, the README's session, the sandbox, processes around
+# a broker), and test_embedded, which is about the embedded server itself.
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if module in BOTH_BACKENDS and "database_url" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "database_backend", ["tcp", "embedded"], indirect=True, scope="session"
+        )
+
 
 @pytest.fixture
 def clock() -> ManualClock:
