@@ -1,4 +1,6 @@
-"""Run the benchmarks: ``python -m bench [--only NAME] [BENCHMARK OPTIONS...]``.
+"""Run the benchmarks: ``python -m bench [--only NAME] [BENCHMARK OPTIONS...]``, or one
+benchmark as a subcommand: ``python -m bench NAME [ITS OPTIONS...]`` (``python -m bench
+faults --faults worker-kill``).
 
 With no ``--only``, the default benchmark runs: ``compare`` (taskledger against Celery in
 the same run). ``--only NAME`` (repeatable) runs others: ``ledger_writes``,
@@ -24,11 +26,16 @@ BENCHMARKS: dict[str, str] = {
     "ledger_writes": "bench.ledger_writes",
     "projections": "bench.projections",
     "api_requests": "bench.api_requests",
+    "faults": "bench.faults.suite",
 }
 DEFAULT = ("compare",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in BENCHMARKS:  # a subcommand: its options are its own
+        module = importlib.import_module(BENCHMARKS[arguments[0]])
+        return cast(Callable[[list[str] | None], int], module.main)(arguments[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Run taskledger benchmarks (default: compare, taskledger against Celery);"
@@ -45,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {', '.join(BENCHMARKS)}",
     )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(arguments)
     if args.list:
         for name, module_name in BENCHMARKS.items():
             summary = str(getattr(importlib.import_module(module_name), "SUMMARY", ""))

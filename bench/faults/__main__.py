@@ -1,0 +1,5 @@
+import sys
+
+from bench.faults.suite import main
+
+sys.exit(main())

@@ -1,0 +1,296 @@
+"""taskledger as the fault suite runs it: two ``taskledger api`` processes and two
+``taskledger worker`` processes over the suite's own PostgreSQL and RabbitMQ
+(bench/faults/services.py). The second worker reaches PostgreSQL through a TCP proxy
+(bench/faults/proxy.py) that the suite pauses and kills; everything else connects
+directly.
+
+Each process gets ``PGAPPNAME`` (libpq's default application_name; taskledger sets none),
+so ``pg_stat_activity`` says which process a session belongs to: that is how the suite
+finds the api holding the leader locks in ``pg_locks``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from bench._processes import ManagedProcess
+from bench.api_requests import free_port, venv_tool
+from bench.faults.proxy import TcpProxy
+from bench.faults.runs import RunCounter
+from bench.faults.services import PrivatePostgres, PrivateRabbitMQ
+
+HOST = "127.0.0.1"
+DATABASE = "taskledger"
+SCHEMA = "public"
+# The roles one api process leads (workers/dispatcher.py, workers/reaper.py,
+# projections/runner.py): their advisory lock keys.
+LEADER_LOCKS = {
+    "reaper": f"taskledger.reaper.{SCHEMA}",
+    "dispatcher": f"taskledger.dispatcher.{SCHEMA}",
+    "task_status view": f"taskledger.projection.{SCHEMA}.task_status",
+    "audit view": f"taskledger.projection.{SCHEMA}.audit",
+}
+
+
+@dataclass
+class Role:
+    """One taskledger process of the deployment and its restarts."""
+
+    label: str  # api-1, api-2, worker-1, worker-2
+    command: list[str]
+    env: dict[str, str]
+    port: int | None = None  # an api's
+    process: ManagedProcess | None = None
+    starts: int = 0
+    pids: list[int] = field(default_factory=list)  # of every start
+    killed_at: list[float] = field(default_factory=list)  # time.time() of each SIGKILL
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.alive()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+class Deployment:
+    def __init__(
+        self,
+        workdir: Path,
+        postgres: PrivatePostgres,
+        rabbitmq: PrivateRabbitMQ,
+        progress: Callable[[str], None],
+        *,
+        concurrency: int,
+        lease_seconds: float,
+        heartbeat_seconds: float,
+    ) -> None:
+        self.workdir = workdir / "taskledger"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.postgres = postgres
+        self.rabbitmq = rabbitmq
+        self.progress = progress
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.key = secrets.token_hex(16)
+        self.database_url = postgres.url.rsplit("/", 1)[0] + f"/{DATABASE}"
+        upstream = f"{HOST}:{postgres.port}"
+        self.proxy = TcpProxy(free_port(), upstream, self.workdir, dict(os.environ))
+        tool = venv_tool("taskledger")
+        if tool is None:
+            raise RuntimeError("taskledger is not installed in this environment (pip install -e .)")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("TASKLEDGER_", "PG"))}
+        base |= {
+            "TASKLEDGER_DATABASE_URL": self.database_url,
+            "TASKLEDGER_DATABASE_SCHEMA": SCHEMA,
+            "TASKLEDGER_BROKER_URL": rabbitmq.url,
+            "TASKLEDGER_API_KEYS": f"faults:admin:{self.key}",
+            "TASKLEDGER_LOG_DIR": str(self.workdir / "logs"),
+            "TASKLEDGER_DATA_DIR": str(self.workdir / "data"),
+            "TASKLEDGER_LEASE_SECONDS": f"{lease_seconds:g}",
+            "TASKLEDGER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
+        }
+        through_proxy = f"postgresql://postgres@{HOST}:{self.proxy.listen_port}/{DATABASE}"
+        self.apis = []
+        for n in (1, 2):
+            port = free_port()
+            command = [tool, "api", "--host", HOST, "--port", str(port)]
+            env = base | {"PGAPPNAME": f"tlfaults-api-{n}"}
+            self.apis.append(Role(f"api-{n}", command, env, port))
+        worker = [tool, "worker", "--concurrency", str(concurrency)]
+        self.workers = [
+            Role("worker-1", worker, base | {"PGAPPNAME": "tlfaults-worker-1"}),
+            Role(
+                "worker-2",
+                worker,
+                base | {"PGAPPNAME": "tlfaults-worker-2", "TASKLEDGER_DATABASE_URL": through_proxy},
+            ),
+        ]
+        self.partitioned = self.workers[1]  # the worker behind the proxy
+        self.counter = RunCounter(self.worker_pids)
+
+    # -- processes --------------------------------------------------------------------------
+
+    def create_database(self) -> None:
+        with psycopg.connect(self.postgres.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{DATABASE}"')
+
+    def start(self) -> None:
+        self.proxy.start()
+        for api in self.apis:  # api-1 first: it takes the leader locks
+            self._start_api(api)
+        for worker in self.workers:
+            self._start_worker(worker)
+        self.counter.start()
+        for worker in self.workers:
+            self._wait_worker(worker)
+
+    def _start(self, role: Role) -> None:
+        if role.process is not None:
+            role.process.stop()
+        role.starts += 1
+        role.process = ManagedProcess(
+            f"{role.label}-{role.starts}", role.command, role.env, self.workdir, stop_timeout=40
+        )
+        role.process.start()
+        role.pids.append(role.process.pid)
+
+    def _start_api(self, api: Role) -> None:
+        started = time.monotonic()
+        self._start(api)
+        with httpx.Client(base_url=api.url, timeout=2.0) as client:
+            while True:
+                if not api.alive():
+                    assert api.process is not None
+                    raise RuntimeError(f"{api.label} exited\n{api.process.output_tail()}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - started > 90:
+                    assert api.process is not None
+                    tail = api.process.output_tail()
+                    raise TimeoutError(f"{api.label} not ready in 90 s\n{tail}")
+                time.sleep(0.1)
+        self.progress(f"  {api.label} (pid {api.pid}) ready in {time.monotonic() - started:.1f} s")
+
+    def _start_worker(self, worker: Role) -> None:
+        self._start(worker)
+
+    def _wait_worker(self, worker: Role, timeout: float = 90.0) -> None:
+        """Ready: every slot has a run listener, and its heartbeat is in /api/workers."""
+        started = time.monotonic()
+        while True:
+            if not worker.alive():
+                assert worker.process is not None
+                raise RuntimeError(f"{worker.label} exited\n{worker.process.output_tail()}")
+            if self.counter.slots(worker.label) >= self.concurrency and self._heartbeat(worker):
+                break
+            if time.monotonic() - started > timeout:
+                assert worker.process is not None
+                raise TimeoutError(
+                    f"{worker.label} not ready in {timeout:g} s (slots with a listener:"
+                    f" {self.counter.slots(worker.label)}; {self.counter.errors[-3:]})\n"
+                    + worker.process.output_tail()
+                )
+            time.sleep(0.1)
+        self.progress(
+            f"  {worker.label} (pid {worker.pid}, concurrency {self.concurrency}"
+            f"{', through the proxy' if worker is self.partitioned else ''})"
+            f" ready in {time.monotonic() - started:.1f} s"
+        )
+
+    def _heartbeat(self, worker: Role) -> bool:
+        for api in self.live_apis():
+            try:
+                response = httpx.get(f"{api.url}/api/workers", headers=self.headers(), timeout=5)
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                listed = response.json().get("workers", [])
+                return any(w.get("pid") == worker.pid and w["state"] == "alive" for w in listed)
+        return False
+
+    def ensure_running(self) -> list[str]:
+        """Start again whatever a fault left stopped; what was restarted."""
+        restarted = []
+        if not self.postgres.ready():
+            self.postgres.start()
+            restarted.append("postgres")
+        if self.rabbitmq.process is None or not self.rabbitmq.process.alive():
+            self.rabbitmq.start()
+            restarted.append("rabbitmq")
+        if self.proxy.paused:
+            self.proxy.resume()
+            restarted.append("proxy (resumed)")
+        if self.proxy.process is None or not self.proxy.process.alive():
+            self.proxy.start()
+            restarted.append("proxy")
+        for api in self.apis:
+            if not api.alive():
+                self._start_api(api)
+                restarted.append(api.label)
+        for worker in self.workers:
+            if not worker.alive():
+                self._start_worker(worker)
+                self._wait_worker(worker)
+                restarted.append(worker.label)
+        return restarted
+
+    def kill(self, role: Role) -> None:
+        """SIGKILL the process (alone: its sandbox zygotes see its socket close)."""
+        role.killed_at.append(time.time())
+        os.kill(role.pid, signal.SIGKILL)
+        assert role.process is not None
+        assert role.process.process is not None
+        role.process.process.wait(10)
+
+    def close(self) -> None:
+        self.counter.close()
+        for role in [*self.workers, *self.apis]:
+            if role.process is not None:
+                stopped = role.process.stop()
+                if stopped.how not in ("SIGTERM", "exited before") or stopped.leftovers_killed:
+                    self.progress(f"  {role.label}: stopped {stopped}")
+        self.proxy.stop()
+
+    # -- who is who -------------------------------------------------------------------------
+
+    def live_apis(self) -> list[Role]:
+        return [api for api in self.apis if api.alive()]
+
+    def worker_pids(self) -> dict[int, str]:
+        return {w.pid: w.label for w in self.workers if w.alive()}
+
+    def worker_label(self, worker_id: str) -> str:
+        """The label of a worker id (`<host>-<pid>`), of this process or an earlier one."""
+        pid = worker_id.rpartition("-")[2]
+        for worker in self.workers:
+            if pid in {str(p) for p in worker.pids}:
+                return worker.label
+        return worker_id
+
+    def leader(self) -> tuple[Role | None, list[str]]:
+        """The api holding the reaper's lock, and the roles it leads."""
+        held: dict[str, str] = {}
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
+            for role, key in LEADER_LOCKS.items():
+                row = conn.execute(
+                    "SELECT a.application_name FROM pg_locks l"
+                    " JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                    " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%s)::bigint",
+                    (key,),
+                ).fetchone()
+                if row is not None:
+                    held[role] = str(row[0])
+        reaper = held.get("reaper", "")
+        leader = next((a for a in self.apis if reaper == f"tlfaults-{a.label}"), None)
+        return leader, [role for role, name in held.items() if name == reaper]
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"ApiKey {self.key}"}
+
+    def facts(self) -> dict[str, Any]:
+        return {
+            "apis": [f"{a.label}: {' '.join(a.command[1:])}" for a in self.apis],
+            "workers": [f"{w.label}: {' '.join(w.command[1:])}" for w in self.workers],
+            "partitioned": f"{self.partitioned.label} reaches PostgreSQL through the proxy",
+            "lease_seconds": self.lease_seconds,
+        }

@@ -1,0 +1,199 @@
+"""The load of one round: mixed tasks, each program reporting its run (bench/faults/runs.py),
+submitted over HTTP to the live api processes; and the probe that measures recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.faults.runs import PRELUDE
+
+SUBMIT_TIMEOUT = 10.0  # seconds a submission may take before the client gives up
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    code: str  # after PRELUDE
+    ttl_seconds: float
+    max_attempts: int
+    expected: str  # the status it ends with when nothing goes wrong
+
+
+QUICK = Kind("quick", "print(data['n'] * 2)", 60, 3, "Completed")
+LONG = Kind("long (5 s)", "import time\ntime.sleep(5)\nprint('done')", 60, 3, "Completed")
+FAILING = Kind("failing", "raise SystemExit('fails on purpose')", 60, 2, "Failed")
+EXPIRING = Kind("expiring (ttl 4 s, runs 30 s)", "import time\ntime.sleep(30)", 4, 2, "Expired")
+# Longer than the private RabbitMQ's consumer_timeout (bench/faults/services.py).
+PAST_CONSUMER_TIMEOUT = Kind(
+    "past consumer_timeout (15 s)",
+    "import time\ntime.sleep(15)\nprint('done')",
+    120,
+    3,
+    "Completed",
+)
+KINDS = (QUICK, LONG, FAILING, EXPIRING, PAST_CONSUMER_TIMEOUT)
+# Per 20 tasks: 10 quick, 4 long, 3 failing, 3 expiring; and one past consumer_timeout.
+PATTERN = [QUICK, LONG, QUICK, FAILING, QUICK, EXPIRING, QUICK, LONG] * 2 + [
+    QUICK,
+    FAILING,
+    EXPIRING,
+    QUICK,
+]
+PROBE_CODE = "print('probe')"
+
+
+@dataclass
+class Submission:
+    token: str
+    kind: Kind
+    body: dict[str, Any]
+    api: str = ""  # label of the api it went to
+    sent_at: float | None = None  # time.time()
+    answered_at: float | None = None
+    status: int | None = None  # HTTP status; None: no answer
+    problem: str = ""  # the error or the problem's title when not 201
+    task_id: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 201
+
+
+def plan(round_name: str, tasks: int) -> list[Submission]:
+    """`tasks` submissions of the mix: one past consumer_timeout, the rest in PATTERN."""
+    kinds = [PAST_CONSUMER_TIMEOUT, *itertools.islice(itertools.cycle(PATTERN), tasks - 1)]
+    submissions = []
+    for n, kind in enumerate(kinds[:tasks]):
+        token = f"{round_name}-{n}-{secrets.token_hex(4)}"
+        body = {
+            "description": f"faults {round_name} {kind.name} {token}",
+            "language": "python",
+            "code": PRELUDE + kind.code,
+            "data": {"token": token, "n": n},
+            "ttl_seconds": kind.ttl_seconds,
+            "max_attempts": kind.max_attempts,
+        }
+        submissions.append(Submission(token, kind, body))
+    return submissions
+
+
+class Client:
+    """HTTP to the deployment's apis; each call goes to the next live api."""
+
+    def __init__(self, key: str) -> None:
+        self._http = httpx.AsyncClient(
+            headers={"Authorization": f"ApiKey {key}"}, timeout=SUBMIT_TIMEOUT
+        )
+        self._turn = itertools.count()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def submit(self, submission: Submission, apis: Sequence[tuple[str, str]]) -> None:
+        """POST it once (no retry: a refusal is counted, not hidden) to the next api of
+        `apis` (label, base url)."""
+        label, url = apis[next(self._turn) % len(apis)]
+        submission.api = label
+        submission.sent_at = time.time()
+        try:
+            response = await self._http.post(f"{url}/api/tasks", json=submission.body)
+        except httpx.HTTPError as error:
+            submission.problem = f"{type(error).__name__}: {error}"[:200]
+        else:
+            submission.status = response.status_code
+            body = _json(response)
+            if response.status_code == 201:
+                submission.task_id = str(body["id"])
+            else:
+                submission.problem = str(body.get("title") or response.text[:200])
+        submission.answered_at = time.time()
+
+    async def submit_all(
+        self, submissions: Sequence[Submission], apis: Sequence[tuple[str, str]], lanes: int = 8
+    ) -> None:
+        order = iter(submissions)
+
+        async def lane() -> None:
+            for submission in order:
+                await self.submit(submission, apis)
+
+        await asyncio.gather(*(lane() for _ in range(lanes)))
+
+    async def submit_spread(
+        self,
+        submissions: Sequence[Submission],
+        apis: Any,  # () -> the live apis when each submission goes
+        seconds: float,
+    ) -> None:
+        """One submission every `seconds / len` seconds, each to a then-live api."""
+        gap = seconds / max(1, len(submissions))
+        pending = []
+        for submission in submissions:
+            pending.append(asyncio.create_task(self.submit(submission, apis())))
+            await asyncio.sleep(gap)
+        await asyncio.gather(*pending)
+
+    async def probe(self, apis: Any, since: float, limit: float = 240.0) -> float | None:
+        """Seconds from `since` until a fresh task completes: a probe is submitted at once
+        and then every 2 s to a live api, until one of them is seen Completed."""
+        done = asyncio.Event()
+        finished: list[float] = []
+
+        async def one() -> None:
+            live = apis()
+            if not live:
+                return
+            _, url = live[next(self._turn) % len(live)]
+            body = {"language": "python", "code": PROBE_CODE, "ttl_seconds": 120}
+            try:
+                response = await self._http.post(f"{url}/api/tasks", json=body)
+                if response.status_code != 201:
+                    return
+                task_id = response.json()["id"]
+                while not done.is_set():
+                    response = await self._http.get(
+                        f"{url}/api/tasks/{task_id}", params={"wait": 2}, timeout=10
+                    )
+                    if response.status_code == 200 and response.json()["status"] == "Completed":
+                        finished.append(time.time())
+                        done.set()
+                        return
+                    if response.status_code == 200 and response.json()["status"] in (
+                        "Failed",
+                        "Expired",
+                        "Cancelled",
+                    ):
+                        return
+                    if response.status_code != 200:
+                        await asyncio.sleep(0.5)
+            except httpx.HTTPError:
+                return
+
+        probes: list[asyncio.Task[None]] = []
+        try:
+            while not done.is_set() and time.time() - since < limit:
+                probes.append(asyncio.create_task(one()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 2.0)
+        finally:
+            for probe in probes:
+                probe.cancel()
+            await asyncio.gather(*probes, return_exceptions=True)
+        return finished[0] - since if finished else None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,437 @@
+"""Fault injection: does every accepted task end exactly once, on time, through faults?
+
+``python -m bench faults [--faults a,b] [--tasks N]``. Real processes: two ``taskledger
+api`` and two ``taskledger worker --concurrency 4``, over a PostgreSQL and a RabbitMQ the
+suite starts for itself (bench/faults/services.py), the second worker reaching PostgreSQL
+through a TCP proxy (bench/faults/proxy.py). Each fault gets a round of its own with a
+fresh load (bench/faults/load.py): two thirds submitted before the fault, the last third
+spread over the fault; then a probe task measures recovery, and the round waits until
+every task has ended (or is past its deadline by `GRACE` seconds: lost). The programs
+report each run from inside the sandbox (bench/faults/runs.py); the tasks' events are
+read from the store (bench/faults/verify.py). docs/reliability.md explains every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from bench._processes import signals_deferred
+from bench._support import eprint, markdown_table, write_results
+from bench.faults import services
+from bench.faults.deployment import Deployment
+from bench.faults.load import Client, Submission, plan
+from bench.faults.verify import RoundResult, Window, judge, read_round, replay
+
+NAME = "faults"
+SUMMARY = (
+    "fault injection: workers and the api leader killed, RabbitMQ and PostgreSQL restarted,"
+    " PostgreSQL down 60 s, a worker partitioned; did every accepted task end exactly once?"
+)
+ROOT = Path(__file__).resolve().parents[2]
+LEASE_SECONDS = 10.0  # taskledger's defaults
+HEARTBEAT_SECONDS = 2.0
+CONCURRENCY = 4
+GRACE = 30.0  # seconds past a task's deadline (or the fault's end) before it counts as lost
+BEFORE_FAULT = 1.5  # seconds between the first part of the load and the fault
+DOWN_SECONDS = 60.0  # PostgreSQL's outage
+PARTITION_SECONDS = LEASE_SECONDS + 5  # the proxy paused
+PROXY_DOWN_SECONDS = 5.0  # then killed, and started again after this
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    description: str
+    busy: str | None  # the worker that must be running programs when it strikes
+    spread: float  # seconds over which the last third of the load is submitted
+    inject: Callable[[Deployment, list[Window]], str]  # blocks until it is over; a note
+
+
+def _all(d: Deployment) -> frozenset[str]:
+    return frozenset(w.label for w in d.workers)
+
+
+def _kill_worker(d: Deployment, windows: list[Window]) -> str:
+    worker = d.workers[0]
+    at = time.time()
+    d.kill(worker)
+    windows.append(Window("killed", frozenset({worker.label}), at, at))
+    return f"SIGKILL {worker.label} (pid {worker.pids[-1]})"
+
+
+def _kill_leader(d: Deployment, windows: list[Window]) -> str:
+    leader, roles = d.leader()
+    if leader is None:
+        raise RuntimeError("no api holds the reaper's lock")
+    d.kill(leader)
+    return f"SIGKILL {leader.label} (pid {leader.pids[-1]}), leader of {', '.join(roles)}"
+
+
+def _restart_rabbitmq(d: Deployment, windows: list[Window]) -> str:
+    started = time.monotonic()
+    d.rabbitmq.stop()
+    stopped = time.monotonic()
+    time.sleep(5)
+    d.rabbitmq.start()
+    return (
+        f"rabbitmqctl stop ({stopped - started:.1f} s), 5 s down, rabbitmq-server"
+        f" ({time.monotonic() - stopped - 5:.1f} s to start)"
+    )
+
+
+def _restart_postgres(mode: str) -> Callable[[Deployment, list[Window]], str]:
+    def inject(d: Deployment, windows: list[Window]) -> str:
+        began = time.time()
+        d.postgres.restart(mode)
+        windows.append(Window("cut off", _all(d), began, time.time()))
+        return f"pg_ctl restart -m {mode} ({time.time() - began:.1f} s)"
+
+    return inject
+
+
+def _postgres_down(d: Deployment, windows: list[Window]) -> str:
+    began = time.time()
+    d.postgres.stop("fast")
+    time.sleep(DOWN_SECONDS)
+    d.postgres.start()
+    windows.append(Window("cut off", _all(d), began, time.time()))
+    return f"pg_ctl stop -m fast, {DOWN_SECONDS:g} s down, pg_ctl start"
+
+
+def _partition(d: Deployment, windows: list[Window]) -> str:
+    began = time.time()
+    d.proxy.pause()
+    time.sleep(PARTITION_SECONDS)
+    d.proxy.kill()
+    time.sleep(PROXY_DOWN_SECONDS)
+    d.proxy.start()
+    windows.append(Window("cut off", frozenset({d.partitioned.label}), began, time.time()))
+    return (
+        f"proxy of {d.partitioned.label} paused (SIGSTOP) {PARTITION_SECONDS:g} s, then killed,"
+        f" started again {PROXY_DOWN_SECONDS:g} s later"
+    )
+
+
+FAULTS = {
+    f.name: f
+    for f in (
+        Fault("worker-kill", "a worker SIGKILLed", "worker-1", 2, _kill_worker),
+        Fault("leader-kill", "the api leader SIGKILLed", None, 2, _kill_leader),
+        Fault("rabbitmq-restart", "RabbitMQ stopped and started", None, 10, _restart_rabbitmq),
+        Fault(
+            "pg-restart-fast",
+            "PostgreSQL restarted (-m fast)",
+            None,
+            2,
+            _restart_postgres("fast"),
+        ),
+        Fault(
+            "pg-restart-immediate",
+            "PostgreSQL restarted (-m immediate)",
+            None,
+            2,
+            _restart_postgres("immediate"),
+        ),
+        Fault("pg-down-60s", "PostgreSQL down 60 s", None, DOWN_SECONDS, _postgres_down),
+        Fault(
+            "worker-partition",
+            "a worker partitioned from PostgreSQL",
+            "worker-2",
+            PARTITION_SECONDS,
+            _partition,
+        ),
+    )
+}
+
+
+class Suite:
+    def __init__(self, deployment: Deployment, tasks: int, progress: Callable[[str], None]):
+        self.d = deployment
+        self.tasks = tasks
+        self.progress = progress
+
+    def live(self) -> list[tuple[str, str]]:
+        return [(a.label, a.url) for a in self.d.live_apis()]
+
+    def _busy(self, label: str) -> bool:
+        worker = next(w for w in self.d.workers if w.label == label)
+        for _, url in self.live():
+            try:
+                response = httpx.get(f"{url}/api/workers", headers=self.d.headers(), timeout=5)
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                return any(
+                    w["pid"] == worker.pid and w["busy"] > 0 for w in response.json()["workers"]
+                )
+        return False
+
+    async def round(self, fault: Fault) -> RoundResult:
+        result = RoundResult(fault.name, fault.description)
+        restarted = await asyncio.to_thread(self.d.ensure_running)
+        if restarted:
+            self.progress(f"  restored before the round: {', '.join(restarted)}")
+        submissions = plan(fault.name, self.tasks)
+        first = submissions[: len(submissions) * 2 // 3]
+        during = submissions[len(first) :]
+        client = Client(self.d.key)
+        windows: list[Window] = []
+        try:
+            await client.submit_all(first, self.live())
+            await asyncio.sleep(BEFORE_FAULT)
+            if fault.busy is not None:
+                waited = time.monotonic()
+                while not await asyncio.to_thread(self._busy, fault.busy):
+                    if time.monotonic() - waited > 30:
+                        result.notes.append(f"{fault.busy} ran nothing when the fault struck")
+                        break
+                    await asyncio.sleep(0.2)
+            began = time.time()
+            spread = asyncio.create_task(client.submit_spread(during, self.live, fault.spread))
+            what = await asyncio.to_thread(fault.inject, self.d, windows)
+            ended = time.time()
+            result.fault_seconds = ended - began
+            self.progress(f"  {fault.name}: {what}")
+            result.notes.append(what)
+            result.recovery = await client.probe(self.live, since=ended)
+            await spread
+        finally:
+            await client.close()
+        events = await asyncio.to_thread(self._wait_ended, fault.name, submissions, ended)
+        runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{fault.name}-")]
+        judge(
+            result,
+            submissions,
+            events,
+            runs,
+            windows,
+            self.d.worker_label,
+            self.d.lease_seconds,
+        )
+        refused = [s for s in submissions if not s.accepted]
+        if refused:
+            reasons = sorted({f"{s.status or 'no answer'}: {s.problem[:80]}" for s in refused})
+            result.notes.append(f"refused: {'; '.join(reasons[:4])}")
+        return result
+
+    def _wait_ended(
+        self, round_name: str, submissions: Sequence[Submission], fault_ended: float
+    ) -> dict[Any, Any]:
+        """The round's events once every task ended, or is `GRACE` s past its deadline and
+        the fault's end; then a few seconds more for anything late to show."""
+        accepted = {s.token for s in submissions if s.accepted}
+        while True:
+            try:
+                events = read_round(self.d.database_url, round_name)
+            except psycopg.Error:
+                time.sleep(1)
+                continue
+            reports = [replay(t, e, self.d.worker_label) for t, e in events.items()]
+            now = time.time()
+            open_ = [r for r in reports if not r.terminal]
+            waiting = [
+                r for r in open_ if now < max(r.deadline or fault_ended, fault_ended) + GRACE
+            ]
+            missing = accepted - {r.token for r in reports}
+            if not waiting and (not missing or now > fault_ended + GRACE):
+                break
+            time.sleep(1)
+        time.sleep(3)  # a late outcome or run after the last end shows up now
+        return read_round(self.d.database_url, round_name)
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.1f} s"
+
+
+def render(header: str, results: Sequence[RoundResult]) -> str:
+    headers = [
+        "fault",
+        "accepted",
+        "refused: 5xx / no answer (stored)",
+        "ended exactly once",
+        "lost",
+        "duplicate outcomes",
+        "ran again after worker_lost / twice in one attempt",
+        "worker_lost (false)",
+        "max lateness past deadline",
+        "time to recover",
+    ]
+    rows = [
+        [
+            r.description,
+            f"{r.accepted}/{r.submitted}",
+            f"{r.refused_5xx} ({r.stored_though_5xx}) / {r.unanswered}"
+            f" ({r.stored_though_unanswered})",
+            f"{r.ended_once}/{r.accepted}",
+            str(r.lost),
+            str(r.duplicate_outcomes),
+            f"{r.rerun_after_lost} / {r.duplicate_runs + r.unattributed_runs}",
+            f"{r.worker_lost} ({r.false_worker_lost})",
+            "-" if r.max_lateness is None else f"{r.max_lateness:.2f} s",
+            _seconds(r.recovery),
+        ]
+        for r in results
+    ]
+    lines = [header, "", markdown_table(headers, rows), ""]
+    for r in results:
+        ends = "; ".join(
+            f"{kind}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            for kind, counts in r.ends.items()
+        )
+        lines.append(f"- {r.fault}: {' · '.join(r.notes)}. Ends: {ends}.")
+    return "\n".join(lines)
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench faults", description=__doc__)
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated, in this order (default: all): {', '.join(FAULTS)}",
+    )
+    parser.add_argument("--tasks", type=int, default=60, help="tasks per round (default 60)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the servers' and processes' directory"
+    )
+    parser.add_argument("--no-json", action="store_true", help="do not write bench/results/")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.faults.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        parser.error(f"unknown fault {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    if args.tasks < 5:
+        parser.error("--tasks must be at least 5 (one of each kind)")
+    args.names = names
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(arguments)
+    if os.geteuid() != 0:
+        eprint(
+            f"{NAME}: needs root: the sandbox's isolation layers, PostgreSQL run as its own"
+            " user, and the run counter entering the sandbox's network namespaces"
+        )
+        return 2
+    missing = services.missing_tools()
+    if missing:
+        eprint(f"{NAME}: missing: {', '.join(missing)}")
+        return 2
+    services.sweep(eprint)
+    started = datetime.now(UTC)
+    base = services.workdir()
+    postgres = services.PrivatePostgres(base)
+    rabbitmq = services.PrivateRabbitMQ(base, dict(os.environ))
+    deployment: Deployment | None = None
+    results: list[RoundResult] = []
+    status = 0
+    postgres_version = "unknown"
+    try:
+        eprint(f"{NAME}: starting PostgreSQL and RabbitMQ of its own in {base}")
+        postgres.start()
+        postgres_version = postgres.version()
+        rabbitmq.start()
+        deployment = Deployment(
+            base,
+            postgres,
+            rabbitmq,
+            eprint,
+            concurrency=CONCURRENCY,
+            lease_seconds=LEASE_SECONDS,
+            heartbeat_seconds=HEARTBEAT_SECONDS,
+        )
+        deployment.create_database()
+        deployment.start()
+        suite = Suite(deployment, args.tasks, eprint)
+        for name in args.names:
+            eprint(f"{NAME}: round {name} ({args.tasks} tasks)")
+            began = time.monotonic()
+            try:
+                result = asyncio.run(suite.round(FAULTS[name]))
+            except Exception as error:  # noqa: BLE001 - the next round restores what it can
+                eprint(f"  round {name} failed: {error!r}")
+                result = RoundResult(name, FAULTS[name].description)
+                result.notes.append(f"the round failed: {error!r}"[:300])
+                status = 1
+            results.append(result)
+            eprint(
+                f"  {result.accepted} accepted, {result.lost} lost,"
+                f" {result.duplicate_outcomes} duplicate outcomes,"
+                f" recovered in {_seconds(result.recovery)}"
+                f" ({time.monotonic() - began:.0f} s)"
+            )
+    except KeyboardInterrupt:
+        eprint(f"{NAME}: interrupted")
+        status = 130
+    finally:
+        with signals_deferred():
+            if deployment is not None:
+                deployment.close()
+            rabbitmq.close()
+            postgres.close()
+            if not args.keep:
+                shutil.rmtree(base, ignore_errors=True)
+            else:
+                eprint(f"{NAME}: kept {base}")
+    if not results:
+        return status or 1
+    header = (
+        f"{started.strftime('%Y-%m-%d %H:%M')} UTC · commit {_commit()} · nproc={os.cpu_count()}"
+        f" · PostgreSQL {postgres_version} · RabbitMQ {rabbitmq.version()}"
+        f" · Python {platform.python_version()} · {platform.platform(terse=True)}"
+        f" · {args.tasks} tasks a round · 2 api, 2 workers of concurrency {CONCURRENCY}"
+        f" · lease {LEASE_SECONDS:g} s, heartbeat {HEARTBEAT_SECONDS:g} s"
+    )
+    print(render(header, results))
+    if not args.no_json:
+        path = write_results(
+            NAME,
+            {
+                "benchmark": NAME,
+                "started_at": started.isoformat(),
+                "command": ["python", "-m", "bench", "faults", *arguments],
+                "header": header,
+                "results": [asdict(r) for r in results],
+            },
+        )
+        eprint(f"{NAME}: raw figures in {path}")
+    bad = any(r.lost or r.duplicate_outcomes or r.duplicate_runs for r in results)
+    return status or (1 if bad else 0)
