@@ -1,7 +1,8 @@
 """Projections: rebuild speed and live lag, next to eventsourcing's own ProjectionRunner.
 
-Two measurements in one fresh database (dropped afterwards, also on failure, Ctrl-C or
-SIGTERM), beside the issue's targets (rebuild >= 20,000 events/s, live lag p99 <= 50 ms):
+Two measurements in a fresh database (one per ``--output-bytes`` size; dropped afterwards,
+also on failure, Ctrl-C or SIGTERM), beside the issue's targets (rebuild >= 20,000
+events/s, live lag p99 <= 50 ms):
 
 1. **Rebuild.** ``--events`` events (default 100,000) are written quickly (Task aggregates
    saved 200 to a transaction, like the integration tests' ``write_tasks``), with some
@@ -23,6 +24,15 @@ SIGTERM), beside the issue's targets (rebuild >= 20,000 events/s, live lag p99 <
    pre-ping, left at the library's default (off) for the view. It applies one event per
    transaction, so it gets the first ``--baseline-events`` only (default 10,000); its time
    runs from constructing the runner to the commit of the last of them.
+
+   ``--output-bytes`` sets the size of each completed attempt's stdout in that history
+   (default 3, ``"42\\n"``). Given several sizes (``--output-bytes 3,1MiB``), one history
+   per size is written, each in a database of its own with the same mix of tasks and the
+   same number of events; the rounds alternate between them, and the table has a row per
+   view and size. Output past its first 3 bytes is random base64 text: PostgreSQL
+   compresses large values (TOAST), and output of one repeated character would cost next
+   to nothing. The live-lag part runs in the first size's database and writes RESULT's
+   3 bytes.
 
 2. **Live lag.** A ``Ledger`` takes a steady, paced load: ``--rate`` tasks/s (default 200),
    each task ``submit``, ``start_attempt``, ``complete_attempt`` (3 saves, 4 events), from
@@ -52,15 +62,23 @@ work on the host disturbs every figure: the header says how much CPU other proce
 during the run, and the JSON keeps the commit measured.
 
 Run: ``.venv/bin/python -m bench.projections [--events 100000] [--rounds 3] [--rate 200]
-[--seconds 10]``; ``--parts rebuild`` or ``--parts lag`` for one half.
+[--seconds 10] [--output-bytes 3,1MiB]``; ``--parts rebuild`` or ``--parts lag`` for one
+half. For rebuild speed against output size (1 MiB outputs make ~250 MiB of events per
+1,000 events): ``--parts rebuild --events 4000 --baseline-events 1000 --output-bytes
+3,1MiB``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
+import contextlib
+import dataclasses
 import math
 import os
+import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,6 +88,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -150,6 +169,26 @@ class History:
     head: int
     seconds: float
     scenarios: dict[str, int]
+    output_bytes: int = len(RESULT.stdout)  # each completed attempt's stdout
+    table_bytes: int | None = None  # the events table on disk, TOAST included
+
+
+# Program output for --output-bytes: "42\n" (RESULT's), then incompressible text (random
+# base64), so that PostgreSQL cannot shrink it (TOAST compresses what it can): real output
+# is rarely one repeated character, and compression would hide the cost being measured.
+@cache
+def output_result(output_bytes: int) -> AttemptResult:
+    """A completed attempt whose stdout is `output_bytes` ASCII bytes (RESULT's when 3)."""
+    if output_bytes == len(RESULT.stdout):
+        return RESULT
+    filler = random.Random(output_bytes).randbytes(output_bytes * 3 // 4 + 3)
+    text = RESULT.stdout + base64.b64encode(filler).decode()
+    return dataclasses.replace(RESULT, stdout=text[:output_bytes])
+
+
+# Bytes of program output per save while writing a history: 200 tasks per save, fewer when
+# their outputs are large (a save is one transaction held in memory whole).
+SAVE_OUTPUT_BYTES = 16 * 1024 * 1024
 
 
 SCENARIOS = ("completed", "retried", "failed", "cancelled_pending", "cancelled_running")
@@ -161,8 +200,10 @@ def _scenario(n: int) -> str:
     return SCENARIOS[k] if k < len(SCENARIOS) else "completed"
 
 
-def _history_task(n: int, base: datetime, policy: RetryPolicy) -> tuple[Task, str]:
-    """One task with its whole life as pending events."""
+def _history_task(
+    n: int, base: datetime, policy: RetryPolicy, result: AttemptResult = RESULT
+) -> tuple[Task, str]:
+    """One task with its whole life as pending events; `result` is what completes it."""
     at = base + timedelta(milliseconds=n)
     kind = _scenario(n)
     task = Task.submit(
@@ -194,14 +235,23 @@ def _history_task(n: int, base: datetime, policy: RetryPolicy) -> tuple[Task, st
         error = AttemptError("worker_lost", "worker stopped heartbeating")
         task.fail_attempt(1, error, retryable=True, now=at + 2 * step, policy=policy)
         task.start_attempt(2, f"worker-{(n + 1) % 4}", at + 3 * step)
-        task.complete_attempt(2, RESULT, at + 4 * step)
+        task.complete_attempt(2, result, at + 4 * step)
     else:
-        task.complete_attempt(1, RESULT, at + 2 * step)
+        task.complete_attempt(1, result, at + 2 * step)
     return task, kind
 
 
-def write_history(ledger: Ledger, events: int, progress: Callable[[str], None] = eprint) -> History:
-    """At least `events` events, 200 tasks per save (one transaction each)."""
+def write_history(
+    ledger: Ledger,
+    events: int,
+    progress: Callable[[str], None] = eprint,
+    *,
+    output_bytes: int = len(RESULT.stdout),
+) -> History:
+    """At least `events` events, 200 tasks per save (one transaction each; fewer with large
+    outputs); each completed attempt's stdout is `output_bytes` bytes."""
+    result = output_result(output_bytes)
+    per_save = max(1, min(200, SAVE_OUTPUT_BYTES // max(1, output_bytes)))
     policy = RetryPolicy()
     base = datetime.now(UTC) - timedelta(days=1)
     scenarios = dict.fromkeys(SCENARIOS, 0)
@@ -209,8 +259,8 @@ def write_history(ledger: Ledger, events: int, progress: Callable[[str], None] =
     started = time.perf_counter()
     while written < events:
         batch: list[Task] = []
-        for _ in range(200):
-            task, kind = _history_task(tasks, base, policy)
+        for _ in range(per_save):
+            task, kind = _history_task(tasks, base, policy, result)
             batch.append(task)
             scenarios[kind] += 1
             written += len(task.pending_events)
@@ -218,11 +268,11 @@ def write_history(ledger: Ledger, events: int, progress: Callable[[str], None] =
             if written >= events:
                 break
         ledger.save(*batch)
-        if tasks % 10_000 < len(batch):
+        if tasks % 10_000 < len(batch) or (per_save < 200 and tasks % 1_000 < len(batch)):
             progress(f"  wrote {written:,} events ({tasks:,} tasks)")
     seconds = time.perf_counter() - started
     head = ledger.recorder.max_notification_id() or 0
-    return History(tasks, written, head, seconds, scenarios)
+    return History(tasks, written, head, seconds, scenarios, output_bytes)
 
 
 def _events_table() -> sql.Identifier:
@@ -757,14 +807,18 @@ class RebuildResult:
     median_events_per_s: float
     min_events_per_s: float
     max_events_per_s: float
+    output_bytes: int = len(RESULT.stdout)  # of the history's completed attempts
     vs_baseline: float | None = None
 
 
-def summarise_rebuild(view: str, rounds: Sequence[Timed]) -> RebuildResult:
+def summarise_rebuild(
+    view: str, rounds: Sequence[Timed], output_bytes: int = len(RESULT.stdout)
+) -> RebuildResult:
     rates = [r.rate for r in rounds]
     return RebuildResult(
         view=view,
         events=rounds[0].events,
+        output_bytes=output_bytes,
         rounds_events_per_s=[round(r, 1) for r in rates],
         rounds_seconds=[round(r.seconds, 4) for r in rounds],
         client_cpu_s=[round(r.client_cpu, 3) for r in rounds],
@@ -860,9 +914,16 @@ def _cpu_per_k(seconds: Sequence[float | None], events: int) -> str:
     return f"{statistics.median(s or 0.0 for s in seconds) / events * 1e6:,.0f}"
 
 
+def _bytes(size: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and size % (scale // 16) == 0:
+            return f"{size / scale:g} {unit}"
+    return f"{size:,} B"
+
+
 def render(
     facts: MachineFacts,
-    history: History | None,
+    histories: Sequence[History],
     rebuilds: Sequence[RebuildResult],
     lags: Sequence[LagResult],
     settings: dict[str, Any],
@@ -871,18 +932,28 @@ def render(
     parts = [f"# {NAME}: {facts.header()}", ""]
     if noise:
         parts += [noise, ""]
-    if history is not None and rebuilds:
+    if histories and rebuilds:
+        history = histories[0]
+        outputs = ", ".join(
+            f"{_bytes(h.output_bytes)}"
+            + ("" if h.table_bytes is None else f" (events table {h.table_bytes / 2**20:,.1f} MiB)")
+            for h in histories
+        )
         parts += [
             f"Rebuild: {history.events:,} events ({history.tasks:,} tasks: "
             + ", ".join(f"{k} {v:,}" for k, v in history.scenarios.items())
-            + f"; written in {history.seconds:.1f} s), {settings['rounds']} interleaved rounds;"
-            f" rebuild batch {settings['batch_size']:,}. Baseline = eventsourcing"
+            + f"; written in {' / '.join(f'{h.seconds:.1f}' for h in histories)} s),"
+            f" {settings['rounds']} interleaved rounds; rebuild batch {settings['batch_size']:,}."
+            f" Output = each completed attempt's stdout: {outputs}"
+            " (past 3 bytes, random base64 text, which PostgreSQL cannot compress)."
+            " Baseline = eventsourcing"
             f" ProjectionRunner, 1 event per transaction, first {settings['baseline_events']:,}"
             " events. CPU = median µs per event, this process / PostgreSQL.",
             "",
             markdown_table(
                 [
                     "view",
+                    "output",
                     "events",
                     "events/s median",
                     "range",
@@ -894,6 +965,7 @@ def render(
                 [
                     [
                         r.view,
+                        _bytes(r.output_bytes),
                         f"{r.events:,}",
                         _num(r.median_events_per_s),
                         _range(r.min_events_per_s, r.max_events_per_s),
@@ -1000,6 +1072,24 @@ def _parts(text: str) -> list[str]:
     return names
 
 
+def _sizes(text: str) -> list[int]:
+    """`3,1048576` or `3,1MiB`: byte counts, each at least 0, no repeats."""
+    sizes = []
+    for item in (x.strip() for x in text.split(",")):
+        number, scale = item, 1
+        for unit, factor in (("MiB", 2**20), ("KiB", 2**10)):
+            if item.endswith(unit):
+                number, scale = item.removesuffix(unit), factor
+        try:
+            size = int(number) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a byte count: {item!r}") from None
+        if size < 0 or size in sizes:
+            raise argparse.ArgumentTypeError(f"negative or repeated size: {item!r}")
+        sizes.append(size)
+    return sizes
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -1058,6 +1148,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of rebuild,lag (default both)",
     )
     parser.add_argument(
+        "--output-bytes",
+        type=_sizes,
+        default=[len(RESULT.stdout)],
+        metavar="N[,N...]",
+        help="stdout bytes of each completed attempt in the rebuild's history; several sizes"
+        " (e.g. 3,1048576) rebuild one history each, in alternating rounds, in one table"
+        f" (default {len(RESULT.stdout)}: '42\\n'; the live-lag part runs in the first"
+        " size's database and writes 3-byte outputs)",
+    )
+    parser.add_argument(
         "--no-json", action="store_true", help="do not write bench/results/projections-*.json"
     )
     return parser.parse_args(argv)
@@ -1066,7 +1166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 @dataclass
 class Outcome:
     facts: MachineFacts
-    history: History | None
+    histories: list[History]
     rebuilds: list[RebuildResult]
     lags: list[LagResult]
     checks: dict[str, int]
@@ -1110,78 +1210,126 @@ def _server_is_local(url: str) -> bool:
     return host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
 
 
+def peak_rss_mib() -> float:
+    """The most memory this process has held at once so far (Linux: ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def table_bytes(url: str) -> int | None:
+    """The events table's size on disk, TOAST and indexes included."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_total_relation_size(%s::regclass)", (f"{SCHEMA}.{EVENTS_TABLE}",)
+        ).fetchone()
+    return int(row[0]) if row and row[0] is not None else None
+
+
 def run(args: argparse.Namespace, progress: Callable[[str], None] = eprint) -> Outcome:
     local = _server_is_local(args.database_url)
     stop = threading.Event()
-    rebuild_rounds: dict[str, list[Timed]] = {}
+    # Keyed by (view, output bytes of the history it rebuilt).
+    rebuild_rounds: dict[tuple[str, int], list[Timed]] = {}
     lag_rounds: dict[str, list[FollowerRound]] = {}
-    history: History | None = None
+    histories: list[History] = []
     checks: dict[str, int] = {}
     noise = NoiseMeter()
-    with temporary_database(args.database_url) as url:
+    # One database per output size (the first also takes the live-lag part); the rebuild
+    # rounds alternate between them, so machine noise falls on every size alike.
+    sizes = args.output_bytes if "rebuild" in args.parts else args.output_bytes[:1]
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(temporary_database(args.database_url)) for _ in sizes]
+        url = urls[0]
         facts = machine_facts(url)
-        progress(f"{NAME}: database {urlsplit(url).path.lstrip('/')}; {facts.header()}")
-        env = postgres_env(url, schema=SCHEMA, pool_size=args.writers, max_overflow=args.writers)
+        progress(
+            f"{NAME}: database(s) {', '.join(urlsplit(u).path.lstrip('/') for u in urls)};"
+            f" {facts.header()}"
+        )
+        envs = [
+            postgres_env(u, schema=SCHEMA, pool_size=args.writers, max_overflow=args.writers)
+            for u in urls
+        ]
+        env = envs[0]
         ledger = TimedLedger(env)
-        try:
-            history = write_history(ledger, max(args.events, args.baseline_events), progress)
+        stack.callback(ledger.close)
+        stack.callback(stop.set)
+        for size, size_url, size_env in zip(sizes, urls, envs, strict=True):
+            writer = ledger if size_env is env else TimedLedger(size_env)
+            try:
+                history = write_history(
+                    writer, max(args.events, args.baseline_events), progress, output_bytes=size
+                )
+            finally:
+                if writer is not ledger:
+                    writer.close()
+            vacuum_analyze(size_url)
+            history.table_bytes = table_bytes(size_url)
+            histories.append(history)
             progress(
-                f"  history: {history.events:,} events, {history.tasks:,} tasks in"
-                f" {history.seconds:.1f} s ({history.events / history.seconds:,.0f} events/s)"
+                f"  history ({size:,}-byte outputs): {history.events:,} events,"
+                f" {history.tasks:,} tasks in {history.seconds:.1f} s"
+                f" ({history.events / history.seconds:,.0f} events/s)"
+                + (
+                    ""
+                    if history.table_bytes is None
+                    else f", events table {history.table_bytes / 2**20:,.1f} MiB"
+                )
             )
-            vacuum_analyze(url)
-            if "rebuild" in args.parts:
-                expected = history.events
-                for round_ in range(args.rounds):
+        if "rebuild" in args.parts:
+            for round_ in range(args.rounds):
+                for history, size_url, size_env in zip(histories, urls, envs, strict=True):
+                    size = history.output_bytes
+                    expected = history.events
+                    label = f" ({size:,}-byte outputs)" if len(sizes) > 1 else ""
                     for name in all_projections():
-                        timed = time_rebuild(url, name, args.batch_size, expected, local)
-                        rebuild_rounds.setdefault(name, []).append(timed)
+                        timed = time_rebuild(size_url, name, args.batch_size, expected, local)
+                        rebuild_rounds.setdefault((name, size), []).append(timed)
                         progress(
-                            f"  round {round_ + 1}/{args.rounds} rebuild {name}:"
-                            f" {timed.rate:,.0f} events/s ({timed.seconds:.2f} s)"
+                            f"  round {round_ + 1}/{args.rounds} rebuild {name}{label}:"
+                            f" {timed.rate:,.0f} events/s ({timed.seconds:.2f} s;"
+                            f" this process's peak RSS so far {peak_rss_mib():,.0f} MiB)"
                         )
-                    timed = time_baseline_rebuild(env, url, args.baseline_events, local)
-                    rebuild_rounds.setdefault(BASELINE, []).append(timed)
+                    timed = time_baseline_rebuild(size_env, size_url, args.baseline_events, local)
+                    rebuild_rounds.setdefault((BASELINE, size), []).append(timed)
                     progress(
-                        f"  round {round_ + 1}/{args.rounds} rebuild {BASELINE}:"
+                        f"  round {round_ + 1}/{args.rounds} rebuild {BASELINE}{label}:"
                         f" {timed.rate:,.0f} events/s ({timed.seconds:.2f} s)"
                     )
-            if "lag" in args.parts:
-                seconds = args.seconds / args.rounds
-                for round_ in range(args.rounds):
-                    stop.clear()
-                    result = writers_alone_phase(
-                        ledger, args.rate, seconds, args.writers, stop, local
-                    )
-                    lag_rounds.setdefault(NO_FOLLOWER, []).append(result)
+        if "lag" in args.parts:
+            seconds = args.seconds / args.rounds
+            for round_ in range(args.rounds):
+                stop.clear()
+                result = writers_alone_phase(ledger, args.rate, seconds, args.writers, stop, local)
+                lag_rounds.setdefault(NO_FOLLOWER, []).append(result)
+                _lag_progress(progress, round_, args.rounds, result)
+                stop.clear()
+                for result in taskledger_phase(
+                    url,
+                    ledger,
+                    args.rate,
+                    seconds,
+                    args.writers,
+                    args.runner_batch_size,
+                    stop,
+                    local,
+                ):
+                    lag_rounds.setdefault(result.follower, []).append(result)
                     _lag_progress(progress, round_, args.rounds, result)
-                    stop.clear()
-                    for result in taskledger_phase(
-                        url,
-                        ledger,
-                        args.rate,
-                        seconds,
-                        args.writers,
-                        args.runner_batch_size,
-                        stop,
-                        local,
-                    ):
-                        lag_rounds.setdefault(result.follower, []).append(result)
-                        _lag_progress(progress, round_, args.rounds, result)
-                    stop.clear()
-                    result = baseline_phase(
-                        env, url, ledger, args.rate, seconds, args.writers, stop, local
-                    )
-                    lag_rounds.setdefault(BASELINE, []).append(result)
-                    _lag_progress(progress, round_, args.rounds, result)
-            if "lag" in args.parts:
-                checks = check_live_views(url, args.runner_batch_size)
-        finally:
-            stop.set()
-            ledger.close()
-    rebuilds = [summarise_rebuild(name, rounds) for name, rounds in rebuild_rounds.items()]
-    baseline_rebuild = next((r for r in rebuilds if r.view == BASELINE), None)
+                stop.clear()
+                result = baseline_phase(
+                    env, url, ledger, args.rate, seconds, args.writers, stop, local
+                )
+                lag_rounds.setdefault(BASELINE, []).append(result)
+                _lag_progress(progress, round_, args.rounds, result)
+            checks = check_live_views(url, args.runner_batch_size)
+    rebuilds = [
+        summarise_rebuild(name, rounds, size) for (name, size), rounds in rebuild_rounds.items()
+    ]
+    rebuilds.sort(key=lambda r: r.output_bytes, reverse=False)  # stable: views keep their order
     for rebuilt in rebuilds:
+        baseline_rebuild = next(
+            (r for r in rebuilds if r.view == BASELINE and r.output_bytes == rebuilt.output_bytes),
+            None,
+        )
         if baseline_rebuild is not None and rebuilt is not baseline_rebuild:
             rebuilt.vs_baseline = round(
                 rebuilt.median_events_per_s / baseline_rebuild.median_events_per_s, 2
@@ -1192,7 +1340,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None] = eprint) -> O
         if baseline_lag is not None and lag is not baseline_lag and lag.p99_ms > 0:
             lag.vs_baseline_p99 = round(baseline_lag.p99_ms / lag.p99_ms, 2)
     seconds = time.perf_counter() - noise.started
-    return Outcome(facts, history, rebuilds, lags, checks, seconds, noise.other_cpu_pct())
+    return Outcome(facts, histories, rebuilds, lags, checks, seconds, noise.other_cpu_pct())
 
 
 def _lag_progress(
@@ -1246,6 +1394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": args.seconds,
         "writers": args.writers,
         "runner_batch_size": args.runner_batch_size,
+        "output_bytes": args.output_bytes,
         "parts": args.parts,
         "targets": {
             "rebuild_events_per_s": TARGET_REBUILD_EVENTS_PER_S,
@@ -1271,7 +1420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     )
-    print(render(outcome.facts, outcome.history, outcome.rebuilds, outcome.lags, settings, noise))
+    print(render(outcome.facts, outcome.histories, outcome.rebuilds, outcome.lags, settings, noise))
     if not args.no_json:
         path: Path = write_results(
             NAME,
@@ -1284,7 +1433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "code": code,
                 "loadavg_before": load_before,
                 "loadavg_after": load_after,
-                "history": None if outcome.history is None else asdict(outcome.history),
+                "history": asdict(outcome.histories[0]) if outcome.histories else None,
+                "histories": [asdict(h) for h in outcome.histories],
                 "rebuild": [asdict(r) for r in outcome.rebuilds],
                 "lag": [asdict(r) for r in outcome.lags],
                 "checks": outcome.checks,
