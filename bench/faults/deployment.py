@@ -1,16 +1,18 @@
 """taskledger as the fault suite runs it: two ``taskledger api`` processes and two
 ``taskledger worker`` processes over the suite's own PostgreSQL and RabbitMQ
-(bench/faults/services.py). The second worker reaches PostgreSQL through a TCP proxy
-(bench/faults/proxy.py) that the suite pauses and kills; everything else connects
-directly.
+(bench/faults/services.py). Each worker reaches PostgreSQL through a TCP proxy of its
+own (bench/faults/proxy.py), which the suite pauses and kills to partition that worker;
+the api processes connect directly.
 
-Each process gets ``PGAPPNAME`` (libpq's default application_name; taskledger sets none),
-so ``pg_stat_activity`` says which process a session belongs to: that is how the suite
-finds the api holding the leader locks in ``pg_locks``.
+The api holding the leader locks is found in ``pg_locks``: the session holding the
+reaper's advisory lock, whose client port (``pg_stat_activity``) is one of that api's TCP
+connections. Each process also gets ``PGAPPNAME`` (libpq's default application_name),
+for a look at ``pg_stat_activity`` by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 
 from bench._processes import ManagedProcess
@@ -90,7 +93,10 @@ class Deployment:
         self.key = secrets.token_hex(16)
         self.database_url = postgres.url.rsplit("/", 1)[0] + f"/{DATABASE}"
         upstream = f"{HOST}:{postgres.port}"
-        self.proxy = TcpProxy(free_port(), upstream, self.workdir, dict(os.environ))
+        self.proxies = {
+            label: TcpProxy(free_port(), upstream, self.workdir / label, dict(os.environ))
+            for label in ("worker-1", "worker-2")
+        }
         tool = venv_tool("taskledger")
         if tool is None:
             raise RuntimeError("taskledger is not installed in this environment (pip install -e .)")
@@ -105,7 +111,6 @@ class Deployment:
             "TASKLEDGER_LEASE_SECONDS": f"{lease_seconds:g}",
             "TASKLEDGER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
         }
-        through_proxy = f"postgresql://postgres@{HOST}:{self.proxy.listen_port}/{DATABASE}"
         self.apis = []
         for n in (1, 2):
             port = free_port()
@@ -114,14 +119,18 @@ class Deployment:
             self.apis.append(Role(f"api-{n}", command, env, port))
         worker = [tool, "worker", "--concurrency", str(concurrency)]
         self.workers = [
-            Role("worker-1", worker, base | {"PGAPPNAME": "tlfaults-worker-1"}),
             Role(
-                "worker-2",
+                label,
                 worker,
-                base | {"PGAPPNAME": "tlfaults-worker-2", "TASKLEDGER_DATABASE_URL": through_proxy},
-            ),
+                base
+                | {
+                    "PGAPPNAME": f"tlfaults-{label}",
+                    "TASKLEDGER_DATABASE_URL": f"postgresql://postgres@{HOST}:"
+                    f"{proxy.listen_port}/{DATABASE}",
+                },
+            )
+            for label, proxy in self.proxies.items()
         ]
-        self.partitioned = self.workers[1]  # the worker behind the proxy
         self.counter = RunCounter(self.worker_pids)
 
     # -- processes --------------------------------------------------------------------------
@@ -131,7 +140,8 @@ class Deployment:
             conn.execute(f'CREATE DATABASE "{DATABASE}"')
 
     def start(self) -> None:
-        self.proxy.start()
+        for proxy in self.proxies.values():
+            proxy.start()
         for api in self.apis:  # api-1 first: it takes the leader locks
             self._start_api(api)
         for worker in self.workers:
@@ -192,7 +202,7 @@ class Deployment:
             time.sleep(0.1)
         self.progress(
             f"  {worker.label} (pid {worker.pid}, concurrency {self.concurrency}"
-            f"{', through the proxy' if worker is self.partitioned else ''})"
+            f", PostgreSQL through port {self.proxies[worker.label].listen_port})"
             f" ready in {time.monotonic() - started:.1f} s"
         )
 
@@ -216,12 +226,13 @@ class Deployment:
         if self.rabbitmq.process is None or not self.rabbitmq.process.alive():
             self.rabbitmq.start()
             restarted.append("rabbitmq")
-        if self.proxy.paused:
-            self.proxy.resume()
-            restarted.append("proxy (resumed)")
-        if self.proxy.process is None or not self.proxy.process.alive():
-            self.proxy.start()
-            restarted.append("proxy")
+        for label, proxy in self.proxies.items():
+            if proxy.paused:
+                proxy.resume()
+                restarted.append(f"proxy of {label} (resumed)")
+            if proxy.process is None or not proxy.process.alive():
+                proxy.start()
+                restarted.append(f"proxy of {label}")
         for api in self.apis:
             if not api.alive():
                 self._start_api(api)
@@ -248,7 +259,8 @@ class Deployment:
                 stopped = role.process.stop()
                 if stopped.how not in ("SIGTERM", "exited before") or stopped.leftovers_killed:
                     self.progress(f"  {role.label}: stopped {stopped}")
-        self.proxy.stop()
+        for proxy in self.proxies.values():
+            proxy.stop()
 
     # -- who is who -------------------------------------------------------------------------
 
@@ -268,21 +280,31 @@ class Deployment:
 
     def leader(self) -> tuple[Role | None, list[str]]:
         """The api holding the reaper's lock, and the roles it leads."""
-        held: dict[str, str] = {}
+        held: dict[str, str] = {}  # role -> label of the api holding its lock
         with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
             for role, key in LEADER_LOCKS.items():
                 row = conn.execute(
-                    "SELECT a.application_name FROM pg_locks l"
+                    "SELECT a.client_port, a.application_name FROM pg_locks l"
                     " JOIN pg_stat_activity a ON a.pid = l.pid"
                     " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
                     " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%s)::bigint",
                     (key,),
                 ).fetchone()
                 if row is not None:
-                    held[role] = str(row[0])
+                    held[role] = self._api_of(row[0], str(row[1]))
         reaper = held.get("reaper", "")
-        leader = next((a for a in self.apis if reaper == f"tlfaults-{a.label}"), None)
-        return leader, [role for role, name in held.items() if name == reaper]
+        leader = next((a for a in self.apis if a.label == reaper), None)
+        return leader, [role for role, label in held.items() if label == reaper]
+
+    def _api_of(self, client_port: int | None, application_name: str) -> str:
+        """The api whose session this is: by the session's TCP port on our side, else by
+        the application_name PGAPPNAME gave it (if taskledger set none of its own)."""
+        for api in self.live_apis():
+            with contextlib.suppress(psutil.Error):
+                ports = {c.laddr.port for c in psutil.Process(api.pid).net_connections("tcp")}
+                if client_port in ports:
+                    return api.label
+        return application_name.removeprefix("tlfaults-")
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"ApiKey {self.key}"}
@@ -291,6 +313,6 @@ class Deployment:
         return {
             "apis": [f"{a.label}: {' '.join(a.command[1:])}" for a in self.apis],
             "workers": [f"{w.label}: {' '.join(w.command[1:])}" for w in self.workers],
-            "partitioned": f"{self.partitioned.label} reaches PostgreSQL through the proxy",
+            "proxies": {label: p.listen_port for label, p in self.proxies.items()},
             "lease_seconds": self.lease_seconds,
         }

@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +32,11 @@ QUICK = Kind("quick", "print(data['n'] * 2)", 60, 3, "Completed")
 LONG = Kind("long (5 s)", "import time\ntime.sleep(5)\nprint('done')", 60, 3, "Completed")
 FAILING = Kind("failing", "raise SystemExit('fails on purpose')", 60, 2, "Failed")
 EXPIRING = Kind("expiring (ttl 4 s, runs 30 s)", "import time\ntime.sleep(30)", 4, 2, "Expired")
-# Longer than the private RabbitMQ's consumer_timeout (bench/faults/services.py).
+# Longer than the private RabbitMQ's consumer_timeout (bench/faults/services.py), and than
+# a lease: each fault strikes while it runs (on the worker a worker fault picks).
 PAST_CONSUMER_TIMEOUT = Kind(
-    "past consumer_timeout (15 s)",
-    "import time\ntime.sleep(15)\nprint('done')",
+    "past consumer_timeout (25 s)",
+    "import time\ntime.sleep(25)\nprint('done')",
     120,
     3,
     "Completed",
@@ -48,7 +49,8 @@ PATTERN = [QUICK, LONG, QUICK, FAILING, QUICK, EXPIRING, QUICK, LONG] * 2 + [
     EXPIRING,
     QUICK,
 ]
-PROBE_CODE = "print('probe')"
+PROBE = {"description": "faults probe", "language": "echo", "data": "probe", "ttl_seconds": 120}
+PROBE_EVERY = 0.5  # seconds between probes while recovering
 
 
 @dataclass
@@ -101,9 +103,13 @@ class Client:
     async def submit(self, submission: Submission, apis: Sequence[tuple[str, str]]) -> None:
         """POST it once (no retry: a refusal is counted, not hidden) to the next api of
         `apis` (label, base url)."""
+        submission.sent_at = time.time()
+        if not apis:
+            submission.problem = "no api process running"
+            submission.answered_at = submission.sent_at
+            return
         label, url = apis[next(self._turn) % len(apis)]
         submission.api = label
-        submission.sent_at = time.time()
         try:
             response = await self._http.post(f"{url}/api/tasks", json=submission.body)
         except httpx.HTTPError as error:
@@ -142,20 +148,29 @@ class Client:
             await asyncio.sleep(gap)
         await asyncio.gather(*pending)
 
-    async def probe(self, apis: Any, since: float, limit: float = 240.0) -> float | None:
-        """Seconds from `since` until a fresh task completes: a probe is submitted at once
-        and then every 2 s to a live api, until one of them is seen Completed."""
+    async def probe(
+        self,
+        apis: Callable[[], Sequence[tuple[str, str]]],
+        since: float,
+        workers: set[str],
+        label_of: Callable[[str], str],
+        limit: float = 240.0,
+    ) -> dict[str, float]:
+        """Seconds from `since` until each of `workers` has completed a fresh task: an echo
+        probe goes to a live api at once and then every PROBE_EVERY seconds, until each
+        of `workers` (labels) has completed one of them, or `limit` passed. An echo task
+        needs no sandbox slot, so the probe measures the pipeline (api, store, dispatcher,
+        broker, worker, store), not the backlog of the load's programs."""
+        recovered: dict[str, float] = {}
         done = asyncio.Event()
-        finished: list[float] = []
 
         async def one() -> None:
             live = apis()
             if not live:
                 return
             _, url = live[next(self._turn) % len(live)]
-            body = {"language": "python", "code": PROBE_CODE, "ttl_seconds": 120}
             try:
-                response = await self._http.post(f"{url}/api/tasks", json=body)
+                response = await self._http.post(f"{url}/api/tasks", json=PROBE)
                 if response.status_code != 201:
                     return
                 task_id = response.json()["id"]
@@ -163,18 +178,18 @@ class Client:
                     response = await self._http.get(
                         f"{url}/api/tasks/{task_id}", params={"wait": 2}, timeout=10
                     )
-                    if response.status_code == 200 and response.json()["status"] == "Completed":
-                        finished.append(time.time())
-                        done.set()
-                        return
-                    if response.status_code == 200 and response.json()["status"] in (
-                        "Failed",
-                        "Expired",
-                        "Cancelled",
-                    ):
-                        return
                     if response.status_code != 200:
                         await asyncio.sleep(0.5)
+                        continue
+                    task = response.json()
+                    if task["status"] in ("Pending", "InProgress"):
+                        continue
+                    if task["status"] == "Completed" and task.get("worker_id"):
+                        label = label_of(str(task["worker_id"]))
+                        recovered.setdefault(label, time.time() - since)
+                        if workers <= set(recovered):
+                            done.set()
+                    return
             except httpx.HTTPError:
                 return
 
@@ -183,12 +198,12 @@ class Client:
             while not done.is_set() and time.time() - since < limit:
                 probes.append(asyncio.create_task(one()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), 2.0)
+                    await asyncio.wait_for(done.wait(), PROBE_EVERY)
         finally:
             for probe in probes:
                 probe.cancel()
             await asyncio.gather(*probes, return_exceptions=True)
-        return finished[0] - since if finished else None
+        return recovered
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -7,9 +7,11 @@ even loopback) but, like any network namespace, has its own abstract Unix socket
 So the suite, as root, enters each slot's namespace (the zygote holds it as an open
 descriptor, `/proc/<zygote>/fd/N -> net:[inode]`) from a thread, binds a datagram socket
 to the abstract name ``taskledger-faults-runs`` there, and leaves; the socket stays in
-that namespace. Every program of the load starts with `PRELUDE`, which sends one
-datagram with its task's token and the time to that name. The suite receives it on the
-socket of the slot that ran it, and so knows which worker ran it and when.
+that namespace. Every program of the load starts with `PRELUDE`, which sends a datagram
+with its task's token, a run id of its own and the time to that name when it starts, and
+again every `ALIVE_EVERY` seconds while it runs. The suite receives them on the socket of
+the slot that ran it, and so knows which worker ran it, when it started and until when
+it was alive.
 
 The isolation is unchanged: programs get no address outside their slot's namespace; the
 suite put a listener inside it. A zygote that is replaced (it died) has a new namespace;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import selectors
 import socket
@@ -36,30 +39,42 @@ ADDRESS = b"\0taskledger-faults-runs"
 CLONE_NEWNET = 0x40000000
 RESCAN = 0.2  # seconds between looks for new slots
 
+ALIVE_EVERY = 0.5  # seconds between a running program's "alive" datagrams
+
 # Standard library only (the sandbox runs `python3 -I -S`); `data` is the task's input.
-PRELUDE = f"""import json as _json, socket as _socket, time as _time
-def _report_run():
-    _message = _json.dumps({{"token": data["token"], "at": _time.time()}}).encode()
-    _sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
-    for _ in range(200):
-        try:
-            _sock.sendto(_message, {ADDRESS!r})
-            break
-        except OSError:
-            _time.sleep(0.05)
-    _sock.close()
-_report_run()
+# One "start" datagram (tried again for up to 10 s while no listener is bound yet), then
+# "alive" every ALIVE_EVERY seconds from a daemon thread until the run ends or is killed.
+PRELUDE = f"""import json as _json, os as _os, socket as _socket, threading as _threading
+import time as _time
+_run = {{"token": data["token"], "run": _os.urandom(8).hex(), "at": _time.time()}}
+_sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+def _say(kind):
+    try:
+        _sock.sendto(_json.dumps(dict(_run, kind=kind, now=_time.time())).encode(), {ADDRESS!r})
+        return True
+    except OSError:
+        return False
+for _ in range(200):
+    if _say("start"):
+        break
+    _time.sleep(0.05)
+def _alive():
+    while True:
+        _time.sleep({ALIVE_EVERY})
+        _say("alive")
+_threading.Thread(target=_alive, daemon=True).start()
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Run:
     """One program run, as the program reported it."""
 
     token: str  # the task's, from its data
+    run: str  # random, the run's own
     at: float  # the program's time.time() when it started
     worker: str  # the label of the worker whose slot ran it
-    received: float  # time.time() when the suite got the datagram
+    last_seen: float  # the program's time.time() in its last datagram
 
 
 def _bound_in(namespace: str) -> socket.socket:
@@ -115,7 +130,7 @@ class RunCounter:
         self._selector = selectors.DefaultSelector()
         self._sockets: dict[int, socket.socket] = {}  # namespace inode -> its socket
         self._lock = threading.Lock()
-        self._runs: list[Run] = []
+        self._runs: dict[str, Run] = {}  # by the run's own id
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="faults-runs", daemon=True)
@@ -138,7 +153,7 @@ class RunCounter:
 
     def runs(self) -> list[Run]:
         with self._lock:
-            return list(self._runs)
+            return [dataclasses.replace(run) for run in self._runs.values()]
 
     def _scan(self) -> None:
         for pid, label in self._workers().items():
@@ -184,10 +199,16 @@ class RunCounter:
                         self.errors.append(f"receiving: {error}")
                         break
                     try:
-                        body = orjson.loads(message)
-                        run = Run(str(body["token"]), float(body["at"]), key.data, time.time())
+                        self._record(orjson.loads(message), key.data)
                     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                         self.errors.append(f"a datagram that is not a run: {message[:100]!r}")
-                        continue
-                    with self._lock:
-                        self._runs.append(run)
+
+    def _record(self, body: dict[str, object], worker: str) -> None:
+        run_id, now = str(body["run"]), float(str(body["now"]))
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None:
+                at = float(str(body["at"]))
+                self._runs[run_id] = Run(str(body["token"]), run_id, at, worker, now)
+            else:
+                run.last_seen = max(run.last_seen, now)

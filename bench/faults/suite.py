@@ -15,27 +15,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
 import psycopg
 
 from bench._processes import signals_deferred
 from bench._support import eprint, markdown_table, write_results
 from bench.faults import services
-from bench.faults.deployment import Deployment
+from bench.faults.deployment import Deployment, Role
 from bench.faults.load import Client, Submission, plan
-from bench.faults.verify import RoundResult, Window, judge, read_round, replay
+from bench.faults.verify import RoundResult, Window, detail, judge, read_round, replay
 
 NAME = "faults"
 SUMMARY = (
@@ -51,30 +52,31 @@ BEFORE_FAULT = 1.5  # seconds between the first part of the load and the fault
 DOWN_SECONDS = 60.0  # PostgreSQL's outage
 PARTITION_SECONDS = LEASE_SECONDS + 5  # the proxy paused
 PROXY_DOWN_SECONDS = 5.0  # then killed, and started again after this
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Fault:
     name: str
     description: str
-    busy: str | None  # the worker that must be running programs when it strikes
     spread: float  # seconds over which the last third of the load is submitted
-    inject: Callable[[Deployment, list[Window]], str]  # blocks until it is over; a note
+    # Blocks until the fault is over; says what it did. Its worker is the one running the
+    # round's longest program (the task past consumer_timeout), for faults of one worker.
+    inject: Callable[[Deployment, Role, list[Window]], str]
 
 
 def _all(d: Deployment) -> frozenset[str]:
     return frozenset(w.label for w in d.workers)
 
 
-def _kill_worker(d: Deployment, windows: list[Window]) -> str:
-    worker = d.workers[0]
+def _kill_worker(d: Deployment, worker: Role, windows: list[Window]) -> str:
     at = time.time()
     d.kill(worker)
     windows.append(Window("killed", frozenset({worker.label}), at, at))
-    return f"SIGKILL {worker.label} (pid {worker.pids[-1]})"
+    return f"SIGKILL {worker.label} (pid {worker.pids[-1]}), which ran the longest program"
 
 
-def _kill_leader(d: Deployment, windows: list[Window]) -> str:
+def _kill_leader(d: Deployment, worker: Role, windows: list[Window]) -> str:
     leader, roles = d.leader()
     if leader is None:
         raise RuntimeError("no api holds the reaper's lock")
@@ -82,7 +84,7 @@ def _kill_leader(d: Deployment, windows: list[Window]) -> str:
     return f"SIGKILL {leader.label} (pid {leader.pids[-1]}), leader of {', '.join(roles)}"
 
 
-def _restart_rabbitmq(d: Deployment, windows: list[Window]) -> str:
+def _restart_rabbitmq(d: Deployment, worker: Role, windows: list[Window]) -> str:
     started = time.monotonic()
     d.rabbitmq.stop()
     stopped = time.monotonic()
@@ -94,8 +96,8 @@ def _restart_rabbitmq(d: Deployment, windows: list[Window]) -> str:
     )
 
 
-def _restart_postgres(mode: str) -> Callable[[Deployment, list[Window]], str]:
-    def inject(d: Deployment, windows: list[Window]) -> str:
+def _restart_postgres(mode: str) -> Callable[[Deployment, Role, list[Window]], str]:
+    def inject(d: Deployment, worker: Role, windows: list[Window]) -> str:
         began = time.time()
         d.postgres.restart(mode)
         windows.append(Window("cut off", _all(d), began, time.time()))
@@ -104,7 +106,7 @@ def _restart_postgres(mode: str) -> Callable[[Deployment, list[Window]], str]:
     return inject
 
 
-def _postgres_down(d: Deployment, windows: list[Window]) -> str:
+def _postgres_down(d: Deployment, worker: Role, windows: list[Window]) -> str:
     began = time.time()
     d.postgres.stop("fast")
     time.sleep(DOWN_SECONDS)
@@ -113,45 +115,39 @@ def _postgres_down(d: Deployment, windows: list[Window]) -> str:
     return f"pg_ctl stop -m fast, {DOWN_SECONDS:g} s down, pg_ctl start"
 
 
-def _partition(d: Deployment, windows: list[Window]) -> str:
+def _partition(d: Deployment, worker: Role, windows: list[Window]) -> str:
+    proxy = d.proxies[worker.label]
     began = time.time()
-    d.proxy.pause()
+    proxy.pause()
     time.sleep(PARTITION_SECONDS)
-    d.proxy.kill()
+    proxy.kill()
     time.sleep(PROXY_DOWN_SECONDS)
-    d.proxy.start()
-    windows.append(Window("cut off", frozenset({d.partitioned.label}), began, time.time()))
+    proxy.start()
+    windows.append(Window("cut off", frozenset({worker.label}), began, time.time()))
     return (
-        f"proxy of {d.partitioned.label} paused (SIGSTOP) {PARTITION_SECONDS:g} s, then killed,"
-        f" started again {PROXY_DOWN_SECONDS:g} s later"
+        f"the proxy between {worker.label} (which ran the longest program) and PostgreSQL"
+        f" paused (SIGSTOP) {PARTITION_SECONDS:g} s, then killed, started again"
+        f" {PROXY_DOWN_SECONDS:g} s later"
     )
 
 
 FAULTS = {
     f.name: f
     for f in (
-        Fault("worker-kill", "a worker SIGKILLed", "worker-1", 2, _kill_worker),
-        Fault("leader-kill", "the api leader SIGKILLed", None, 2, _kill_leader),
-        Fault("rabbitmq-restart", "RabbitMQ stopped and started", None, 10, _restart_rabbitmq),
-        Fault(
-            "pg-restart-fast",
-            "PostgreSQL restarted (-m fast)",
-            None,
-            2,
-            _restart_postgres("fast"),
-        ),
+        Fault("worker-kill", "a worker SIGKILLed", 2, _kill_worker),
+        Fault("leader-kill", "the api leader SIGKILLed", 2, _kill_leader),
+        Fault("rabbitmq-restart", "RabbitMQ stopped and started", 10, _restart_rabbitmq),
+        Fault("pg-restart-fast", "PostgreSQL restarted (-m fast)", 2, _restart_postgres("fast")),
         Fault(
             "pg-restart-immediate",
             "PostgreSQL restarted (-m immediate)",
-            None,
             2,
             _restart_postgres("immediate"),
         ),
-        Fault("pg-down-60s", "PostgreSQL down 60 s", None, DOWN_SECONDS, _postgres_down),
+        Fault("pg-down-60s", "PostgreSQL down 60 s", DOWN_SECONDS, _postgres_down),
         Fault(
             "worker-partition",
             "a worker partitioned from PostgreSQL",
-            "worker-2",
             PARTITION_SECONDS,
             _partition,
         ),
@@ -159,31 +155,57 @@ FAULTS = {
 }
 
 
+class Loop:
+    """An asyncio event loop on a thread of its own, for the HTTP load."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="faults-http")
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coroutine).result()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
 class Suite:
     def __init__(self, deployment: Deployment, tasks: int, progress: Callable[[str], None]):
         self.d = deployment
         self.tasks = tasks
         self.progress = progress
+        self.loop = Loop()
+
+    def close(self) -> None:
+        self.loop.close()
 
     def live(self) -> list[tuple[str, str]]:
         return [(a.label, a.url) for a in self.d.live_apis()]
 
-    def _busy(self, label: str) -> bool:
-        worker = next(w for w in self.d.workers if w.label == label)
-        for _, url in self.live():
-            try:
-                response = httpx.get(f"{url}/api/workers", headers=self.d.headers(), timeout=5)
-            except httpx.HTTPError:
-                continue
-            if response.status_code == 200:
-                return any(
-                    w["pid"] == worker.pid and w["busy"] > 0 for w in response.json()["workers"]
-                )
-        return False
+    def _runner_of(self, token: str, timeout: float = 30.0) -> Role:
+        """The worker running the task of `token` (from its program's report); the first
+        live worker if it has not started within `timeout`."""
+        waited = time.monotonic()
+        while time.monotonic() - waited < timeout:
+            runs = [r for r in self.d.counter.runs() if r.token == token]
+            if runs:
+                label = max(runs, key=lambda r: r.at).worker
+                return next(w for w in self.d.workers if w.label == label)
+            time.sleep(0.1)
+        return next(w for w in self.d.workers if w.alive())
 
-    async def round(self, fault: Fault) -> RoundResult:
+    def round(self, fault: Fault) -> RoundResult:
+        """One round. The fault and every process start happen on the main thread: a
+        process started by another thread would get SIGTERM when that thread ends
+        (bench/_processes.py, the death signal). The HTTP load runs on `self.loop`."""
         result = RoundResult(fault.name, fault.description)
-        restarted = await asyncio.to_thread(self.d.ensure_running)
+        restarted = self.d.ensure_running()
         if restarted:
             self.progress(f"  restored before the round: {', '.join(restarted)}")
         submissions = plan(fault.name, self.tasks)
@@ -192,29 +214,30 @@ class Suite:
         client = Client(self.d.key)
         windows: list[Window] = []
         try:
-            await client.submit_all(first, self.live())
-            await asyncio.sleep(BEFORE_FAULT)
-            if fault.busy is not None:
-                waited = time.monotonic()
-                while not await asyncio.to_thread(self._busy, fault.busy):
-                    if time.monotonic() - waited > 30:
-                        result.notes.append(f"{fault.busy} ran nothing when the fault struck")
-                        break
-                    await asyncio.sleep(0.2)
+            self.loop.call(client.submit_all(first, self.live()))
+            # The longest program (the plan's first task) runs when the fault strikes.
+            worker = self._runner_of(submissions[0].token)
+            time.sleep(BEFORE_FAULT)
             began = time.time()
-            spread = asyncio.create_task(client.submit_spread(during, self.live, fault.spread))
-            what = await asyncio.to_thread(fault.inject, self.d, windows)
+            spread = self.loop.submit(client.submit_spread(during, self.live, fault.spread))
+            what = fault.inject(self.d, worker, windows)
             ended = time.time()
             result.fault_seconds = ended - began
             self.progress(f"  {fault.name}: {what}")
             result.notes.append(what)
-            result.recovery = await client.probe(self.live, since=ended)
-            await spread
+            alive = {w.label for w in self.d.workers if w.alive()}
+            result.recovered = self.loop.call(
+                client.probe(self.live, ended, alive, self.d.worker_label)
+            )
+            result.recovery = (
+                max(result.recovered.values()) if alive <= set(result.recovered) else None
+            )
+            spread.result()
         finally:
-            await client.close()
-        events = await asyncio.to_thread(self._wait_ended, fault.name, submissions, ended)
+            self.loop.call(client.close())
+        events = self._wait_ended(fault.name, submissions, ended)
         runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{fault.name}-")]
-        judge(
+        reports = judge(
             result,
             submissions,
             events,
@@ -223,10 +246,19 @@ class Suite:
             self.d.worker_label,
             self.d.lease_seconds,
         )
+        result.detail = detail(submissions, reports, began)
         refused = [s for s in submissions if not s.accepted]
         if refused:
             reasons = sorted({f"{s.status or 'no answer'}: {s.problem[:80]}" for s in refused})
             result.notes.append(f"refused: {'; '.join(reasons[:4])}")
+            last = max(s.answered_at or 0.0 for s in refused) - ended
+            if last > 0:
+                result.refused_after_end = last
+                result.notes.append(f"the last refusal was answered {last:.1f} s after the end")
+        if not alive <= set(result.recovered):
+            result.notes.append(
+                f"no probe completed on {', '.join(sorted(alive - set(result.recovered)))}"
+            )
         return result
 
     def _wait_ended(
@@ -259,17 +291,22 @@ def _seconds(value: float | None) -> str:
     return "never" if value is None else f"{value:.1f} s"
 
 
+def _late(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
 def render(header: str, results: Sequence[RoundResult]) -> str:
     headers = [
         "fault",
         "accepted",
-        "refused: 5xx / no answer (stored)",
+        "refused: 5xx / no answer (stored anyway)",
         "ended exactly once",
         "lost",
         "duplicate outcomes",
-        "ran again after worker_lost / twice in one attempt",
+        "programs run again after worker_lost / twice in one attempt",
+        "runs alive after their worker_lost",
         "worker_lost (false)",
-        "max lateness past deadline",
+        "max lateness past deadline: recorded end / a run's last sign of life",
         "time to recover",
     ]
     rows = [
@@ -282,8 +319,9 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
             str(r.lost),
             str(r.duplicate_outcomes),
             f"{r.rerun_after_lost} / {r.duplicate_runs + r.unattributed_runs}",
+            str(r.unfenced_runs),
             f"{r.worker_lost} ({r.false_worker_lost})",
-            "-" if r.max_lateness is None else f"{r.max_lateness:.2f} s",
+            f"{_late(r.max_lateness)} / {_late(r.max_run_past_deadline)}",
             _seconds(r.recovery),
         ]
         for r in results
@@ -294,7 +332,11 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
             f"{kind}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
             for kind, counts in r.ends.items()
         )
-        lines.append(f"- {r.fault}: {' · '.join(r.notes)}. Ends: {ends}.")
+        recovered = ", ".join(f"{w} {t:.1f} s" for w, t in sorted(r.recovered.items()))
+        lines.append(
+            f"- {r.fault}: {' · '.join(r.notes)} · probes completed on: {recovered or 'none'}"
+            f" · ends: {ends}."
+        )
     return "\n".join(lines)
 
 
@@ -361,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     postgres = services.PrivatePostgres(base)
     rabbitmq = services.PrivateRabbitMQ(base, dict(os.environ))
     deployment: Deployment | None = None
+    suite: Suite | None = None
     results: list[RoundResult] = []
     status = 0
     postgres_version = "unknown"
@@ -385,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eprint(f"{NAME}: round {name} ({args.tasks} tasks)")
             began = time.monotonic()
             try:
-                result = asyncio.run(suite.round(FAULTS[name]))
+                result = suite.round(FAULTS[name])
             except Exception as error:  # noqa: BLE001 - the next round restores what it can
                 eprint(f"  round {name} failed: {error!r}")
                 result = RoundResult(name, FAULTS[name].description)
@@ -403,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 130
     finally:
         with signals_deferred():
+            if suite is not None:
+                suite.close()
             if deployment is not None:
                 deployment.close()
             rabbitmq.close()
@@ -433,5 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
         )
         eprint(f"{NAME}: raw figures in {path}")
-    bad = any(r.lost or r.duplicate_outcomes or r.duplicate_runs for r in results)
+    bad = any(
+        r.lost
+        or r.duplicate_outcomes
+        or r.duplicate_runs
+        or r.unattributed_runs
+        or r.unfenced_runs
+        or r.false_worker_lost
+        for r in results
+    )
     return status or (1 if bad else 0)

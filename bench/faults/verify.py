@@ -23,6 +23,9 @@ from bench.faults.runs import Run
 
 TOPIC = "ledger.domain:Task."
 OUTCOMES = ("AttemptCompleted", "AttemptFailed", "TaskExpired", "TaskCancelled")
+# A worker that loses its lease kills the run at its next heartbeat (2 s by default); a run
+# seen alive longer than this after its attempt was recorded worker_lost was not fenced.
+FENCE_SLACK = 3.0
 TERMINAL = ("Completed", "Failed", "Expired", "Cancelled")
 
 
@@ -195,11 +198,16 @@ class RoundResult:
     unattributed_runs: int = 0
     worker_lost: int = 0
     false_worker_lost: int = 0
-    max_lateness: float | None = None  # seconds
-    recovery: float | None = None  # seconds
+    unfenced_runs: int = 0  # runs still alive FENCE_SLACK s after their worker_lost
+    max_lateness: float | None = None  # seconds: recorded end - deadline
+    max_run_past_deadline: float | None = None  # seconds: a run's last sign of life - deadline
+    recovery: float | None = None  # seconds: until every live worker completed a probe
+    recovered: dict[str, float] = field(default_factory=dict)  # worker -> seconds
     fault_seconds: float = 0.0
+    refused_after_end: float | None = None  # the last refusal's answer, after the fault
     ends: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> n
     notes: list[str] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)  # for the raw results
 
 
 def judge(
@@ -238,6 +246,7 @@ def judge(
 
     ends: dict[str, Counter[str]] = defaultdict(Counter)
     late: list[float] = []
+    alive_late: list[float] = []
     for report in reports:
         attribute(report, runs_by_token.get(report.token, []))
         ends[report.kind][report.status] += 1
@@ -247,6 +256,13 @@ def judge(
             result.lost += 1
         if report.lateness is not None:
             late.append(report.lateness)
+        if report.deadline is not None:
+            alive_late += [
+                run.last_seen - report.deadline
+                for a in report.attempts.values()
+                for run in a.runs
+                if run.last_seen > report.deadline
+            ]
         for attempt in report.attempts.values():
             result.duplicate_outcomes += len(attempt.outcomes) > 1
             if len(attempt.runs) > 1:
@@ -261,6 +277,15 @@ def judge(
                     "worker_lost"
                 ):
                     result.worker_lost += 1
+                    for run in attempt.runs:
+                        if run.last_seen > outcome.at + FENCE_SLACK:
+                            result.unfenced_runs += 1
+                            result.notes.append(
+                                f"attempt {attempt.number} of task {report.task_id}"
+                                f" ({report.kind}) was recorded worker_lost at"
+                                f" {_clock(outcome.at)}; its run on {attempt.worker} was still"
+                                f" alive at {_clock(run.last_seen)}"
+                            )
                     if not explained(attempt, outcome.at, windows, lease):
                         result.false_worker_lost += 1
                         result.notes.append(
@@ -277,9 +302,52 @@ def judge(
                 f" {_clock(run.at)} matches no attempt that worker started"
             )
     result.max_lateness = max(late) if late else None
+    result.max_run_past_deadline = max(alive_late) if alive_late else None
     result.ends = {kind: dict(counts) for kind, counts in sorted(ends.items())}
     return reports
 
 
 def _clock(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S.%f")[:-3]
+
+
+def detail(
+    submissions: Sequence[Submission], reports: Sequence[TaskReport], began: float
+) -> dict[str, Any]:
+    """The round in full for the raw results: times in seconds from the fault's start."""
+
+    def rel(at: float | None) -> float | None:
+        return None if at is None else round(at - began, 3)
+
+    return {
+        "submissions": [
+            [s.kind.name, s.api, rel(s.sent_at), rel(s.answered_at), s.status, s.problem[:80]]
+            for s in submissions
+        ],
+        "tasks": [
+            {
+                "id": str(r.task_id),
+                "kind": r.kind,
+                "status": r.status,
+                "deadline": rel(r.deadline),
+                "ended": [rel(e.at) for e in r.ended],
+                "attempts": [
+                    {
+                        "n": a.number,
+                        "worker": a.worker,
+                        "started": rel(a.started_at),
+                        "outcomes": [
+                            [o.type, rel(o.at), (o.data.get("error") or {}).get("kind")]
+                            for o in a.outcomes
+                        ],
+                        "runs": [[rel(x.at), rel(x.last_seen), x.worker] for x in a.runs],
+                    }
+                    for a in r.attempts.values()
+                ],
+                "unattributed_runs": [
+                    [rel(x.at), rel(x.last_seen), x.worker] for x in r.unattributed_runs
+                ],
+            }
+            for r in reports
+        ],
+    }
