@@ -9,6 +9,8 @@ import logging
 from typing import Any
 
 import orjson
+import psycopg
+from eventsourcing import persistence as store
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -140,6 +142,12 @@ async def handle_ledger_error(request: Request, exc: Exception) -> Response:
     return await handle_api_problem(request, ledger_problem(exc))
 
 
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """The views' database out of reach (no pooled connection within its wait, a broken
+    connection, a statement timeout): the same 503 as the event store's."""
+    return await handle_ledger_error(request, LedgerUnavailable(f"database error: {exc}"))
+
+
 async def handle_invalid_cursor(request: Request, exc: Exception) -> Response:
     return problem_response(
         request, 400, "invalid-cursor", str(exc), errors=[{"field": "cursor", "message": str(exc)}]
@@ -193,6 +201,10 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     ApiProblem: handle_api_problem,
     LedgerError: handle_ledger_error,
+    psycopg.OperationalError: handle_database_error,
+    psycopg.InterfaceError: handle_database_error,
+    store.OperationalError: handle_database_error,
+    store.InterfaceError: handle_database_error,
     InvalidCursor: handle_invalid_cursor,
     ValidationError: handle_validation_error,
     HTTPException: handle_http_exception,

@@ -194,13 +194,20 @@ async def readyz(request: Request) -> Response:
     ctx = context(request)
 
     def check() -> dict[str, str]:
-        checks: dict[str, str] = {}
+        stalled = ctx.ledger.stalled_for()
+        checks = {
+            "ledger": f"stalled: a save has waited {stalled:.1f} s for the event store"
+            if stalled
+            else "ok"
+        }
         try:
             with ctx.queries.connection(timeout=2) as conn:
                 conn.execute("SELECT 1")
                 lags = {lag.name: lag for lag in projection_lags(ctx, conn)}
         except Exception as error:  # noqa: BLE001 - any failure means not ready, with its reason
-            checks["database"] = f"unreachable: {error}"
+            # The driver's words (host, port) go to the log: this answer is public.
+            log.warning("readyz: the database is unreachable", extra={"error": str(error)})
+            checks["database"] = "unreachable (the reason is in the log)"
             return checks
         checks["database"] = "ok"
         limit = ctx.limits.ready_max_projection_lag

@@ -35,6 +35,7 @@ from eventsourcing.utils import Environment, EnvType
 from psycopg.sql import SQL, Identifier
 
 from ledger.clock import Clock, SystemClock
+from ledger.connections import DEFAULT_BOUNDS, Bounds
 from ledger.domain import (
     Attempt,
     AttemptError,
@@ -265,7 +266,9 @@ class Ledger(Application[UUID]):
         max_contention_retries: int = 16,
         recent_capacity: int = 1024,
         lease_seconds: float = 10.0,
+        bounds: Bounds = DEFAULT_BOUNDS,
     ) -> None:
+        self.bounds = bounds  # before the store is built: construct_env and _recorder use it
         self.clock = clock or SystemClock()
         self.retry_policy = retry_policy or RetryPolicy()
         self.limits = limits or TaskLimits()
@@ -282,6 +285,14 @@ class Ledger(Application[UUID]):
             schema = self.recorder.datastore.schema
             self.recorder.lease_book = LeaseBook(schema, lease_seconds)
             self.leases = Leases(self.recorder.datastore, schema, lease_seconds)
+        self._closing = threading.Event()
+        if isinstance(self.recorder, LedgerRecorder):
+            threading.Thread(
+                target=self._watch_saves,
+                args=(self.recorder,),
+                name="ledger-save-watch",
+                daemon=True,
+            ).start()
         # Tasks this process saved last, so that the next command on one (a worker's
         # AttemptCompleted after its AttemptStarted) need not read it back. Never
         # trusted for a query nor for a refusal; see _execute.
@@ -295,7 +306,18 @@ class Ledger(Application[UUID]):
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
         # The library would merge os.environ in; only the composition root reads the
         # environment here, so a stray POSTGRES_* variable cannot redirect the ledger.
-        return Environment(name, dict(env or {}))
+        settings = {
+            # The library's names for our bounds (ledger.connections): its "connect
+            # timeout" is the wait for a pooled connection; its lock timeout is SET LOCAL
+            # in each insert (0, its default, would lift ours).
+            "POSTGRES_CONNECT_TIMEOUT": str(max(1, round(self.bounds.wait_seconds))),
+            "POSTGRES_LOCK_TIMEOUT": str(self.bounds.lock_seconds),
+            "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": str(
+                self.bounds.idle_in_transaction_seconds
+            ),
+        }
+        settings.update(env or {})
+        return Environment(name, settings)
 
     def construct_mapper(self) -> Mapper[UUID]:
         return self.factory.mapper(transcoder=OrjsonTranscoder(), mapper_class=EventMapper)
@@ -305,6 +327,13 @@ class Ledger(Application[UUID]):
         if not isinstance(factory, PostgresFactory):
             return super().construct_recorder()
         datastore = factory.datastore
+        # Not yet open: every connection it makes will carry the bounds.
+        pool = datastore.pool
+        assert isinstance(pool.kwargs, dict)
+        pool.kwargs.update(self.bounds.statements())
+        pool.kwargs["application_name"] = "taskledger ledger"
+        pool.timeout = self.bounds.wait_seconds
+        pool.reconnect_timeout = self.bounds.reconnect_seconds
         with datastore.get_connection() as conn:
             conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(datastore.schema)))
             # CREATE TABLE IF NOT EXISTS is not safe against itself in two sessions at
@@ -314,6 +343,25 @@ class Ledger(Application[UUID]):
                 return super().construct_recorder()
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
+
+    def _watch_saves(self, recorder: LedgerRecorder) -> None:
+        while not self._closing.wait(0.5):
+            try:
+                recorder.break_stalled(self.bounds.stall_seconds)
+            except Exception:  # the watch must outlive any one failure of its own
+                log.exception("the watch over stalled saves failed once; it goes on")
+
+    def stalled_for(self) -> float:
+        """Seconds the oldest save under way has waited for the store, once that is half
+        the stall bound (else 0): /readyz reports it."""
+        if not isinstance(self.recorder, LedgerRecorder):
+            return 0.0
+        waited = self.recorder.stalled_for()
+        return waited if waited > self.bounds.stall_seconds / 2 else 0.0
+
+    def close(self) -> None:
+        self._closing.set()
+        super().close()
 
     # -- queries ----------------------------------------------------------------------------
 

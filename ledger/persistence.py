@@ -10,9 +10,14 @@ exactly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+import threading
 import time
 import typing
+from collections.abc import Iterator
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -20,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
 import orjson
+import psycopg
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import (
     IntegrityError,
@@ -30,9 +36,10 @@ from eventsourcing.persistence import (
     Transcoder,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder
-from psycopg import Cursor
+from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
+from psycopg_pool import PoolTimeout
 
 from ledger.errors import LedgerError
 from ledger.leases import LeaseBook, ddl
@@ -85,8 +92,16 @@ log = logging.getLogger(__name__)
 
 # Above this many bytes of events in one save, psycopg's pipeline mode is not used.
 PIPELINE_LIMIT = 64 * 1024
-# Writes of a save whose connection broke before it was stored (each after a look).
+# Writes of a save whose connection broke before it was stored (each after a look), and
+# the time after which no further one is begun: a request learns of an outage in seconds.
 AMBIGUOUS_TRIES = 3
+SAVE_SECONDS = 4.0
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether a store error means no connection could be had (the pool waited in vain):
+    nothing was sent, and trying again at once would only wait again."""
+    return isinstance(error.__cause__, PoolTimeout)
 
 
 class LedgerRecorder(PostgresApplicationRecorder):
@@ -105,6 +120,39 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
     lease_book: LeaseBook | None = None  # set by the Ledger
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The calls under way: thread -> (its connection, when it began). See
+        # break_stalled. Every connection the store hands out is watched, from the pool's
+        # check of it (a query too, which a frozen server never answers) to its return.
+        self._in_flight: dict[int, tuple[Connection[Any], float]] = {}
+        datastore = self.datastore
+        library_connection = datastore.get_connection
+        pool = datastore.pool
+        library_check = pool._check  # psycopg_pool keeps the check callback here
+
+        @contextlib.contextmanager
+        def watched() -> Iterator[Connection[DictRow]]:
+            with library_connection() as conn, self._watching(conn):
+                yield conn
+
+        def checked(conn: Connection[Any]) -> None:
+            if library_check is not None:
+                with self._watching(conn):
+                    library_check(conn)
+
+        datastore.get_connection = watched  # type: ignore[method-assign]
+        pool._check = checked
+
+    @contextlib.contextmanager
+    def _watching(self, conn: Connection[Any]) -> Iterator[None]:
+        thread = threading.get_ident()
+        self._in_flight[thread] = (conn, time.monotonic())
+        try:
+            yield
+        finally:
+            self._in_flight.pop(thread, None)
+
     def create_table(self) -> None:
         super().create_table()
         with self.datastore.get_connection() as conn:
@@ -118,11 +166,16 @@ class LedgerRecorder(PostgresApplicationRecorder):
         commit may or may not have happened (an ambiguous commit): look. Stored, the save
         succeeded (the library would write them again and report the duplicate key as a
         conflict, which turned a stored submission into a 503); not stored, write again,
-        a few times, then give up with the connection's error."""
+        a few times and within SAVE_SECONDS, then give up with the connection's error.
+        No connection at all (the pool waited in vain) means nothing was sent: that
+        error is raised at once."""
+        give_up_at = time.monotonic() + SAVE_SECONDS
         for attempt in range(1, AMBIGUOUS_TRIES + 1):
             try:
                 return self._insert_once(stored_events, **kwargs)
             except (OperationalError, InterfaceError) as broken:
+                if unreachable(broken):
+                    raise
                 try:
                     if stored_events and self._stored(stored_events[-1]):
                         log.warning(
@@ -133,10 +186,32 @@ class LedgerRecorder(PostgresApplicationRecorder):
                         return None
                 except (OperationalError, InterfaceError):
                     pass  # the store is still out of reach: as if not stored
-                if attempt == AMBIGUOUS_TRIES:
+                if attempt == AMBIGUOUS_TRIES or time.monotonic() >= give_up_at:
                     raise
                 time.sleep(0.1 * attempt)
         return None  # (not reached)
+
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> typing.Sequence[StoredEvent]:
+        """The library's read, retried once on a broken connection instead of ten times
+        (with 5 s waits for a connection, a request took a minute to fail in an outage)."""
+        read = PostgresApplicationRecorder.select_events.__wrapped__
+        try:
+            events: typing.Sequence[StoredEvent] = read(
+                self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit
+            )
+        except (OperationalError, InterfaceError) as broken:
+            if unreachable(broken):
+                raise
+            events = read(self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit)
+        return events
 
     def _insert_once(
         self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any
@@ -180,6 +255,68 @@ class LedgerRecorder(PostgresApplicationRecorder):
         if self.lease_book is not None:
             self.lease_book.write(curs, stored_events)
 
+    def stalled_for(self) -> float:
+        """How long the oldest call under way has been waiting for the store (0: none)."""
+        now = time.monotonic()
+        return max((now - began for _, began in list(self._in_flight.values())), default=0.0)
+
+    def break_stalled(self, after: float) -> int:
+        """Break the connection of every call that has waited more than `after` seconds
+        for the store: a server that stopped answering (frozen, or a pipeline deadlock
+        like the one above) would otherwise hold that call for ever; a save, every save
+        queued behind it in the group commit too, and the events table's lock. The
+        call's thread then sees a broken connection: a save looks whether its events were
+        stored and writes again or fails (insert_events). The server's session is ended
+        too, if the server answers a new connection, so the locks it held are let go."""
+        now = time.monotonic()
+        broken = 0
+        for thread, (conn, began) in list(self._in_flight.items()):
+            if now - began <= after or self._in_flight.get(thread, (None,))[0] is not conn:
+                continue
+            backend = conn.info.backend_pid
+            log.error(
+                "a call to the event store had no answer for %.1f s: breaking its connection "
+                "(a save is written again or its callers get 503). If this repeats, "
+                "look at PostgreSQL: pg_stat_activity for backend %s, locks, disk, network",
+                now - began,
+                backend,
+                extra={"backend_pid": backend, "seconds": round(now - began, 1)},
+            )
+            _shut(conn)
+            broken += 1
+            threading.Thread(
+                target=self._end_session, args=(backend,), name="end-stalled", daemon=True
+            ).start()
+        return broken
+
+
+    def _end_session(self, backend: int) -> None:
+        """End a stalled call's server session, on a connection of its own (the pool's
+        may all be stalled too), in a thread of its own (this one may stall as well)."""
+        pool = self.datastore.pool
+        # The library's pool takes plain values (psycopg_pool also allows callables).
+        conninfo = typing.cast(str, pool.conninfo)
+        params = typing.cast(dict[str, Any], pool.kwargs or {})
+        try:
+            with psycopg.connect(conninfo, **params) as conn:
+                conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        except psycopg.Error as error:
+            log.warning(
+                "could not end the stalled call's server session",
+                extra={"backend_pid": backend, "error": str(error)},
+            )
+
+
+def _shut(conn: Connection[Any]) -> None:
+    """Shut the connection's socket down, under the thread blocked on it: its wait ends
+    at once with an error (closing the connection from here would not wake it)."""
+    try:
+        fd = os.dup(conn.fileno())
+    except (OSError, psycopg.Error):
+        return  # already closed
+    with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
 
 def postgres_env(
     url: str, *, schema: str = "", pool_size: int = 5, max_overflow: int = 10
@@ -214,7 +351,6 @@ def postgres_env(
         "POSTGRES_SCHEMA": schema,
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": str(max_overflow),
-        "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_PRE_PING": "y",
         "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
     }

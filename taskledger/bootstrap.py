@@ -24,6 +24,7 @@ from api.context import ApiContext
 from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger
+from ledger.connections import DEFAULT_BOUNDS, bounded_url
 from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.runner import ProjectionRunner
@@ -143,13 +144,19 @@ class Services:
             configured = parse_configured_keys(spec)
         except ValueError as error:
             raise ConfigError(f"TASKLEDGER_API_KEYS: {error}") from None
+        bounds = self.ledger.bounds
         queries = ConnectionPool(
-            self.database_url,
+            bounded_url(self.database_url, {"options": bounds.statement_options()}),
             min_size=1,
             max_size=10,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": "taskledger api"},
             open=True,
             name="queries",
+            timeout=bounds.wait_seconds,
+            reconnect_timeout=bounds.reconnect_seconds,
+            # A connection broken by a restart is found and replaced when taken, not
+            # handed to a request (or to /readyz, which then said "unreachable").
+            check=ConnectionPool.check_connection,
         )
         self._stack.callback(queries.close)
         context = ApiContext(
@@ -220,6 +227,8 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
             embedded = EmbeddedPostgres(settings.data_dir)
             database_url = embedded.start()
             stack.callback(embedded.stop)
+        # Every role's own connections (views, dispatcher, reaper, watcher) are bounded.
+        database_url = bounded_url(database_url, DEFAULT_BOUNDS.network())
         ledger = overrides.pop("ledger", None)
         if ledger is None:
             env = postgres_env(database_url, schema=settings.database_schema)
