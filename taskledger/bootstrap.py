@@ -69,6 +69,7 @@ class Services:
     _broker: Broker | None = None
     _worker_metrics: WorkerMetrics | None = None
     _api_metrics: ApiMetrics | None = None
+    embedded: EmbeddedPostgres | None = None  # the no-configuration default's server
 
     @property
     def worker_metrics(self) -> WorkerMetrics:
@@ -223,6 +224,7 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
     stack = contextlib.ExitStack()
     try:
         database_url = settings.database_url
+        embedded = None
         if database_url is None:
             embedded = EmbeddedPostgres(settings.data_dir)
             database_url = embedded.start()
@@ -241,6 +243,7 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
             database_url=database_url,
             schema=settings.database_schema,
             overrides=role_overrides,
+            embedded=embedded,
             _stack=stack,
         )
     except BaseException:

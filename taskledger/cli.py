@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from types import FrameType
 
 from ledger.errors import LedgerError
 from projections import all_projections
@@ -17,6 +18,7 @@ from projections.admin import rebuild, status
 from taskledger.bootstrap import Services, bootstrap, sandbox_limits
 from taskledger.logs import configure_logging
 from taskledger.settings import ConfigError, Settings, env_name, load_settings
+from taskledger.shutdown import ShutdownBound
 from workers.metrics import serving
 
 log = logging.getLogger("taskledger")
@@ -84,7 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         "slot are not started yet, and echo tasks need none",
     )
     worker.add_argument(
-        "--grace", type=float, default=30.0, help="seconds running attempts get on SIGTERM"
+        "--grace",
+        type=float,
+        default=None,
+        help="seconds running attempts get on SIGTERM before they are killed and retried "
+        "(default: TASKLEDGER_SHUTDOWN_SECONDS - 3, and less than it)",
     )
     worker.add_argument(
         "--check-sandbox",
@@ -209,7 +215,14 @@ def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
     )
-    server = uvicorn.Server(config)
+    bound = _shutdown_bound("dev" if dev else "api", services)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            bound.begin()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     # Once shut down, uvicorn hands the signal that stopped it back to the handler it found:
     # the default one would kill the process before the services close (the projections,
     # the embedded PostgreSQL). This one asks the server to stop and lets run() return.
@@ -229,17 +242,30 @@ def _run_worker(args: argparse.Namespace) -> int:
             f"{settings.origin('broker_url')}: memory:// only works inside one process "
             "(taskledger dev); a separate worker needs amqp://user:password@host:port/"
         )
+    bound_seconds = settings.shutdown_seconds
+    grace = max(0.0, bound_seconds - 3) if args.grace is None else args.grace
+    if not 0 <= grace < bound_seconds:
+        raise ConfigError(
+            f"--grace {grace:g} must be at least 0 and less than "
+            f"{settings.origin('shutdown_seconds')} ({bound_seconds:g} s): the attempts it "
+            "kills need time to be recorded"
+        )
     _log_as("worker", settings)
     with bootstrap(settings) as services, serving(services.registry, settings.metrics_port):
         worker = services.worker(
-            concurrency=args.concurrency, prefetch=args.prefetch, grace_seconds=args.grace
+            concurrency=args.concurrency, prefetch=args.prefetch, grace_seconds=grace
         )
+        bound = _shutdown_bound("worker", services)
+
+        def stopping(stop: asyncio.Event) -> None:
+            bound.begin()
+            stop.set()
 
         async def main() -> None:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
+                loop.add_signal_handler(signum, stopping, stop)
             try:
                 await worker.run(stop)
             finally:
@@ -295,11 +321,24 @@ def _run_keys(args: argparse.Namespace) -> int:
         return 0
 
 
-def _stop_on_signals() -> threading.Event:
+def _stop_on_signals(bound: ShutdownBound) -> threading.Event:
     stop = threading.Event()
+
+    def stopping(*_: object) -> None:
+        bound.begin()
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stopping)
     return stop
+
+
+def _shutdown_bound(role: str, services: Services) -> ShutdownBound:
+    """The bound on this process's stop; its last words stop the embedded server."""
+    embedded = services.embedded
+    return ShutdownBound(
+        role, services.settings.shutdown_seconds, embedded.stop if embedded else None
+    )
 
 
 def _run_dev(args: argparse.Namespace) -> int:
@@ -333,7 +372,7 @@ def _run_projections(args: argparse.Namespace) -> int:
                 f"({report.events_per_second:,.0f} events/s)"
             )
             return 0
-        stop = _stop_on_signals()
+        stop = _stop_on_signals(_shutdown_bound("projections", services))
         services.start_projections(args.only, batch_size=args.batch_size)
         stop.wait()
         return 0

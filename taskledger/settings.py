@@ -152,6 +152,13 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(
         default=2.0, gt=0, le=600, description="how often a worker renews its leases"
     )
+    shutdown_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="after SIGTERM a process has stopped within this long, even with a "
+        "stuck call (it then exits with status 70)",
+    )
     sandbox: SandboxSettings = Field(
         default_factory=SandboxSettings, description="the [sandbox] section"
     )

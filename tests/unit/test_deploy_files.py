@@ -396,11 +396,21 @@ def test_the_worker_health_check_asks_its_metrics_port(
         )
         assert port, f"service {name}: no metrics port for its health check to ask"
         assert local_port(healthcheck_command(service)) == int(port), name
-        grace = float(args.grace)
-        stop = str(service.get("stop_grace_period", "10s"))
+        bound = float(environment_of(service).get("TASKLEDGER_SHUTDOWN_SECONDS", "10"))
+        assert args.grace is None or float(args.grace) < bound, (
+            f"service {name}: --grace {args.grace} must be less than its shutdown bound {bound}"
+        )
+
+
+def test_docker_waits_longer_than_each_role_takes_to_stop() -> None:
+    """Docker's SIGKILL comes after the role's own bound (TASKLEDGER_SHUTDOWN_SECONDS), so
+    a role always gets to stop in order, or to say why it could not."""
+    for name, service in taskledger_services().items():
+        bound = float(environment_of(service).get("TASKLEDGER_SHUTDOWN_SECONDS", "10"))
+        stop = str(service.get("stop_grace_period", "10s"))  # Docker's default
         assert stop.endswith("s"), f"service {name}: stop_grace_period {stop} in seconds"
-        assert float(stop[:-1]) > grace, (
-            f"service {name}: stop_grace_period {stop} must outlast --grace {grace}"
+        assert float(stop[:-1]) > bound, (
+            f"service {name}: stop_grace_period {stop} must outlast its shutdown bound {bound}"
         )
 
 
