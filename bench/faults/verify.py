@@ -319,9 +319,19 @@ def detail(
     def rel(at: float | None) -> float | None:
         return None if at is None else round(at - began, 3)
 
+    stored = {r.token: str(r.task_id) for r in reports}
     return {
         "submissions": [
-            [s.kind.name, s.api, rel(s.sent_at), rel(s.answered_at), s.status, s.problem[:80]]
+            {
+                "kind": s.kind.name,
+                "token": s.token,
+                "api": s.api,
+                "sent": rel(s.sent_at),
+                "answered": rel(s.answered_at),
+                "status": s.status,
+                "problem": s.problem[:120],
+                "stored_as": stored.get(s.token),
+            }
             for s in submissions
         ],
         "tasks": [
