@@ -57,6 +57,15 @@ def embedded_database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         with fresh_database(server_url) as url:
             yield url
+    except psycopg.OperationalError as error:
+        # The server went away during the session: say so with its log, which goes when
+        # pytest cleans its old temporary directories.
+        log = server.pgdata / "log"
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+        raise AssertionError(
+            f"the session's embedded PostgreSQL failed at the end: {error}\n"
+            f"last lines of {log}:\n{tail}"
+        ) from error
     finally:
         server.stop()
 
