@@ -75,7 +75,7 @@ def plan(round_name: str, tasks: int) -> list[Submission]:
     kinds = [PAST_CONSUMER_TIMEOUT, *itertools.islice(itertools.cycle(PATTERN), tasks - 1)]
     submissions = []
     for n, kind in enumerate(kinds[:tasks]):
-        token = f"{round_name}-{n}-{secrets.token_hex(4)}"
+        token = f"{round_name}/{n}/{secrets.token_hex(4)}"
         body = {
             "description": f"faults {round_name} {kind.name} {token}",
             "language": "python",

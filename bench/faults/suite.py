@@ -200,15 +200,16 @@ class Suite:
             time.sleep(0.1)
         return next(w for w in self.d.workers if w.alive())
 
-    def round(self, fault: Fault) -> RoundResult:
-        """One round. The fault and every process start happen on the main thread: a
-        process started by another thread would get SIGTERM when that thread ends
-        (bench/_processes.py, the death signal). The HTTP load runs on `self.loop`."""
-        result = RoundResult(fault.name, fault.description)
+    def round(self, fault: Fault, name: str) -> RoundResult:
+        """One round, `name` (the fault's, with a suffix when it comes again). The fault
+        and every process start happen on the main thread: a process started by another
+        thread would get SIGTERM when that thread ends (bench/_processes.py, the death
+        signal). The HTTP load runs on `self.loop`."""
+        result = RoundResult(name, fault.description)
         restarted = self.d.ensure_running()
         if restarted:
             self.progress(f"  restored before the round: {', '.join(restarted)}")
-        submissions = plan(fault.name, self.tasks)
+        submissions = plan(name, self.tasks)
         first = submissions[: len(submissions) * 2 // 3]
         during = submissions[len(first) :]
         client = Client(self.d.key)
@@ -223,7 +224,7 @@ class Suite:
             what = fault.inject(self.d, worker, windows)
             ended = time.time()
             result.fault_seconds = ended - began
-            self.progress(f"  {fault.name}: {what}")
+            self.progress(f"  {name}: {what}")
             result.notes.append(what)
             alive = {w.label for w in self.d.workers if w.alive()}
             result.recovered = self.loop.call(
@@ -235,8 +236,8 @@ class Suite:
             spread.result()
         finally:
             self.loop.call(client.close())
-        events = self._wait_ended(fault.name, submissions, ended)
-        runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{fault.name}-")]
+        events = self._wait_ended(name, submissions, ended)
+        runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{name}/")]
         reports = judge(
             result,
             submissions,
@@ -424,14 +425,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         deployment.create_database()
         deployment.start()
         suite = Suite(deployment, args.tasks, eprint)
-        for name in args.names:
-            eprint(f"{NAME}: round {name} ({args.tasks} tasks)")
+        for n, name in enumerate(args.names):
+            repeat = args.names[:n].count(name)
+            round_name = f"{name}-{repeat + 1}" if repeat else name
+            eprint(f"{NAME}: round {round_name} ({args.tasks} tasks)")
             began = time.monotonic()
             try:
-                result = suite.round(FAULTS[name])
+                result = suite.round(FAULTS[name], round_name)
             except Exception as error:  # noqa: BLE001 - the next round restores what it can
                 eprint(f"  round {name} failed: {error!r}")
-                result = RoundResult(name, FAULTS[name].description)
+                result = RoundResult(round_name, FAULTS[name].description)
                 result.notes.append(f"the round failed: {error!r}"[:300])
                 status = 1
             results.append(result)
