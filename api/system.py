@@ -32,6 +32,9 @@ from projections.queries import audit_events, counts_by_status
 
 log = logging.getLogger(__name__)
 
+# Checks whose failure leaves the API ready (status "degraded"): see readyz.
+DEGRADING = frozenset({"broker"})
+
 # A readiness probe that takes longer than this is a problem in itself.
 READY_PROBE_SECONDS = 3.0
 
@@ -235,10 +238,15 @@ async def readyz(request: Request) -> Response:
         except Exception as error:  # noqa: BLE001 - a failing probe is a reason, not a 500
             problem = f"check failed: {error}"
         checks[name] = "ok" if problem is None else problem
-    ready = all(value == "ok" for value in checks.values())
-    return json_response(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
-    )
+    # The broker is reported but does not take the API out of rotation: without it the API
+    # still accepts tasks (they wait in the ledger; the dispatcher sends them once it is
+    # back), and a load balancer that dropped every api would refuse them all.
+    failing = {name for name, value in checks.items() if value != "ok"}
+    if failing - DEGRADING:
+        status, code = "unavailable", 503
+    else:
+        status, code = ("degraded" if failing else "ok"), 200
+    return json_response({"status": status, "checks": checks}, code)
 
 
 async def metrics(request: Request) -> Response:

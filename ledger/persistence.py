@@ -289,7 +289,6 @@ class LedgerRecorder(PostgresApplicationRecorder):
             ).start()
         return broken
 
-
     def _end_session(self, backend: int) -> None:
         """End a stalled call's server session, on a connection of its own (the pool's
         may all be stalled too), in a thread of its own (this one may stall as well)."""

@@ -151,10 +151,25 @@ class Worker:
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
 
     async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
-        async for delivery in self.broker.consume(prefetch=self.prefetch):
-            task = asyncio.create_task(self._handle(delivery))
-            handlers.add(task)
-            task.add_done_callback(handlers.discard)
+        """Take commands for as long as the worker runs: a broker out of reach at the
+        start, or a consumer it ends, is retried every second (a worker started while
+        RabbitMQ was down never consumed at all)."""
+        while True:
+            try:
+                async for delivery in self.broker.consume(prefetch=self.prefetch):
+                    task = asyncio.create_task(self._handle(delivery))
+                    handlers.add(task)
+                    task.add_done_callback(handlers.discard)
+                log.warning("the broker ended this worker's consumer; consuming again")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a worker must outlive its broker
+                log.warning(
+                    "cannot take commands from the broker; retrying in 1 s. Running "
+                    "attempts go on; check TASKLEDGER_BROKER_URL and RabbitMQ",
+                    extra={"worker_id": self.worker_id, "error": str(error)},
+                )
+            await asyncio.sleep(1)
 
     async def _follow_cancels(self) -> None:
         while True:
