@@ -95,7 +95,8 @@ class Client:
         self._http = httpx.AsyncClient(
             headers={"Authorization": f"ApiKey {key}"}, timeout=SUBMIT_TIMEOUT
         )
-        self._turn = itertools.count()
+        self._turn = itertools.count()  # submissions alternate over the apis
+        self._probe_turn = itertools.count()  # and so do the probes
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -168,7 +169,7 @@ class Client:
             live = apis()
             if not live:
                 return
-            _, url = live[next(self._turn) % len(live)]
+            _, url = live[next(self._probe_turn) % len(live)]
             try:
                 response = await self._http.post(f"{url}/api/tasks", json=PROBE)
                 if response.status_code != 201:
