@@ -542,11 +542,13 @@ class Ledger(Application[UUID]):
         return Command(task_id, lambda t: t.start_attempt(attempt, worker_id, self.clock.now()))
 
     def complete_command(self, task_id: UUID, attempt: int, result: AttemptResult) -> Command:
+        result = result.within(self.limits.output_bytes)
         return Command(task_id, lambda t: t.complete_attempt(attempt, result, self.clock.now()))
 
     def fail_command(
         self, task_id: UUID, attempt: int, error: AttemptError, *, retryable: bool
     ) -> Command:
+        error = error.within(self.limits.output_bytes)
         return Command(
             task_id,
             lambda t: t.fail_attempt(

@@ -25,6 +25,7 @@ from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger
 from ledger.connections import DEFAULT_BOUNDS, bounded_url
+from ledger.domain import TaskLimits
 from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.runner import ProjectionRunner
@@ -115,7 +116,7 @@ class Services:
             executors = build_executors(
                 concurrency=concurrency,
                 data_dir=self.settings.data_dir,
-                limits=sandbox_limits(configured),
+                limits=sandbox_limits(configured, self.ledger.limits),
                 allow_unisolated=unisolated_by_default if allow is None else allow,
             )
         options.setdefault("metrics", self.worker_metrics)
@@ -201,14 +202,16 @@ class Services:
         self.close()
 
 
-def sandbox_limits(configured: SandboxSettings) -> Limits:
-    """The sandbox's limits from the [sandbox] section."""
+def sandbox_limits(configured: SandboxSettings, task: TaskLimits | None = None) -> Limits:
+    """The sandbox's limits from the [sandbox] section, and the output it keeps from the
+    tasks' payload budget (the ledger's)."""
     return Limits(
         memory_bytes=configured.memory_mib * MiB,
         processes=configured.pids,
         cpus=configured.cpus,
         tmp_bytes=configured.tmp_mib * MiB,
         tmp_files=configured.tmp_files,
+        output_bytes=(task or TaskLimits()).output_bytes,
     )
 
 

@@ -368,6 +368,21 @@ def test_a_save_of_several_megabytes_goes_through(store_env: dict[str, str]) -> 
         ledger.close()
 
 
+def test_an_outcome_beyond_the_payload_budget_is_stored_cut_to_it(ledger: Ledger) -> None:
+    """A worker whose own output cap is larger (misconfigured, or another version) cannot
+    grow an event beyond the budget: the ledger keeps the budget's worth, truncated."""
+    budget = ledger.limits.output_bytes
+    task_id = ledger.submit(**TASK).task.id
+    ledger.start_attempt(task_id, 1, "w")
+    huge = AttemptResult("y" * (3 * budget), "é" * budget, 0, 1.0)
+    ledger.complete_attempt(task_id, 1, huge)
+    result = ledger.get(task_id).result
+    assert result is not None
+    assert len(result["stdout"].encode()) == budget
+    assert len(result["stderr"].encode()) == budget  # é is 2 bytes: cut between characters
+    assert result["truncated"] is True
+
+
 def test_a_save_whose_commit_answer_is_lost_is_stored_once_and_succeeds(
     store_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
