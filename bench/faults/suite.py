@@ -2,13 +2,14 @@
 
 ``python -m bench faults [--faults a,b] [--tasks N]``. Real processes: two ``taskledger
 api`` and two ``taskledger worker --concurrency 4``, over a PostgreSQL and a RabbitMQ the
-suite starts for itself (bench/faults/services.py), the second worker reaching PostgreSQL
-through a TCP proxy (bench/faults/proxy.py). Each fault gets a round of its own with a
-fresh load (bench/faults/load.py): two thirds submitted before the fault, the last third
-spread over the fault; then a probe task measures recovery, and the round waits until
-every task has ended (or is past its deadline by `GRACE` seconds: lost). The programs
-report each run from inside the sandbox (bench/faults/runs.py); the tasks' events are
-read from the store (bench/faults/verify.py). docs/reliability.md explains every column.
+suite starts for itself (bench/faults/services.py), each worker reaching PostgreSQL
+through a TCP proxy of its own (bench/faults/proxy.py). Each fault gets a round of its
+own with a fresh load (bench/faults/load.py): two thirds submitted before the fault, the
+last third spread over it; then echo probes measure recovery (until every live worker
+has completed one), and the round waits until every task has ended (or is `GRACE`
+seconds past its deadline and the fault's end: lost). The programs report their runs
+from inside the sandbox (bench/faults/runs.py); the tasks' events are read from the
+store (bench/faults/verify.py). docs/reliability.md explains every column.
 """
 
 from __future__ import annotations
