@@ -332,6 +332,11 @@ class Ledger(Application[UUID]):
         assert isinstance(pool.kwargs, dict)
         pool.kwargs.update(self.bounds.statements())
         pool.kwargs["application_name"] = "taskledger ledger"
+        # No automatic preparation: psycopg (3.3.9) counts a statement whose preparation
+        # an aborted pipeline skipped as prepared, and the connection then fails every
+        # later use of it ("prepared statement _pg3_N does not exist"). A save's pipeline
+        # aborts whenever a write in it is refused (a version race, a lost lease).
+        pool.kwargs["prepare_threshold"] = None
         pool.timeout = self.bounds.wait_seconds
         pool.reconnect_timeout = self.bounds.reconnect_seconds
         with datastore.get_connection() as conn:

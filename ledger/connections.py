@@ -101,4 +101,4 @@ def bounded_url(url: str, params: dict[str, str]) -> str:
             value = f"{params['options']} {value}"
         merged.append((name, value))
     # libpq decodes %XX in a URI, not `+`: spaces (between -c options) must be %20.
-    return urlunsplit(parts._replace(query=urlencode(added + merged, quote_via=quote)))
+    return urlunsplit(parts._replace(query=urlencode(added + merged, safe="/", quote_via=quote)))

@@ -105,6 +105,26 @@ def test_a_lapsed_lease_refuses_the_workers_outcome(short: Ledger) -> None:
     assert short.get(task_id).status is Status.IN_PROGRESS  # nothing was recorded
 
 
+def test_refused_outcomes_leave_the_ledgers_connection_sound(store_env: dict[str, str]) -> None:
+    """Each refusal aborts its save's pipeline. On a few connections, past psycopg's
+    threshold for preparing a statement (5 uses), a refusal once left the connection
+    believing in a statement it never prepared: the next save on it failed with
+    `prepared statement "_pg3_N" does not exist` (1 save in 4 under the race below)."""
+    ledger = Ledger(
+        {**store_env, "POSTGRES_POOL_SIZE": "2", "POSTGRES_MAX_OVERFLOW": "0"},
+        lease_seconds=0.05,
+    )
+    try:
+        for _ in range(12):  # every statement past the threshold on both connections
+            task_id = started(ledger)
+            lapse(ledger, task_id)
+            with pytest.raises(AttemptLeaseLost, match="lapsed"):
+                ledger.complete_attempt(task_id, 1, RESULT)
+            assert ledger.submit(**TASK).created  # the next save on the same connection
+    finally:
+        ledger.close()
+
+
 def test_the_leader_takes_a_lapsed_lease_and_the_retry_follows(short: Ledger) -> None:
     task_id = started(short)
     lapse(short, task_id)
