@@ -95,7 +95,7 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 import psycopg
-from eventsourcing.persistence import InfrastructureFactory, Recording, Tracking
+from eventsourcing.persistence import InfrastructureFactory, StoredEvent, Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from eventsourcing.projection import Projection as LibraryProjection
 from eventsourcing.projection import ProjectionRunner as LibraryProjectionRunner
@@ -149,14 +149,18 @@ class TimedLedger(Ledger):
         super().__init__(env, clock=SystemClock())
         # Set to a list to record; appends from several threads are atomic in CPython.
         self.commits: list[tuple[int, float]] | None = None
+        # Every save goes through the group commit, whose insert returns once its
+        # transaction committed, with the notification ids it was given.
+        insert = self.group_commit._insert
 
-    def _notify(self, recordings: list[Recording[UUID]]) -> None:
-        # Application.save calls this right after the recorder's transaction committed.
-        now = time.perf_counter()
-        commits = self.commits
-        if commits is not None and recordings:
-            commits.append((max(r.notification.id for r in recordings), now))
-        super()._notify(recordings)
+        def timed(events: Sequence[StoredEvent]) -> object:
+            ids = insert(events)
+            commits = self.commits
+            if commits is not None and isinstance(ids, list | tuple) and ids:
+                commits.append((max(ids), time.perf_counter()))
+            return ids
+
+        self.group_commit._insert = timed
 
 
 # -- the history to rebuild from ------------------------------------------------------------

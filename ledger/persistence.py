@@ -28,14 +28,16 @@ import orjson
 import psycopg
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import (
+    ApplicationRecorder,
     IntegrityError,
     InterfaceError,
     Mapper,
     OperationalError,
     StoredEvent,
+    Subscription,
     Transcoder,
 )
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresSubscription
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -133,8 +135,12 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
         @contextlib.contextmanager
         def watched() -> Iterator[Connection[DictRow]]:
-            with library_connection() as conn, self._watching(conn):
-                yield conn
+            with library_connection() as conn:
+                if getattr(_waits_by_design, "listening", False):
+                    yield conn
+                    return
+                with self._watching(conn):
+                    yield conn
 
         def checked(conn: Connection[Any]) -> None:
             if library_check is not None:
@@ -143,6 +149,11 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
         datastore.get_connection = watched  # type: ignore[method-assign]
         pool._check = checked
+
+    def subscribe(
+        self, gt: int | None = None, topics: typing.Sequence[str] = ()
+    ) -> Subscription[ApplicationRecorder]:
+        return _ListeningSubscription(recorder=self, gt=gt, topics=topics)
 
     @contextlib.contextmanager
     def _watching(self, conn: Connection[Any]) -> Iterator[None]:
@@ -311,6 +322,18 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 "could not end the stalled call's server session",
                 extra={"backend_pid": backend, "error": str(error)},
             )
+
+
+# Set in a thread whose connection waits by design (a LISTEN): the stall watch leaves it be.
+_waits_by_design = threading.local()
+
+
+class _ListeningSubscription(PostgresSubscription):
+    """The library's subscription, whose LISTEN connection is held for its whole life."""
+
+    def _listen(self) -> None:
+        _waits_by_design.listening = True
+        super()._listen()
 
 
 def _shut(conn: Connection[Any]) -> None:
