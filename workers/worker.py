@@ -455,34 +455,55 @@ class Worker:
 
     async def _keep_leases(self) -> None:
         """Renew the leases of the running attempts; kill the runs whose lease is lost,
-        and every run once no renewal has got through for a whole lease."""
+        and every run once no renewal has got through for nearly a whole lease.
+
+        A beat that gets no answer (a partition, a store that stopped answering) counts
+        as a failed renewal after `heartbeat_seconds`, and no second beat is begun while
+        it hangs: the check that fences the runs must not wait on the call it judges (it
+        did, and a partitioned worker ran its programs on while the leader handed their
+        attempts to another worker). Renewals count from when their beat began, and the
+        runs are killed a heartbeat before the lease lapses by this clock, so they are
+        gone by the time the leader can take the lease."""
         leases = self.ledger.leases
         if leases is None:
             return
         loop = asyncio.get_running_loop()
         renewed_at = loop.time()
-        while True:
-            asked = set(self._held)
-            held = await self._beat()
-            if held is not None:
-                renewed_at = loop.time()
-                lost = asked - held
-            elif loop.time() - renewed_at > leases.lease_seconds:
-                lost = asked  # cut off from the store: the leader will take them
-            else:
-                lost = set()
-            for task_id, attempt in lost & set(self._held):
-                if (task_id, attempt) in self._lease_lost:
-                    continue
-                self._lease_lost.add((task_id, attempt))
-                running = self._running.get(str(task_id))
-                log.warning(
-                    "lease lost: killing the run",
-                    extra={"task_id": str(task_id), "attempt": attempt},
-                )
-                if running is not None and running[1] == attempt:
-                    running[0].set()
-            await asyncio.sleep(self.heartbeat_seconds)
+        fence_after = max(leases.lease_seconds - self.heartbeat_seconds, self.heartbeat_seconds)
+        beat: asyncio.Task[set[tuple[UUID, int]] | None] | None = None
+        began = renewed_at
+        try:
+            while True:
+                asked = set(self._held)
+                if beat is None:
+                    beat, began = asyncio.create_task(self._beat()), loop.time()
+                done, _ = await asyncio.wait({beat}, timeout=self.heartbeat_seconds)
+                held = None
+                if done:
+                    held, beat = beat.result(), None
+                if held is not None:
+                    renewed_at = began
+                    lost = asked - held
+                elif loop.time() - renewed_at > fence_after:
+                    lost = asked  # cut off from the store: the leader will take them
+                else:
+                    lost = set()
+                for task_id, attempt in lost & set(self._held):
+                    if (task_id, attempt) in self._lease_lost:
+                        continue
+                    self._lease_lost.add((task_id, attempt))
+                    running = self._running.get(str(task_id))
+                    log.warning(
+                        "lease lost: killing the run",
+                        extra={"task_id": str(task_id), "attempt": attempt},
+                    )
+                    if running is not None and running[1] == attempt:
+                        running[0].set()
+                if done:
+                    await asyncio.sleep(self.heartbeat_seconds)
+        finally:
+            if beat is not None:
+                beat.cancel()
 
 
 def _version() -> str:
