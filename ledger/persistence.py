@@ -184,6 +184,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
         for attempt in range(1, AMBIGUOUS_TRIES + 1):
             try:
                 return self._insert_once(stored_events, **kwargs)
+            except IntegrityError:
+                # Written again after a break whose look could not reach the server:
+                # the duplicate key may be the first write's own events.
+                if attempt > 1 and stored_events and self._stored(stored_events[-1]):
+                    log.warning(
+                        "a save written again after a broken connection was already "
+                        "stored: it succeeded",
+                        extra={"events": len(stored_events)},
+                    )
+                    return None
+                raise
             except (OperationalError, InterfaceError) as broken:
                 if unreachable(broken):
                     raise

@@ -411,6 +411,39 @@ def test_a_save_whose_commit_answer_is_lost_is_stored_once_and_succeeds(
         ledger.close()
 
 
+def test_a_stored_save_whose_look_fails_too_is_written_again_and_succeeds(
+    store_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit went through, its answer was lost, and the look for the events could
+    not reach the server either (a restart under way): the save is written again and
+    meets its own events' keys. That is success, not a 503 (the fault suite saw this in
+    6 of 19 rounds that restarted PostgreSQL)."""
+    ledger = Ledger(store_env)
+    real_insert, real_stored = LedgerRecorder._insert_once, LedgerRecorder._stored
+    looks: list[bool] = []
+
+    def commit_then_break(self: LedgerRecorder, events: Any, **kwargs: Any) -> Any:
+        real_insert(self, events, **kwargs)  # a second write raises the duplicate key
+        raise OperationalError("server closed the connection unexpectedly")
+
+    def unreachable_once(self: LedgerRecorder, event: Any) -> bool:
+        looks.append(True)
+        if len(looks) == 1:
+            raise OperationalError("the database system is starting up")
+        return real_stored(self, event)
+
+    try:
+        monkeypatch.setattr(LedgerRecorder, "_insert_once", commit_then_break)
+        monkeypatch.setattr(LedgerRecorder, "_stored", unreachable_once)
+        submission = ledger.submit(**TASK)
+        monkeypatch.undo()
+        assert len(looks) == 2
+        history = ledger.history(submission.task.id)
+        assert [h.type for h in history] == ["TaskSubmitted", "AttemptScheduled"]
+    finally:
+        ledger.close()
+
+
 def test_a_save_whose_connection_breaks_before_the_commit_is_written_again(
     store_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
