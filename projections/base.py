@@ -30,6 +30,7 @@ class Change:
     type: str  # the event class name, e.g. "AttemptStarted"
     at: datetime
     data: dict[str, Any]  # the event's own fields (datetimes as datetime)
+    size: int = 0  # bytes stored (how full a batch is)
 
 
 class Projection(ABC):

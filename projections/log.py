@@ -15,18 +15,31 @@ from projections.base import Change
 _MAPPER = EventMapper(transcoder=OrjsonTranscoder())
 
 
-def read_changes(conn: Connection[Any], schema: str, after: int, limit: int) -> list[Change]:
-    """Up to `limit` events with position > `after`, oldest first.
+# A batch holds at most about this many bytes of stored events (and at least one
+# event): with outputs at their 1 MiB cap, 2,000 events read at once held 2.5 GB.
+BATCH_BYTES = 64 * 1024 * 1024
+
+
+def read_changes(
+    conn: Connection[Any], schema: str, after: int, limit: int, max_bytes: int | None = None
+) -> list[Change]:
+    """Up to `limit` events with position > `after`, oldest first, and no more than
+    `max_bytes` (BATCH_BYTES) of them but the one that crosses it.
 
     Positions can have holes (rolled-back inserts); the ledger's insert path commits in
     position order (table lock), so reading `> after` never skips a later-committed event.
     """
+    # octet_length of a stored value reads its header only: the events past the bound
+    # are never fetched nor decompressed.
     rows = conn.execute(
         sql.SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state"
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM ("
+            " SELECT notification_id, originator_id, originator_version, topic, state,"
+            " sum(octet_length(state)) OVER (ORDER BY notification_id) AS upto"
             " FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
+            ") batch WHERE upto - octet_length(state) < %s ORDER BY notification_id"
         ).format(sql.Identifier(schema, EVENTS_TABLE)),
-        (after, limit),
+        (after, limit, BATCH_BYTES if max_bytes is None else max_bytes),
         prepare=True,
     ).fetchall()
     changes = []
@@ -46,6 +59,7 @@ def read_changes(conn: Connection[Any], schema: str, after: int, limit: int) -> 
                 type=type(event).__name__,
                 at=vars(event)["timestamp"],
                 data=data,
+                size=len(state),
             )
         )
     return changes

@@ -29,6 +29,7 @@ from psycopg import Connection, sql
 
 from ledger.application import EVENTS_CHANNEL
 from projections import base
+from projections import log as event_log
 from projections.base import Change, Generation, Projection
 from projections.log import read_changes
 
@@ -86,7 +87,7 @@ def apply_batch(
         changes = read_changes(conn, schema, gen.position, batch_size)
         if not changes:
             return gen, 0
-        if len(changes) == batch_size:
+        if len(changes) == batch_size or sum(c.size for c in changes) >= event_log.BATCH_BYTES:
             changes = extend_to_transaction_end(conn, schema, changes)
         task_changes = [c for c in changes if c.stream == "Task"]
         if task_changes:

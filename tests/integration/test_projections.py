@@ -454,3 +454,36 @@ def test_views_skip_key_events_but_move_past_them(
         "TaskSubmitted",
         "AttemptScheduled",
     ]
+
+
+def test_a_batch_stops_at_its_byte_bound_but_never_inside_a_save(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With outputs at their cap, a batch of 2,000 events held 2.5 GB: a batch now holds
+    about BATCH_BYTES (here 300 KB) and whole saves, and the view ends up the same."""
+    from projections import log
+
+    monkeypatch.setattr(log, "BATCH_BYTES", 300_000)
+    big = AttemptResult(stdout="y" * 100_000, stderr="e" * 50_000)
+    ids = []
+    for n in range(6):
+        task_id = submit(ledger, n)
+        ledger.start_attempt(task_id, 1, "w")
+        if n % 2:
+            ledger.complete_attempt(task_id, 1, big)
+        else:  # AttemptFailed + AttemptScheduled: one save that a batch must not split
+            ledger.fail_attempt(
+                task_id, 1, AttemptError("program_error", "x" * 150_000), retryable=True
+            )
+        ids.append(task_id)
+    sizes = []
+    while True:
+        _, applied = apply_batch(conn, schema, STATUS, 2_000)
+        if not applied:
+            break
+        sizes.append(applied)
+        # Never between a failure and its retry's scheduling: the view shows no Failed.
+        assert all(row["status"] != "Failed" for row in view_rows(conn, schema, ids).values())
+    assert len(sizes) > 1, sizes  # the bound cut the log into several batches
+    assert sum(sizes) == 6 * 4 + 3 * 1  # submit 2, start 1, outcome 1 (+1 retry scheduled)
+    assert view_rows(conn, schema, ids) == {t: expected_row(ledger, t) for t in ids}
