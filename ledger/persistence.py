@@ -249,6 +249,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 conn.transaction(),
                 conn.cursor() as curs,
             ):
+                self._insert_events(curs, stored_events, **kwargs)
                 if not stored_events:
                     return None
                 self._insert_stored_events(curs, stored_events, **kwargs)
@@ -269,20 +270,20 @@ class LedgerRecorder(PostgresApplicationRecorder):
             ).fetchone()
         return row is not None and bytes(row["state"]) == bytes(event.state)
 
-    def _insert_stored_events(
-        self, curs: Cursor[DictRow], stored_events: typing.Sequence[StoredEvent], **kwargs: Any
+    def _insert_events(
+        self, curs: Cursor[DictRow], stored_events: typing.Sequence[StoredEvent], **_: Any
     ) -> None:
-        """The library's statements (lock, notify, insert), then the leases' writes, last
-        and on a cursor of their own (the caller reads the insert's ids from `curs`).
+        """The leases' writes, first in the save's transaction, and answered before the
+        event store's statements are sent (a nested pipeline block syncs on exit; outside
+        a pipeline it is one of its own).
 
-        Last, because a lease refused (an outcome from a worker whose lease lapsed) raises
-        in the pipeline: first in it, it aborted the statements queued behind it, and the
-        refusal surfaced as "pipeline aborted" instead of a lost lease (and psycopg took
-        a statement whose preparation was skipped for prepared: see Ledger's pool)."""
-        super()._insert_stored_events(curs, stored_events, **kwargs)
+        A statement that fails in a pipeline aborts those queued behind it, and psycopg
+        (3.3.9) then reports "pipeline aborted" rather than the failure: queued before the
+        insert, a lease refused came back as that instead of a lost lease; queued after
+        it, a version race did. Answered on their own, each error is itself."""
         if self.lease_book is not None:
-            with curs.connection.cursor() as leases:
-                self.lease_book.write(leases, stored_events)
+            with curs.connection.pipeline():
+                self.lease_book.write(curs, stored_events)
 
     def stalled_for(self) -> float:
         """How long the oldest call under way has been waiting for the store (0: none)."""

@@ -6,8 +6,8 @@ picks sizes near each limit, read from the code that enforces it:
 
 - code: at most `TaskLimits.code_bytes` UTF-8 bytes; one byte more is a 422 naming `code`;
 - data: at most `TaskLimits.data_bytes` bytes as compact JSON; one more, a 422 naming `data`;
-- output: the first `Limits.output_bytes` bytes of each of stdout and stderr are kept, the
-  rest dropped, with `truncated: true` (docs/sandbox.md).
+- output: the first `TaskLimits.output_bytes` bytes of each of stdout and stderr are kept,
+  the rest dropped, with `truncated: true` (docs/sandbox.md, docs/ledger.md).
 
 Every task accepted at its limits must complete, and read back whole: its code and data as
 sent, its output exactly as the program wrote it, or cut at the cap as documented.
@@ -37,14 +37,13 @@ from hypothesis import strategies as st
 
 from ledger import TaskLimits
 from tests.processes import free_port, stop
-from workers.sandbox import Limits
 
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_CAP = TaskLimits().code_bytes
 DATA_CAP = TaskLimits().data_bytes
-OUTPUT_CAP = Limits().output_bytes
+OUTPUT_CAP = TaskLimits().output_bytes
 
 # Characters of 1 to 4 UTF-8 bytes, so that limits in bytes meet multi-byte characters (an
 # output cut at the cap may split one). In data, also characters JSON escapes (2 or 6 bytes).
@@ -117,10 +116,17 @@ def program(size: int, out: int, out_fill: str, err: int, err_fill: str, pad: st
     return code + padding(size - len(code.encode()), pad, len(pad.encode()))
 
 
-def kept(raw: bytes) -> str:
-    """What the task's result holds of a stream: its first OUTPUT_CAP bytes, as UTF-8 text
-    (a character cut at the cap becomes U+FFFD, as any invalid UTF-8 does)."""
+def decoded(raw: bytes) -> str:
+    """The sandbox's text of a stream: its first OUTPUT_CAP bytes as UTF-8 (invalid UTF-8,
+    such as a character cut at the cap, becomes U+FFFD, 3 bytes)."""
     return raw[:OUTPUT_CAP].decode("utf-8", errors="replace")
+
+
+def kept(raw: bytes) -> str:
+    """What the task's result holds of a stream: the ledger keeps at most OUTPUT_CAP bytes
+    of the sandbox's text, cut on a character boundary (docs/ledger.md, "The payload
+    budget")."""
+    return decoded(raw).encode()[:OUTPUT_CAP].decode("utf-8", errors="ignore")
 
 
 # -- one `taskledger dev` for the module ---------------------------------------------------
@@ -296,7 +302,12 @@ def test_a_task_at_its_limits_completes_and_reads_back_whole(
         "stdout": kept(stdout),
         "stderr": kept(stderr),
         "exit_code": 0,
-        "truncated": out > OUTPUT_CAP or err > OUTPUT_CAP,
+        # Cut by the sandbox (more bytes than the cap), or by the ledger (text that grew
+        # past the cap as invalid UTF-8 became U+FFFD).
+        "truncated": any(
+            len(raw) > OUTPUT_CAP or len(kept(raw).encode()) < len(decoded(raw).encode())
+            for raw in (stdout, stderr)
+        ),
     }
     result = {k: v for k, v in task["result"].items() if k != "duration_ms"}
     assert result == expected, describe(result, expected)
