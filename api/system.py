@@ -199,7 +199,7 @@ async def readyz(request: Request) -> Response:
     def check() -> dict[str, str]:
         stalled = ctx.ledger.stalled_for()
         checks = {
-            "ledger": f"stalled: a save has waited {stalled:.1f} s for the event store"
+            "ledger": f"stalled: a call has waited {stalled:.1f} s for the event store"
             if stalled
             else "ok"
         }

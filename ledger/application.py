@@ -288,9 +288,9 @@ class Ledger(Application[UUID]):
         self._closing = threading.Event()
         if isinstance(self.recorder, LedgerRecorder):
             threading.Thread(
-                target=self._watch_saves,
+                target=self._watch_calls,
                 args=(self.recorder,),
-                name="ledger-save-watch",
+                name="ledger-call-watch",
                 daemon=True,
             ).start()
         # Tasks this process saved last, so that the next command on one (a worker's
@@ -349,15 +349,15 @@ class Ledger(Application[UUID]):
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
 
-    def _watch_saves(self, recorder: LedgerRecorder) -> None:
+    def _watch_calls(self, recorder: LedgerRecorder) -> None:
         while not self._closing.wait(0.5):
             try:
                 recorder.break_stalled(self.bounds.stall_seconds)
             except Exception:  # the watch must outlive any one failure of its own
-                log.exception("the watch over stalled saves failed once; it goes on")
+                log.exception("the watch over stalled calls failed once; it goes on")
 
     def stalled_for(self) -> float:
-        """Seconds the oldest save under way has waited for the store, once that is half
+        """Seconds the oldest call under way has waited for the store, once that is half
         the stall bound (else 0): /readyz reports it."""
         if not isinstance(self.recorder, LedgerRecorder):
             return 0.0
