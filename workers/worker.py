@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Mapping
@@ -52,7 +53,11 @@ log = logging.getLogger(__name__)
 
 
 def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """`host-pid-random`: readable, and unique per process even where hosts share a name
+    and pids repeat (containers on the host network were all `vm-6`; the id keys a
+    worker's leases and heartbeat row, so two workers with one id would renew each
+    other's leases)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class _Started:
