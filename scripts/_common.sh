@@ -110,7 +110,7 @@ tl_create_venv() {
     tl_die "could not create the virtual environment $TL_VENV"
 }
 
-# tl_ensure_venv [EXTRA]: make .venv exist and hold `pip install -e .[EXTRA]`.
+# tl_ensure_venv [EXTRA]: make .venv exist and hold `pip install -c constraints.txt -e .[EXTRA]`.
 tl_ensure_venv() {
     local extra="${1:-}"
     if [ -d "$TL_VENV" ]; then
@@ -129,9 +129,9 @@ tl_ensure_venv() {
         tl_create_venv "$python"
     fi
 
-    # The stamp holds "<sha256 of pyproject.toml> <extras installed>".
+    # The stamp holds "<sha256 of pyproject.toml and constraints.txt> <extras installed>".
     local digest stamp_digest="" stamp_extra="" spec="."
-    digest="$(sha256sum "$TL_ROOT/pyproject.toml" | cut -d' ' -f1)"
+    digest="$(cat "$TL_ROOT/pyproject.toml" "$TL_ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
     if [ -f "$TL_STAMP" ]; then
         read -r stamp_digest stamp_extra <"$TL_STAMP" || true
     fi
@@ -140,15 +140,17 @@ tl_ensure_venv() {
     fi
     local reason="first install"
     if [ -n "$stamp_digest" ] && [ "$stamp_digest" != "$digest" ]; then
-        reason="pyproject.toml changed"
+        reason="pyproject.toml or constraints.txt changed"
     elif [ -n "$stamp_digest" ]; then
         reason="adding the [$extra] extras"
     fi
     if [ -n "$extra" ]; then
         spec=".[$extra]"
     fi
-    tl_say "installing taskledger into .venv: pip install -e \"$spec\" ($reason)"
-    (cd "$TL_ROOT" && "$TL_PYTHON" -m pip install --quiet --disable-pip-version-check -e "$spec") ||
-        tl_die "pip install -e \"$spec\" failed (see above)"
+    # constraints.txt pins every dependency: CI, a laptop and the image install the same.
+    tl_say "installing taskledger into .venv: pip install -c constraints.txt -e \"$spec\" ($reason)"
+    (cd "$TL_ROOT" && "$TL_PYTHON" -m pip install --quiet --disable-pip-version-check \
+        -c constraints.txt -e "$spec") ||
+        tl_die "pip install -c constraints.txt -e \"$spec\" failed (see above)"
     printf '%s %s\n' "$digest" "$extra" >"$TL_STAMP"
 }
