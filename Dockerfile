@@ -33,7 +33,21 @@
 #   layer refuses python and csharp tasks (sandbox_unavailable) unless
 #   TASKLEDGER_SANDBOX__ALLOW_UNISOLATED=true. None of this has been run in a container
 #   yet (the development machines have no container engine).
-FROM python:3.11-slim-bookworm
+#
+# The base image is named by tag; to pin it (reproducible builds), pass its digest, looked
+# up once where a registry is reachable (docs/operations.md, "Pinning the base image"):
+#   docker buildx imagetools inspect python:3.11-slim-bookworm     # "Digest: sha256:..."
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# The package as a wheel, built apart: the final image holds no copy of the source tree
+# (one in its working directory would shadow the installed package for `python -m`).
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+COPY . /src
+RUN pip wheel --no-deps --wheel-dir /wheels /src
+
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -58,41 +72,60 @@ RUN apt-get update \
 # have the same uids in every container of this image: workers on one host that share
 # /run/lock/taskledger-sandbox (compose mounts one volume there) claim different users,
 # and so never share a uid (a slot's process limit counts per uid on the whole host).
-# More slots than this on one host: the sandbox creates the rest at start, per container.
+# Explicit high ids, clear of the system range (the postgres and rabbitmq images run as
+# 999) and of a host's ordinary users (1000 up):
+#   taskledger                  uid and gid 10001
+#   tlsbx<n>, n = 0 .. 31       uid and gid SANDBOX_UID_BASE + n: 20000 .. 20031
+# More slots than SANDBOX_USERS on one host: the sandbox creates the rest at start, per
+# container, with useradd's own choice of uid (a system one).
 ARG SANDBOX_USERS=32
-RUN useradd --system --uid 10001 --user-group --home-dir /nonexistent --no-create-home \
+ARG SANDBOX_UID_BASE=20000
+RUN groupadd --gid 10001 taskledger \
+    && useradd --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin taskledger \
     && for n in $(seq 0 $((SANDBOX_USERS - 1))); do \
-        useradd --system --no-create-home --home-dir /nonexistent \
+        groupadd --gid $((SANDBOX_UID_BASE + n)) "tlsbx$n" \
+        && useradd --uid $((SANDBOX_UID_BASE + n)) --gid $((SANDBOX_UID_BASE + n)) \
+            --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin --comment "taskledger sandbox slot" "tlsbx$n"; \
     done \
     && mkdir -p /var/lib/taskledger /var/log/taskledger /run/lock/taskledger-sandbox \
     && chown taskledger:taskledger /var/lib/taskledger /var/log/taskledger \
     && chmod 0700 /run/lock/taskledger-sandbox
 
-WORKDIR /app
+# The working directory holds no Python package (see the build stage above).
+WORKDIR /var/lib/taskledger
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
+COPY pyproject.toml /tmp/pyproject.toml
+# constraints: see issue 13 item 3
+RUN python -c "import tomllib; deps = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
     && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+    && rm /tmp/requirements.txt /tmp/pyproject.toml
 
-# Then the source, and the package itself without dependencies (they are all there).
-COPY . .
-RUN pip install --no-deps . && rm -rf build ./*.egg-info
+# Then the package itself, from the build stage's wheel, without dependencies (they are
+# all there).
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 # Where the roles write: C# assembly cache (worker), log files (every role; also stdout).
+# Where the api listens, and a worker's metrics port (its health check asks it); flags
+# (`taskledger api --port 8443`) and these variables move them, and the health check with them.
 ENV TASKLEDGER_DATA_DIR=/var/lib/taskledger \
-    TASKLEDGER_LOG_DIR=/var/log/taskledger
+    TASKLEDGER_LOG_DIR=/var/log/taskledger \
+    TASKLEDGER_HOST=0.0.0.0 \
+    TASKLEDGER_PORT=8000 \
+    TASKLEDGER_METRICS_PORT=9100
 
 USER taskledger
 EXPOSE 8000
 
-# The api's liveness (GET /healthz answers 200 without a key). For the plain-HTTP api on
-# port 8000, the default command; compose replaces it for the workers.
+# Liveness, of whichever role the container runs (taskledger/healthcheck.py reads the
+# command from pid 1 and the settings as that role does): the api's GET /healthz on its
+# port, https:// when TASKLEDGER_SSL_CERTFILE is set; a worker's /metrics on its metrics
+# port. Roles that serve nothing (`projections run`) count as healthy while they run.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+    CMD ["python", "-m", "taskledger.healthcheck"]
 
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["taskledger", "api", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["taskledger", "api"]

@@ -10,10 +10,12 @@ variable they name is a real setting, and each service's environment loads as se
 from __future__ import annotations
 
 import fnmatch
+import http.server
 import json
 import os
 import re
 import shlex
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import yaml
 from api.auth import parse_configured_keys
 from taskledger import settings as settings_module
 from taskledger.cli import _parser
+from taskledger.healthcheck import container_command, probe_url
+from taskledger.healthcheck import main as healthcheck_main
 from taskledger.settings import ConfigError, Settings, load_settings
 from workers.sandbox.users import USER_PREFIX
 
@@ -32,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_DEBUG = ROOT / "docker-compose.debug.yml"
+README = ROOT / "README.md"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
 # The compose specification's top-level and service keys (those a typo would most likely
@@ -102,9 +108,9 @@ def interpolated(node: Any) -> Any:
     return node
 
 
-def load_compose() -> dict[str, Any]:
-    document = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    assert isinstance(document, dict), "docker-compose.yml is not a YAML mapping"
+def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(document, dict), f"{path.name} is not a YAML mapping"
     return dict(interpolated(document))
 
 
@@ -147,10 +153,38 @@ def dockerfile() -> list[Instruction]:
     return instructions
 
 
+def build_args() -> dict[str, str]:
+    """The ARG instructions' defaults (what a build without --build-arg uses)."""
+    found: dict[str, str] = {}
+    for instruction in dockerfile():
+        if instruction.keyword == "ARG":
+            name, _, default = instruction.arguments.partition("=")
+            found[name] = default
+    return found
+
+
+def stages() -> list[list[Instruction]]:
+    """The build stages: each FROM and the instructions after it, in order."""
+    found: list[list[Instruction]] = []
+    for instruction in dockerfile():
+        if instruction.keyword == "FROM":
+            found.append([])
+        if found:
+            found[-1].append(instruction)
+    assert found, "the Dockerfile has no FROM"
+    return found
+
+
+def base_image(stage: list[Instruction]) -> str:
+    """The stage's FROM image, its ${ARG}s replaced by their defaults."""
+    image = stage[0].arguments.split()[0]
+    return re.sub(r"\$\{(\w+)\}", lambda m: build_args()[m.group(1)], image)
+
+
 def image_environment() -> dict[str, str]:
     """The variables the image's ENV instructions set."""
     found: dict[str, str] = {}
-    for instruction in dockerfile():
+    for instruction in stages()[-1]:
         if instruction.keyword != "ENV":
             continue
         words = shlex.split(instruction.arguments)
@@ -218,15 +252,44 @@ def real_variables() -> set[str]:
     return names | ({config_variable} if config_variable else set())
 
 
-def local_port(url: str) -> int:
-    match = re.search(r"//127\.0\.0\.1:(\d+)/", url)
-    assert match, f"{url}: not a URL of 127.0.0.1 with a port"
-    return int(match.group(1))
-
-
 def healthcheck_command(service: dict[str, Any]) -> str:
     test = service["healthcheck"]["test"]
     return test if isinstance(test, str) else " ".join(str(part) for part in test)
+
+
+PROBE = ["python", "-m", "taskledger.healthcheck"]
+
+
+def probed_url(check: list[str], command: list[str], environment: dict[str, str]) -> str | None:
+    """What the health check `check` (exec form, without CMD) asks in a container that runs
+    `command` with `environment`: taskledger/healthcheck.py's own answer."""
+    assert check[: len(PROBE)] == PROBE, f"not the image's health check: {check}"
+    argv = check[len(PROBE) :] or container_command(
+        b"\0".join(word.encode() for word in ["/usr/bin/tini", "--", *command]) + b"\0"
+    )
+    assert argv is not None, f"no taskledger command in {command}"
+    saved = {k: v for k, v in os.environ.items() if k.startswith("TASKLEDGER_")}
+    try:
+        for name in saved:
+            del os.environ[name]
+        os.environ.update(environment)
+        return probe_url(argv)
+    finally:
+        for name in environment:
+            os.environ.pop(name, None)
+        os.environ.update(saved)
+
+
+def service_probe(service: dict[str, Any]) -> str | None:
+    test = [str(part) for part in service["healthcheck"]["test"]]
+    assert test[0] == "CMD", f"the health check is not in exec form: {test}"
+    return probed_url(test[1:], command_of(service), environment_of(service))
+
+
+def local_port(url: str | None) -> int:
+    match = re.search(r"//127\.0\.0\.1:(\d+)/", url or "")
+    assert match, f"{url}: not a URL of 127.0.0.1 with a port"
+    return int(match.group(1))
 
 
 @pytest.fixture
@@ -335,7 +398,8 @@ def test_compose_runs_postgres_rabbitmq_an_api_and_two_workers() -> None:
     rabbitmq = next(s for s in every.values() if str(s.get("image")).startswith("rabbitmq:"))
     assert rabbitmq["image"] == "rabbitmq:3-management"
     assert "rabbitmq-diagnostics -q ping" in healthcheck_command(rabbitmq)
-    assert any(str(p).endswith("15672:15672") for p in rabbitmq["ports"]), "management UI"
+    debug = load_compose(COMPOSE_DEBUG)["services"]
+    assert "127.0.0.1:15672:15672" in debug["rabbitmq"]["ports"], "management UI (debug)"
     for service in (postgres, rabbitmq):
         assert any(":" in str(v) and not str(v).startswith((".", "/")) for v in service["volumes"])
 
@@ -380,8 +444,7 @@ def test_the_api_listens_where_it_is_published_and_checked(
         everywhere = "0.0.0.0"  # noqa: S104 - the API inside its container
         assert host == everywhere, f"service {name}: the API must listen on every interface"
         assert any(str(p).endswith(f":{port}") for p in service["ports"]), (name, port)
-        assert local_port(healthcheck_command(service)) == port
-        assert "/healthz" in healthcheck_command(service)
+        assert service_probe(service) == f"http://127.0.0.1:{port}/healthz", name
 
 
 def test_the_worker_health_check_asks_its_metrics_port(
@@ -395,7 +458,7 @@ def test_the_worker_health_check_asks_its_metrics_port(
             "TASKLEDGER_METRICS_PORT"
         )
         assert port, f"service {name}: no metrics port for its health check to ask"
-        assert local_port(healthcheck_command(service)) == int(port), name
+        assert service_probe(service) == f"http://127.0.0.1:{port}/metrics", name
         bound = float(environment_of(service).get("TASKLEDGER_SHUTDOWN_SECONDS", "10"))
         assert args.grace is None or float(args.grace) < bound, (
             f"service {name}: --grace {args.grace} must be less than its shutdown bound {bound}"
@@ -487,10 +550,9 @@ def test_workers_run_as_root_with_only_the_sandbox_capabilities_and_api_does_not
 
 
 def test_dockerfile_layers() -> None:
-    instructions = dockerfile()
+    assert {base_image(stage) for stage in stages()} == {"python:3.11-slim-bookworm"}
+    instructions = stages()[-1]  # the image; the stages before it only build the wheel
     keywords = [i.keyword for i in instructions]
-    first_from = next(i for i in instructions if i.keyword == "FROM")
-    assert first_from.arguments == "python:3.11-slim-bookworm"
 
     users = [i.arguments for i in instructions if i.keyword == "USER"]
     assert users, "no USER: the image would run as root"
@@ -498,7 +560,7 @@ def test_dockerfile_layers() -> None:
 
     healthchecks = [i for i in instructions if i.keyword == "HEALTHCHECK"]
     assert len(healthchecks) == 1
-    assert "/healthz" in " ".join(healthchecks[0].exec_form())
+    assert healthchecks[0].exec_form() == PROBE, "the image's health check (see below)"
     assert "CMD" in keywords
 
     def index(predicate: Any, what: str) -> int:
@@ -506,19 +568,21 @@ def test_dockerfile_layers() -> None:
         assert found, f"the Dockerfile has no {what}"
         return int(found[0])
 
-    copy_source = index(lambda i: i.keyword == "COPY" and i.arguments.split()[0] == ".", "COPY .")
     copy_project = index(
         lambda i: i.keyword == "COPY" and "pyproject.toml" in i.arguments, "COPY pyproject.toml"
     )
     install_deps = index(
         lambda i: i.keyword == "RUN" and "pip install -r" in i.arguments, "RUN pip install -r"
     )
-    install_package = index(
-        lambda i: i.keyword == "RUN" and "pip install --no-deps ." in i.arguments,
-        "RUN pip install --no-deps .",
+    copy_wheel = index(
+        lambda i: i.keyword == "COPY" and i.arguments.startswith("--from="), "COPY --from="
     )
-    assert copy_project < install_deps < copy_source < install_package, (
-        "dependencies must be installed from pyproject.toml before the source is copied"
+    install_package = index(
+        lambda i: i.keyword == "RUN" and "pip install --no-deps" in i.arguments,
+        "RUN pip install --no-deps",
+    )
+    assert copy_project < install_deps < copy_wheel < install_package, (
+        "dependencies must be installed from pyproject.toml before the package"
     )
 
 
@@ -532,6 +596,203 @@ def test_dockerfile_installs_what_the_worker_needs() -> None:
     entrypoint = [i for i in dockerfile() if i.keyword == "ENTRYPOINT"]
     assert entrypoint, "no ENTRYPOINT"
     assert entrypoint[-1].exec_form()[0].endswith("tini"), "pid 1 buries orphans"
+
+
+def test_the_image_health_check_follows_the_role_its_port_and_its_scheme(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: the check was http://127.0.0.1:8000 whatever the port, the scheme and the
+    role. It now asks what the container's command serves, configured as that command is."""
+    (healthcheck,) = [i for i in stages()[-1] if i.keyword == "HEALTHCHECK"]
+    check = healthcheck.exec_form()
+    image = image_environment()
+    (exposed,) = [i.arguments for i in stages()[-1] if i.keyword == "EXPOSE"]
+    assert image["TASKLEDGER_PORT"] == exposed, "the api listens where the image says"
+    tls = {
+        "TASKLEDGER_SSL_CERTFILE": str(tmp_path / "server.pem"),
+        "TASKLEDGER_SSL_KEYFILE": str(tmp_path / "server.key"),
+    }
+    cases: list[tuple[list[str], dict[str, str], str | None]] = [
+        (default_command(), {}, f"http://127.0.0.1:{exposed}/healthz"),
+        (default_command(), {"TASKLEDGER_PORT": "9000"}, "http://127.0.0.1:9000/healthz"),
+        (default_command(), {"TASKLEDGER_PORT": "8443", **tls}, "https://127.0.0.1:8443/healthz"),
+        (["taskledger", "api", "--port", "8001"], {}, "http://127.0.0.1:8001/healthz"),
+        (["taskledger", "api", "--host", "10.1.2.3"], {}, f"http://10.1.2.3:{exposed}/healthz"),
+        # `docker run IMAGE taskledger worker`: the image's metrics port, or the configured one.
+        (["taskledger", "worker"], {}, "http://127.0.0.1:9100/metrics"),
+        (["taskledger", "worker"], {"TASKLEDGER_METRICS_PORT": "9200"}, "http://127.0.0.1:9200/metrics"),
+        (["taskledger", "worker", "--metrics-port", "9300"], {}, "http://127.0.0.1:9300/metrics"),
+        (["taskledger", "projections", "run"], {}, None),
+    ]  # fmt: skip
+    for command, environment, expected in cases:
+        got = probed_url(check, command, {**image, **environment})
+        assert got == expected, (command, environment)
+    # Given arguments, the check asks about them instead of pid 1's command.
+    assert probed_url([*check, "worker"], default_command(), image) == (
+        "http://127.0.0.1:9100/metrics"
+    )
+
+
+def test_the_health_check_asks_and_answers_as_docker_expects(
+    clean_environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 0 when the URL answers 200, 1 with the reason when nothing listens."""
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Healthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = str(server.server_address[1])
+        assert healthcheck_main(["api", "--port", port]) == 0
+        clean_environment.setenv("TASKLEDGER_METRICS_PORT", port)
+        assert healthcheck_main(["worker"]) == 1, "404 for /metrics is not healthy"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert healthcheck_main(["api", "--port", port]) == 1
+    assert f"http://127.0.0.1:{port}/healthz" in capsys.readouterr().err
+    assert healthcheck_main(["projections", "run"]) == 0
+
+
+def test_the_health_check_finds_the_command_of_pid_1() -> None:
+    def cmdline(*words: str) -> bytes:
+        return b"".join(word.encode() + b"\0" for word in words)
+
+    assert container_command(cmdline("/usr/bin/tini", "--", "taskledger", "api")) == ["api"]
+    assert container_command(
+        cmdline("/sbin/docker-init", "--", "/usr/bin/tini", "--", "taskledger", "worker")
+    ) == ["worker"]
+    assert container_command(
+        cmdline("/usr/local/bin/python", "/usr/local/bin/taskledger", "worker", "--grace", "3")
+    ) == ["worker", "--grace", "3"]
+    assert container_command(cmdline("python", "-m", "taskledger", "api")) == ["api"]
+    assert container_command(cmdline("/bin/sh")) is None
+
+
+def ids_made(run: str) -> dict[str, list[int]]:
+    """The uids and gids that a RUN's useradd and groupadd give, its loop over the slot
+    users unrolled with the ARG defaults (`$((SANDBOX_UID_BASE + n))` for n in 0..N-1)."""
+    args = build_args()
+    loop = re.search(r"for n in \$\(seq 0 \$\(\(SANDBOX_USERS - 1\)\)\); do(.*?)done", run)
+    assert loop, "no loop over the slot users"
+    # useradd --uid: a user's uid; groupadd --gid: a group's gid; useradd --gid: the
+    # user's primary group (given explicitly, or useradd would make one with a system gid).
+    found: dict[str, list[int]] = {"uid": [], "gid": [], "primary": []}
+    wanted = {"useradd": {"uid": "uid", "gid": "primary"}, "groupadd": {"gid": "gid"}}
+    ns_of = (
+        (run.replace(loop.group(0), ""), [0]),
+        (loop.group(1), range(int(args["SANDBOX_USERS"]))),
+    )
+    for body, ns in ns_of:
+        for program, command in re.findall(r"\b(useradd|groupadd)\b([^;&]*)", body):
+            given = dict(re.findall(r"--(uid|gid) (\$\(\(\w+ \+ n\)\)|\S+)", command))
+            assert set(given) == set(wanted[program]), f"{program}{command}: give {wanted}"
+            for option, value in given.items():
+                arithmetic = re.fullmatch(r"\$\(\((\w+) \+ n\)\)", value)
+                assert arithmetic or value.isdigit(), f"{value}: not a number or BASE + n"
+                for n in ns:
+                    number = int(args[arithmetic.group(1)]) + n if arithmetic else int(value)
+                    found[wanted[program][option]].append(number)
+    return found
+
+
+def test_the_image_gives_its_users_high_fixed_ids_as_the_docs_say() -> None:
+    """Issue 13: the slot users got system uids 999 down to 968 (the postgres and rabbitmq
+    images run as 999, and a host's 998 may be systemd-network), the taskledger group 999."""
+    runs = [i.arguments for i in stages()[-1] if i.keyword == "RUN" and "useradd" in i.arguments]
+    assert len(runs) == 1, "the users are made in one RUN"
+    ids = ids_made(runs[0])
+    users = int(build_args()["SANDBOX_USERS"])
+    assert len(ids["uid"]) == len(ids["gid"]) == 1 + users, ids
+    assert ids["primary"] == ids["gid"], "each user in its own group, made just before it"
+    for kind, numbers in ids.items():
+        low = [n for n in numbers if n < 10000]
+        assert not low, f"{kind}s below 10000: {low}"
+        assert len(set(numbers)) == len(numbers), f"{kind}s given twice: {numbers}"
+    base = int(build_args()["SANDBOX_UID_BASE"])
+    assert ids["uid"][:1] == ids["gid"][:1] == [10001], "taskledger is the first, 10001"
+    assert sorted(ids["uid"][1:]) == list(range(base, base + users))
+
+    operations = OPERATIONS.read_text(encoding="utf-8")
+    dockerfile_text = DOCKERFILE.read_text(encoding="utf-8")
+    for text in (operations, dockerfile_text):
+        assert re.search(r"uid and gid\W+10001", text), "the taskledger user's ids"
+        assert re.search(rf"\b{base}\D{{1,4}}{base + users - 1}\b", text), "the slot users' ids"
+    assert f"`{USER_PREFIX}0`" in operations
+    assert f"SANDBOX_UID_BASE={base}" in operations
+
+
+def test_the_image_holds_no_source_tree_beside_the_installed_package() -> None:
+    """Issue 13: `COPY . .` left the source in /app, the working directory, where it shadowed
+    the installed package for `python -m`. The image gets the package as a wheel only."""
+    *builders, image = stages()
+    workdirs = [i.arguments for i in image if i.keyword == "WORKDIR"]
+    assert workdirs, "no WORKDIR: the image's would be /"
+    for instruction in image:
+        if instruction.keyword not in ("COPY", "ADD"):
+            continue
+        words = [w for w in instruction.arguments.split() if not w.startswith("--")]
+        *sources, target = words
+        if "--from=" in instruction.arguments:
+            assert builders, "COPY --from= without a build stage"
+            assert all("wheel" in s for s in sources), f"only wheels: {instruction.arguments}"
+        else:
+            assert sources == ["pyproject.toml"], f"the image copies {sources} from the context"
+        assert not target.startswith(workdirs[-1]), f"{target} is in the working directory"
+        assert target.startswith("/"), f"{target} is relative to the working directory"
+        removed = [
+            i
+            for i in image
+            if i.keyword == "RUN" and re.search(rf"\brm [^&;]*{re.escape(target)}\b", i.arguments)
+        ]
+        assert removed, f"{target} is left in the image"
+    assert any("pip wheel" in i.arguments for stage in builders for i in stage)
+
+
+def test_the_base_image_pinning_is_documented_without_a_made_up_digest() -> None:
+    operations = OPERATIONS.read_text(encoding="utf-8")
+    dockerfile_text = DOCKERFILE.read_text(encoding="utf-8")
+    for text in (operations, dockerfile_text):
+        assert "python:3.11-slim-bookworm@sha256:" in text
+        assert "docker buildx imagetools inspect python:3.11-slim-bookworm" in text
+    assert "podman inspect" in operations
+    for text in (operations, dockerfile_text):
+        digests = re.findall(r"sha256:([0-9a-f]{8,})", text)
+        assert not digests, f"a digest nobody looked up: {digests}"
+
+
+def test_only_the_api_is_published_and_dev_ports_stay_on_loopback() -> None:
+    """Issue 13: the management UI was published on every interface with the demo password,
+    PostgreSQL and AMQP on 127.0.0.1 (failing where they already run). Now only the API's
+    port is published; the others are in docker-compose.debug.yml, on 127.0.0.1 only."""
+    for name, service in services().items():
+        ports = [str(p) for p in service.get("ports") or []]
+        if name in taskledger_services() and role_of(service) == "api":
+            assert ports, f"service {name}: the API is not published"
+        else:
+            assert not ports, f"service {name} publishes {ports}: only the API is published"
+    debug = load_compose(COMPOSE_DEBUG)
+    assert set(debug) == {"services"}, "the debug file only adds ports"
+    published = {}
+    for name, service in debug["services"].items():
+        assert name in services(), f"docker-compose.debug.yml: no service {name} to extend"
+        assert set(service) == {"ports"}, f"docker-compose.debug.yml: {name} changes {set(service)}"
+        for mapping in service["ports"]:
+            host, _, container = str(mapping).rpartition(":")
+            assert host.startswith("127.0.0.1:"), f"{name}: {mapping} is not on 127.0.0.1"
+            published[int(container)] = name
+    assert published == {5432: "postgres", 5672: "rabbitmq", 15672: "rabbitmq"}
+    assert ignored("docker-compose.debug.yml", dockerignore_patterns()), "not in the image"
+    for path in (OPERATIONS, README):
+        assert "docker-compose.debug.yml" in path.read_text(encoding="utf-8"), path.name
 
 
 def dockerignore_patterns() -> list[str]:
