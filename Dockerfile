@@ -97,11 +97,11 @@ RUN groupadd --gid 10001 taskledger \
 WORKDIR /var/lib/taskledger
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
-COPY pyproject.toml /tmp/pyproject.toml
-# constraints: see issue 13 item 3
+# At the versions constraints.txt pins, as scripts/test and scripts/dev install them.
+COPY pyproject.toml constraints.txt /tmp/
 RUN python -c "import tomllib; deps = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt /tmp/pyproject.toml
+    && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt /tmp/pyproject.toml /tmp/constraints.txt
 
 # Then the package itself, from the build stage's wheel, without dependencies (they are
 # all there).

@@ -572,8 +572,11 @@ def test_dockerfile_layers() -> None:
         lambda i: i.keyword == "COPY" and "pyproject.toml" in i.arguments, "COPY pyproject.toml"
     )
     install_deps = index(
-        lambda i: i.keyword == "RUN" and "pip install -r" in i.arguments, "RUN pip install -r"
+        lambda i: i.keyword == "RUN" and re.search(r"pip install .*-r ", i.arguments),
+        "RUN pip install -r",
     )
+    # The pinned versions (issue 13: builds were not reproducible), as the scripts install.
+    assert "-c /tmp/constraints.txt" in instructions[install_deps].arguments
     copy_wheel = index(
         lambda i: i.keyword == "COPY" and i.arguments.startswith("--from="), "COPY --from="
     )
@@ -745,15 +748,22 @@ def test_the_image_holds_no_source_tree_beside_the_installed_package() -> None:
             assert builders, "COPY --from= without a build stage"
             assert all("wheel" in s for s in sources), f"only wheels: {instruction.arguments}"
         else:
-            assert sources == ["pyproject.toml"], f"the image copies {sources} from the context"
+            assert set(sources) <= {"pyproject.toml", "constraints.txt"}, (
+                f"the image copies {sources} from the context"
+            )
         assert not target.startswith(workdirs[-1]), f"{target} is in the working directory"
         assert target.startswith("/"), f"{target} is relative to the working directory"
-        removed = [
-            i
-            for i in image
-            if i.keyword == "RUN" and re.search(rf"\brm [^&;]*{re.escape(target)}\b", i.arguments)
-        ]
-        assert removed, f"{target} is left in the image"
+        # Into a directory (a trailing /): each file copied must go again.
+        left = (
+            [target + s.rsplit("/", 1)[-1] for s in sources] if target.endswith("/") else [target]
+        )
+        for path in left:
+            removed = [
+                i
+                for i in image
+                if i.keyword == "RUN" and re.search(rf"\brm [^&;]*{re.escape(path)}\b", i.arguments)
+            ]
+            assert removed, f"{path} is left in the image"
     assert any("pip wheel" in i.arguments for stage in builders for i in stage)
 
 
