@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import grp
 import logging
 import os
 import pwd
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 USER_PREFIX = "tlsbx"
 MAX_USERS = 256
+# A slot user the sandbox creates, tlsbx<n>, gets uid and gid UID_BASE + n, as the image
+# makes them (Dockerfile, SANDBOX_UID_BASE): `useradd --system` gave 999 and down, the
+# uid the official postgres and rabbitmq images run as.
+UID_BASE = 20_000
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 KILL_WAIT_SECONDS = 10.0  # SIGKILLed processes are gone well before this
 ZOMBIE_WAIT_SECONDS = 3.0  # for pid 1 to bury orphans (see wait_for_no_processes)
@@ -51,39 +56,59 @@ async def claim_users(count: int, lock_dir: Path) -> tuple[list[SlotUser], list[
             lock.close()
             continue
         locks.append(lock)
-        users.append(await ensure_user(name))
+        users.append(await ensure_user(name, UID_BASE + n))
     for held in locks:
         held.close()
     raise SandboxError(f"no free sandbox user among {USER_PREFIX}0..{MAX_USERS - 1}")
 
 
-async def ensure_user(name: str) -> SlotUser:
+async def ensure_user(name: str, uid: int) -> SlotUser:
+    """The slot user `name`, created with uid and gid `uid` (its own group) if missing. A
+    uid or gid already taken is refused (useradd without --non-unique): programs must
+    never run as someone else."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        code, output = await run_quietly(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                "--comment",
-                "taskledger sandbox slot",
-                name,
-            ]
-        )
+        code, output = await run_quietly(["groupadd", "--gid", str(uid), name])
+        if code != 0 and _gid_of(name) == uid:
+            code = 0  # left by an earlier try whose useradd failed
+        if code == 0:
+            code, output = await run_quietly(
+                [
+                    "useradd",
+                    "--uid",
+                    str(uid),
+                    "--gid",
+                    str(uid),
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--comment",
+                    "taskledger sandbox slot",
+                    name,
+                ]
+            )
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            raise SandboxError(f"could not create the sandbox user {name}: {output}") from None
+            raise SandboxError(
+                f"could not create the sandbox user {name} with uid and gid {uid}: {output}. "
+                f"Free that id, or create {name} yourself (a user of its own, no login)"
+            ) from None
         if code == 0:
-            log.info("sandbox: created the system user %s", name, extra={"slot_user": name})
+            log.info("sandbox: created the user %s (uid %d)", name, uid, extra={"slot_user": name})
     if entry.pw_uid == 0:
         raise SandboxError(f"sandbox user {name} has uid 0")
     return SlotUser(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def _gid_of(group: str) -> int | None:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        return None
 
 
 async def wait_for_no_processes(user: SlotUser, *, zombies: bool = False) -> None:
