@@ -271,10 +271,10 @@ class Deployment:
         return {w.pid: w.label for w in self.workers if w.alive()}
 
     def worker_label(self, worker_id: str) -> str:
-        """The label of a worker id (`<host>-<pid>`), of this process or an earlier one."""
-        pid = worker_id.rpartition("-")[2]
+        """The label of a worker id (`<host>-<pid>-<random>`; `<host>-<pid>` before), of
+        this process or an earlier one."""
         for worker in self.workers:
-            if pid in {str(p) for p in worker.pids}:
+            if any(f"-{pid}-" in f"{worker_id}-" for pid in worker.pids):
                 return worker.label
         return worker_id
 

@@ -180,7 +180,8 @@ def test_a_worker_killed_mid_task_loses_the_attempt_and_the_other_worker_complet
             "the task to start",
         )
         worker_id = client.get(f"/api/tasks/{task_id}").json()["worker_id"]
-        victim = next(p for p in deployment.workers if worker_id.endswith(f"-{p.pid}"))
+        # Worker ids are host-pid-random (workers.worker.default_worker_id).
+        victim = next(p for p in deployment.workers if f"-{p.pid}-" in worker_id)
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
         task = finished(client, task_id, timeout=90)
