@@ -184,27 +184,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
         for attempt in range(1, AMBIGUOUS_TRIES + 1):
             try:
                 return self._insert_once(stored_events, **kwargs)
-            except IntegrityError:
+            except IntegrityError as conflict:
                 # Written again after a break whose look could not reach the server:
                 # the duplicate key may be the first write's own events.
-                if attempt > 1 and stored_events and self._stored(stored_events[-1]):
-                    log.warning(
-                        "a save written again after a broken connection was already "
-                        "stored: it succeeded",
-                        extra={"events": len(stored_events)},
-                    )
+                if attempt > 1 and self._already_stored(stored_events, conflict):
                     return None
                 raise
             except (OperationalError, InterfaceError) as broken:
                 if unreachable(broken):
                     raise
                 try:
-                    if stored_events and self._stored(stored_events[-1]):
-                        log.warning(
-                            "the connection broke during a save whose events are stored: "
-                            "it succeeded",
-                            extra={"events": len(stored_events), "error": str(broken)},
-                        )
+                    if self._already_stored(stored_events, broken):
                         return None
                 except (OperationalError, InterfaceError):
                     pass  # the store is still out of reach: as if not stored
@@ -259,6 +249,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 raise
             raise LeaseBook.translate(error) from error.__cause__
 
+    def _already_stored(self, stored_events: typing.Sequence[StoredEvent], met: Exception) -> bool:
+        """Whether an earlier write of this save, whose answer was lost, stored it: then
+        the save succeeded, whatever this write met."""
+        if not stored_events or not self._stored(stored_events[-1]):
+            return False
+        log.warning(
+            "a save whose answer was lost is stored: it succeeded",
+            extra={"events": len(stored_events), "error": str(met)},
+        )
+        return True
+
     def _stored(self, event: StoredEvent) -> bool:
         """Whether this very event (same stream, version and bytes) is in the store."""
         statement = SQL(
@@ -290,7 +291,7 @@ class LedgerRecorder(PostgresApplicationRecorder):
         now = time.monotonic()
         return max((now - began for _, began in list(self._in_flight.values())), default=0.0)
 
-    def break_stalled(self, after: float) -> int:
+    def break_stalled(self, after: float) -> None:
         """Break the connection of every call that has waited more than `after` seconds
         for the store: a server that stopped answering (frozen, or a pipeline deadlock
         like the one above) would otherwise hold that call for ever; a save, every save
@@ -299,7 +300,6 @@ class LedgerRecorder(PostgresApplicationRecorder):
         stored and writes again or fails (insert_events). The server's session is ended
         too, if the server answers a new connection, so the locks it held are let go."""
         now = time.monotonic()
-        broken = 0
         for thread, (conn, began) in list(self._in_flight.items()):
             if now - began <= after or self._in_flight.get(thread, (None,))[0] is not conn:
                 continue
@@ -313,11 +313,9 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 extra={"backend_pid": backend, "seconds": round(now - began, 1)},
             )
             _shut(conn)
-            broken += 1
             threading.Thread(
                 target=self._end_session, args=(backend,), name="end-stalled", daemon=True
             ).start()
-        return broken
 
     def _end_session(self, backend: int) -> None:
         """End a stalled call's server session, on a connection of its own (the pool's
