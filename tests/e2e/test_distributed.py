@@ -8,7 +8,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from tests import services
-from tests.processes import free_port, stop
+from tests.processes import free_port, ready, start_role, stop, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -38,31 +37,6 @@ class Deployment:
         return httpx.Client(
             base_url=self.url, headers={"Authorization": f"ApiKey {KEY}"}, timeout=90
         )
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "taskledger", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
@@ -83,9 +57,11 @@ def deployment(database_url: str, schema: str, tmp_path: Path) -> Iterator[Deplo
         "TASKLEDGER_LEASE_SECONDS": "2",
         "TASKLEDGER_HEARTBEAT_SECONDS": "0.4",
     }
-    api = start(["api", "--port", str(port)], env, tmp_path / "api.out")
+    api = start_role(["api", "--port", str(port)], env, tmp_path / "api.out")
     workers = [
-        start(["worker", "--concurrency", "3", "--grace", "5"], env, tmp_path / f"worker{i}.out")
+        start_role(
+            ["worker", "--concurrency", "3", "--grace", "5"], env, tmp_path / f"worker{i}.out"
+        )
         for i in range(2)
     ]
     url = f"http://127.0.0.1:{port}"

@@ -19,12 +19,10 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,7 +34,7 @@ from psycopg import sql
 
 from bench.faults.proxy import TcpProxy
 from tests import services
-from tests.processes import free_port, stop
+from tests.processes import free_port, ready, start_role, stop, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -60,28 +58,6 @@ class Partition:
     history: list[dict[str, Any]]
     after: dict[str, Any]  # a task submitted once the partition healed
     worker_log: str
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "taskledger", *args], env=env, stdout=out, stderr=out
-        )
-
-
-def _wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _through(database_url: str, port: int) -> str:
@@ -126,8 +102,8 @@ def _partition(client: httpx.Client, worker: subprocess.Popen[bytes], proxy: Tcp
         ttl_seconds=120,
         max_attempts=1,
     )
-    _wait_until(lambda: _task(client, task_id)["status"] == "InProgress", 60, "the task to start")
-    _wait_until(lambda: bool(_runs(worker)), 10, "the program to run")
+    wait_until(lambda: _task(client, task_id)["status"] == "InProgress", 60, "the task to start")
+    wait_until(lambda: bool(_runs(worker)), 10, "the program to run")
     paused = time.monotonic()
     proxy.pause()
     lost_after: float | None = None
@@ -144,7 +120,7 @@ def _partition(client: httpx.Client, worker: subprocess.Popen[bytes], proxy: Tcp
         proxy.resume()
     # Whatever the worker does once it reaches the store again, it must record nothing:
     # wait until the program would have ended and the worker had time to try.
-    _wait_until(
+    wait_until(
         lambda: time.monotonic() - paused > RUN_SECONDS + 3 and not _runs(worker),
         RUN_SECONDS + 30,
         "the program's end",
@@ -184,15 +160,15 @@ def partition(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
     )
     proxy.start()
     port = free_port()
-    api = _start(["api", "--port", str(port)], env, tmp_path / "api.out")
-    worker = _start(
+    api = start_role(["api", "--port", str(port)], env, tmp_path / "api.out")
+    worker = start_role(
         ["worker", "--concurrency", "1", "--grace", "2"],
         {**env, "TASKLEDGER_DATABASE_URL": _through(database_url, proxy.listen_port)},
         tmp_path / "worker.out",
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(lambda: _ready(url), 60, "the api to be ready")
+        wait_until(lambda: ready(url), 60, "the api to be ready")
         with httpx.Client(
             base_url=url, headers={"Authorization": f"ApiKey {KEY}"}, timeout=60
         ) as client:

@@ -15,16 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests import services
-from tests.processes import free_port, stop
+from tests.processes import free_port, stop, wait_until_serving
 
 pytestmark = [pytest.mark.postgres]
 
@@ -99,25 +97,6 @@ def dev_url(database_url: str, schema: str, tmp_path: Path) -> Iterator[str]:
         yield url
     finally:
         stop(process)
-
-
-def wait_until_serving(
-    process: subprocess.Popen[bytes], url: str, output: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"taskledger dev exited with {process.returncode}:\n{output.read_text()}"
-            )
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not serving after {timeout} s:\n{output.read_text()}")
-        time.sleep(0.1)
 
 
 def json_documents(text: str) -> list[Any]:
