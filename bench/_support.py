@@ -10,6 +10,7 @@ import os
 import platform
 import secrets
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,21 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def git(*args: str) -> str:
+    """`git ARGS` in the repository, its output unstripped (porcelain lines start with a
+    two-letter status that may be a space); "" when git or the repository is missing."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=REPOSITORY, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout
+
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE_URL_ENV = "TASKLEDGER_BENCH_DATABASE_URL"

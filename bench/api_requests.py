@@ -67,7 +67,6 @@ import secrets
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -91,6 +90,7 @@ from bench._support import (
     MachineFacts,
     benchmark_parser,
     eprint,
+    git,
     machine_facts,
     markdown_table,
     percentile,
@@ -1375,17 +1375,6 @@ CODE_UNDER_TEST = ("api", "ledger", "projections", "taskledger", "workers")
 
 def code_version() -> dict[str, Any]:
     """The commit measured, and uncommitted changes to the code under test, if any."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout
-
     changed = git("status", "--porcelain", "--", *CODE_UNDER_TEST)
     return {
         "commit": git("rev-parse", "HEAD").strip() or None,

@@ -80,7 +80,6 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -106,6 +105,7 @@ from bench._support import (
     MachineFacts,
     benchmark_parser,
     eprint,
+    git,
     machine_facts,
     markdown_table,
     percentile,
@@ -1362,18 +1362,6 @@ def _lag_progress(
 
 def code_version() -> dict[str, Any]:
     """The commit measured, and uncommitted changes to the code under test, if any."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        # Not stripped: porcelain lines start with a two-letter status that may be a space.
-        return done.stdout
-
     changed = git("status", "--porcelain", "--", "ledger", "projections")
     return {
         "commit": git("rev-parse", "HEAD").strip() or None,

@@ -20,7 +20,6 @@ import concurrent.futures
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from bench._processes import signals_deferred
-from bench._support import eprint, markdown_table, write_results
+from bench._support import eprint, git, markdown_table, write_results
 from bench.faults import services
 from bench.faults.deployment import Deployment, Role
 from bench.faults.load import Client, Submission, plan
@@ -343,23 +342,10 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
 
 
 def _commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+    head = git("rev-parse", "--short", "HEAD").strip()
+    if not head:
         return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
