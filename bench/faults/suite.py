@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -43,7 +42,6 @@ SUMMARY = (
     "fault injection: workers and the api leader killed, RabbitMQ and PostgreSQL restarted,"
     " PostgreSQL down 60 s, a worker partitioned; did every accepted task end exactly once?"
 )
-ROOT = Path(__file__).resolve().parents[2]
 LEASE_SECONDS = 10.0  # taskledger's defaults
 HEARTBEAT_SECONDS = 2.0
 CONCURRENCY = 4
