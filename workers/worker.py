@@ -477,10 +477,13 @@ class Worker:
         fence_after = max(leases.lease_seconds - self.heartbeat_seconds, self.heartbeat_seconds)
         beat: asyncio.Task[set[tuple[UUID, int]] | None] | None = None
         began = renewed_at
+        asked: set[tuple[UUID, int]] = set()
         try:
             while True:
-                asked = set(self._held)
                 if beat is None:
+                    # What this beat renews: an attempt started while it hangs is not in
+                    # its answer, and must not be taken for lost when the answer comes.
+                    asked = set(self._held)
                     beat, began = asyncio.create_task(self._beat()), loop.time()
                 done, _ = await asyncio.wait({beat}, timeout=self.heartbeat_seconds)
                 held = None
@@ -490,7 +493,7 @@ class Worker:
                     renewed_at = began
                     lost = asked - held
                 elif loop.time() - renewed_at > fence_after:
-                    lost = asked  # cut off from the store: the leader will take them
+                    lost = set(self._held)  # cut off from the store: the leader takes them
                 else:
                     lost = set()
                 for task_id, attempt in lost & set(self._held):
