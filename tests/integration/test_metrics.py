@@ -317,6 +317,23 @@ async def test_readiness_names_a_view_that_is_not_installed(api: Api) -> None:
 
 
 @pytest.mark.asyncio
+async def test_readiness_reports_a_stalled_ledger(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger's watch measures how long its oldest call has waited for the store
+    (tests/integration/test_outages.py freezes a real server for that); /readyz says so
+    and takes the api out of rotation, whatever the other checks say."""
+    assert (await api.client.get("/readyz")).json()["checks"]["ledger"] == "ok"
+    monkeypatch.setattr(api.context.ledger, "stalled_for", lambda: 4.2)
+    ready = await api.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["ledger"] == (
+        "stalled: a call has waited 4.2 s for the event store"
+    )
+    assert ready.json()["checks"]["database"] == "ok"
+
+
+@pytest.mark.asyncio
 async def test_readiness_bounds_a_probe_that_does_not_answer(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
