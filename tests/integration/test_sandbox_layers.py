@@ -7,6 +7,7 @@ Real processes as root (fails in CI when not root, skipped elsewhere).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import signal
@@ -189,3 +190,81 @@ async def test_each_slot_has_a_zygote_named_for_ps(tmp_path: Path) -> None:
             assert pid in sandbox._cgroups[slot].pids()
     finally:
         await sandbox.close()
+
+
+# As in a container on a cgroup v1 host (podman/Docker with `cgroup: private`): its own
+# cgroup namespace, and every cgroupfs mount read-only. The worker must mount its
+# controllers' hierarchies again, writable, and bound its runs with them.
+READ_ONLY_CGROUPS = """
+set -e
+for mount in $(awk '$3 ~ /^cgroup2?$/ {print $2}' /proc/mounts) /sys/fs/cgroup; do
+    mount -o remount,ro,bind "$mount"
+done
+exec "$@"
+"""
+
+IN_A_CONTAINER = """
+import asyncio, json, sys
+from pathlib import Path
+from tests.sandboxing import request
+from workers.executors.python import PythonExecutor
+from workers.sandbox import Limits, Sandbox, cgroups
+MiB = 1024 * 1024
+limits = Limits(memory_bytes=128 * MiB, processes=64)
+code = (
+    "import os\\n"
+    f"size = {96 * MiB}\\n"  # two processes, each under the per-process cap, over the run's
+    "pid = os.fork()\\n"
+    "held = bytearray(size)\\n"
+    "for i in range(0, size, 4096):\\n"
+    "    held[i] = 1\\n"
+    "if pid:\\n"
+    "    _, status = os.waitpid(pid, 0)\\n"
+    "    raise SystemExit(0 if status == 0 else 1)\\n"
+)
+async def main():
+    sandbox = Sandbox(1, work_dir=Path(sys.argv[1]), limits=limits)
+    try:
+        await sandbox.start()
+        paths = {name: str(path) for name, path in sandbox._cgroups[0].paths.items()}
+        outcome = await PythonExecutor(sandbox).run(request(code, seconds=60), asyncio.Event())
+        error = outcome.error.kind if outcome.error else None
+        print(json.dumps({"paths": paths, "kind": outcome.kind, "error": error}))
+    finally:
+        await sandbox.close()
+asyncio.run(main())
+"""
+
+
+def as_in_a_container(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`argv` in a mount and a cgroup namespace of its own, every cgroupfs read-only."""
+    namespaces = ["unshare", "--mount", "--cgroup", "--fork", "--"]
+    return subprocess.run(
+        [*namespaces, "sh", "-c", READ_ONLY_CGROUPS, "sh", *argv],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
+def test_a_worker_with_read_only_cgroups_mounts_its_own_and_bounds_runs(tmp_path: Path) -> None:
+    probe = as_in_a_container("sh", "-c", "touch /sys/fs/cgroup/memory/x 2>&1 || true")
+    assert "Read-only file system" in probe.stdout + probe.stderr, probe  # the situation holds
+
+    check = as_in_a_container(
+        sys.executable, "-m", "taskledger", "worker", "--check-sandbox", "--concurrency", "1"
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in ("cgroup memory", "cgroup pids", "cgroup cpu"):
+        row = next(line for line in check.stdout.splitlines() if line.startswith(name + " "))
+        assert row.split()[2] == "active", row
+        assert str(cgroups.PRIVATE) in row, row
+
+    run = as_in_a_container(sys.executable, "-c", IN_A_CONTAINER, str(tmp_path / "work"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert all(path.startswith(str(cgroups.PRIVATE)) for path in got["paths"].values()), got
+    assert (got["kind"], got["error"]) == ("failed", "memory_limit"), got

@@ -232,19 +232,55 @@ def test_a_read_only_v2_is_mounted_again_privately(
     monkeypatch.setattr(os, "access", lambda path, mode: str(path).startswith(str(private)))
     mounted: list[Path] = []
 
-    def mount(point: Path) -> tuple[Path | None, str]:
+    def mount(point: Path, fstype: str, options: str) -> tuple[Path | None, str]:
         mounted.append(point)
+        assert (fstype, options) == ("cgroup2", "")
         return private, ""
 
-    monkeypatch.setattr(cgroups, "_mount_private_v2", mount)
+    monkeypatch.setattr(cgroups, "_mount_private", mount)
     found = cgroups.find(V2_MOUNTS, "0::/\n", tmp_path)
     assert mounted == [cgroups.PRIVATE_V2]
     assert found.version == 2
     assert found.bases["memory"] == private / "taskledger"
-    monkeypatch.setattr(cgroups, "_mount_private_v2", lambda point: (None, "EPERM (test)"))
+    monkeypatch.setattr(cgroups, "_mount_private", lambda *args: (None, "EPERM (test)"))
     refused = cgroups.find(V2_MOUNTS, "0::/\n", tmp_path)
     assert not refused.bases
     assert "EPERM (test)" in refused.missing["memory"]
+
+
+def test_read_only_v1_hierarchies_are_mounted_again_privately(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a container on a cgroup v1 host: each controller's hierarchy is mounted
+    again, naming every controller it binds (`cpu,cpuacct`: `cpu` alone is refused)."""
+    mounts = V1_MOUNTS.replace("rw,cpu\n", "rw,cpu,cpuacct\n")
+    mounts = mounts.replace("cgroup/cpu ", "cgroup/cpu,cpuacct ")
+    fake_tree(tmp_path, {"sys/fs/cgroup/unified/cgroup.controllers": ""})
+    private = tmp_path / "private"
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path).startswith(str(private)))
+    mounted: list[tuple[Path, str, str]] = []
+
+    def mount(point: Path, fstype: str, options: str) -> tuple[Path | None, str]:
+        mounted.append((point, fstype, options))
+        return private / point.name, ""
+
+    monkeypatch.setattr(cgroups, "_mount_private", mount)
+    found = cgroups.find(mounts, "0::/\n", tmp_path)
+    assert found.version == 1
+    assert not found.missing
+    assert sorted(mounted) == sorted(
+        (cgroups.PRIVATE / f"cgroup-{options}", "cgroup", options)
+        for options in ("cpu,cpuacct", "memory", "pids")
+    )
+    assert found.bases["cpu"] == private / "cgroup-cpu,cpuacct" / "taskledger"
+    assert found.bases["memory"] == private / "cgroup-memory" / "taskledger"
+
+    monkeypatch.setattr(cgroups, "_mount_private", lambda *args: (None, "EPERM (test)"))
+    refused = cgroups.find(mounts, "0::/\n", tmp_path)
+    assert not refused.bases
+    assert "sys/fs/cgroup/memory is read-only, and EPERM (test)" in refused.missing["memory"]
+    kept = cgroups.find(mounts, "0::/\n", tmp_path, mount_private=False)
+    assert "is not writable" in kept.missing["pids"]
 
 
 def test_cgroups_missing_say_why(tmp_path: Path) -> None:

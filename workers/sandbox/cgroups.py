@@ -4,8 +4,11 @@ together, and counters that say which bound a run hit.
 cgroup v2 is used where its `memory`, `pids` and `cpu` controllers can be had (the
 worker's own cgroup is delegated: a container with its own cgroup namespace, or a
 systemd unit with `Delegate=yes`); otherwise the v1 hierarchies of those controllers
-(`/sys/fs/cgroup/memory`, …). A controller found nowhere is reported missing, and the
-sandbox runs without it only if the operator opted in.
+(`/sys/fs/cgroup/memory`, …). A container's cgroupfs is mounted read-only, v1 or v2: a
+worker with CAP_SYS_ADMIN mounts the same hierarchy again, writable, under PRIVATE (in
+its own cgroup namespace that mount is rooted at the container's cgroup). A controller
+found nowhere is reported missing, and the sandbox runs without it only if the operator
+opted in.
 
 A run's first process joins by writing `0` to each `cgroup.procs` (`procs_files`) before
 it drops root; everything it starts stays in the cgroup. The slot's cgroup is named after
@@ -26,10 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONTROLLERS = ("memory", "pids", "cpu")
+# Every v1 controller a hierarchy may bind (its super options also hold rw, name=, …).
+KERNEL_CONTROLLERS = frozenset(
+    {"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "net_cls", "net_prio"}
+    | {"blkio", "perf_event", "hugetlb", "pids", "rdma", "misc"}
+)
 GROUP = "taskledger"
 CPU_PERIOD_US = 100_000
 V2_LEAF = "taskledger-worker"  # where v2 delegation moves the worker's own processes
-PRIVATE_V2 = Path("/run/taskledger-sandbox/cgroup")  # our own cgroup2 mount, if we need one
+PRIVATE = Path("/run/taskledger-sandbox")  # our own cgroup mounts, where we need them
+PRIVATE_V2 = PRIVATE / "cgroup"  # cgroup2
 KILL_WAIT_SECONDS = 5.0
 
 
@@ -151,8 +160,8 @@ def find(
     mount_private: bool = True,
 ) -> Found:
     """Where this process can make slot cgroups: v2 if it offers every controller, else
-    v1 controller by controller. A v2 hierarchy mounted read-only (as in a container) is
-    mounted again, writable, at PRIVATE_V2 when `mount_private`. (`mountinfo`,
+    v1 controller by controller. A hierarchy mounted read-only (as in a container) is
+    mounted again, writable, under PRIVATE when `mount_private`. (`mountinfo`,
     `self_cgroup` and `root` let tests describe another machine.)"""
     if mountinfo is None:
         mountinfo = (root / "proc/self/mountinfo").read_text()
@@ -175,7 +184,7 @@ def find(
                 # A container's cgroupfs is mounted read-only; a cgroup2 mounted by us in
                 # our own mount namespace is writable (and, in a container's own cgroup
                 # namespace, rooted at the container's cgroup).
-                private, v2_problem = _mount_private_v2(PRIVATE_V2)
+                private, v2_problem = _mount_private(PRIVATE_V2, "cgroup2", "")
                 if private is not None:
                     private = private / own.lstrip("/")
             if absent:
@@ -188,10 +197,19 @@ def find(
     bases: dict[str, Path] = {}
     missing: dict[str, str] = {}
     for name in CONTROLLERS:
-        mount = v1.get(name)
-        if mount is None:
+        if name not in v1:
             missing[name] = f"no v1 hierarchy has it, and {v2_problem}"
-        elif not os.access(mount, os.W_OK):
+            continue
+        mount, options = v1[name]
+        if not os.access(mount, os.W_OK) and mount_private:
+            # The hierarchy is named by all its controllers: a mount naming fewer (`cpu`
+            # where the host has `cpu,cpuacct`) is refused with EBUSY.
+            private, problem = _mount_private(PRIVATE / f"cgroup-{options}", "cgroup", options)
+            if private is None:
+                missing[name] = f"{mount} is read-only, and {problem}"
+                continue
+            mount = private
+        if not os.access(mount, os.W_OK):
             missing[name] = f"{mount} is not writable (the worker needs root there)"
         else:
             bases[name] = mount / GROUP
@@ -236,28 +254,28 @@ def _delegate_v2(own: Path, group: Path) -> None:
     _write(group / "cgroup.subtree_control", wanted)
 
 
-def _mount_private_v2(point: Path) -> tuple[Path | None, str]:
-    """Mount cgroup2 at `point` (kept if already there); the mount point, or why not."""
+def _mount_private(point: Path, fstype: str, options: str) -> tuple[Path | None, str]:
+    """Mount a cgroup hierarchy (`cgroup2`, or v1 `cgroup` with its controllers as
+    `options`) at `point`, kept if already there; the mount point, or why not."""
     if os.path.ismount(point):
         return point, ""
+    argv = ["mount", "-t", fstype, *(["-o", options] if options else []), fstype, str(point)]
     try:
         point.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["mount", "-t", "cgroup2", "cgroup2", str(point)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as error:
-        output = getattr(error, "stderr", "") or str(error)
-        return None, f"cgroup v2 is read-only here and mounting it at {point} failed: {output}"
+        output = (getattr(error, "stderr", "") or str(error)).strip()
+        return None, (
+            f"mounting it writable at {point} (`{' '.join(argv)}`) failed: {output} "
+            "(the worker needs CAP_SYS_ADMIN for that, as docker-compose.yml gives it)"
+        )
     return point, ""
 
 
-def _mounts(mountinfo: str, root: Path) -> tuple[dict[str, Path], Path | None]:
-    """The v1 hierarchy of each controller, and the cgroup2 mount, from mountinfo."""
-    v1: dict[str, Path] = {}
+def _mounts(mountinfo: str, root: Path) -> tuple[dict[str, tuple[Path, str]], Path | None]:
+    """The v1 hierarchy of each controller (its mount point, and the controllers it
+    binds, as mount options: `cpu,cpuacct`), and the cgroup2 mount, from mountinfo."""
+    v1: dict[str, tuple[Path, str]] = {}
     v2: Path | None = None
     for line in mountinfo.splitlines():
         fields = line.split()
@@ -269,9 +287,10 @@ def _mounts(mountinfo: str, root: Path) -> tuple[dict[str, Path], Path | None]:
         if fstype == "cgroup2" and v2 is None:
             v2 = point
         elif fstype == "cgroup":
-            for option in options.split(","):
+            bound = [option for option in options.split(",") if option in KERNEL_CONTROLLERS]
+            for option in bound:
                 if option in CONTROLLERS and option not in v1:
-                    v1[option] = point
+                    v1[option] = (point, ",".join(bound))
     return v1, v2
 
 
