@@ -73,13 +73,15 @@ RUN apt-get update \
 # /run/lock/taskledger-sandbox (compose mounts one volume there) claim different users,
 # and so never share a uid (a slot's process limit counts per uid on the whole host).
 # Explicit high ids, clear of the system range (the postgres and rabbitmq images run as
-# 999) and of a host's ordinary users (1000 up):
+# 999); the slot users also above login.defs' UID_MAX (60000), where useradd never picks
+# an id by itself (see workers/sandbox/users.py):
 #   taskledger                  uid and gid 10001
-#   tlsbx<n>, n = 0 .. 31       uid and gid SANDBOX_UID_BASE + n: 20000 .. 20031
-# More slots than SANDBOX_USERS on one host: the sandbox creates the rest at start, per
-# container, with useradd's own choice of uid (a system one).
+#   tlsbx<n>, n = 0 .. 31       uid and gid SANDBOX_UID_BASE + n: 70000 .. 70031
+# (useradd warns that these are outside UID_MIN..UID_MAX: that is the point.) More slots
+# than SANDBOX_USERS on one host: the sandbox creates the rest at start, per container,
+# with the same numbering.
 ARG SANDBOX_USERS=32
-ARG SANDBOX_UID_BASE=20000
+ARG SANDBOX_UID_BASE=70000
 RUN groupadd --gid 10001 taskledger \
     && useradd --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
         --shell /usr/sbin/nologin taskledger \

@@ -14,7 +14,7 @@ import pytest
 
 from tests import services
 from workers.sandbox.errors import SandboxError
-from workers.sandbox.users import ensure_user
+from workers.sandbox.users import MAX_USERS, UID_BASE, ensure_user
 
 
 @pytest.fixture
@@ -53,3 +53,24 @@ async def test_an_id_someone_else_has_is_refused(name: str) -> None:
         await ensure_user(name, taken)
     with pytest.raises(KeyError):
         pwd.getpwnam(name)
+
+
+@pytest.mark.asyncio
+async def test_a_user_useradd_makes_later_never_takes_a_slot_users_id(name: str) -> None:
+    """useradd gives a new user the highest uid in UID_MIN..UID_MAX plus one: with slot
+    users inside that range, the next ordinary user (the embedded PostgreSQL's
+    `pgserver`, an operator's account) took the uid of the next slot, and that slot's
+    user could never be made (`groupadd: GID '20002' already exists`)."""
+    ordinary = f"{name}u"
+    await ensure_user(name, UID_BASE + MAX_USERS - 2)
+    try:
+        subprocess.run(
+            ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", ordinary],
+            check=True,
+            capture_output=True,
+        )
+        uid = pwd.getpwnam(ordinary).pw_uid
+        assert not UID_BASE <= uid < UID_BASE + MAX_USERS, uid
+    finally:
+        subprocess.run(["userdel", ordinary], capture_output=True, check=False)
+        subprocess.run(["groupdel", ordinary], capture_output=True, check=False)

@@ -23,9 +23,13 @@ log = logging.getLogger(__name__)
 USER_PREFIX = "tlsbx"
 MAX_USERS = 256
 # A slot user the sandbox creates, tlsbx<n>, gets uid and gid UID_BASE + n, as the image
-# makes them (Dockerfile, SANDBOX_UID_BASE): `useradd --system` gave 999 and down, the
-# uid the official postgres and rabbitmq images run as.
-UID_BASE = 20_000
+# makes them (Dockerfile, SANDBOX_UID_BASE). Not a system uid (`useradd --system` gave 999
+# and down, the uid the official postgres and rabbitmq images run as), and above
+# login.defs' UID_MAX (60000 on Debian): useradd gives a new user the highest uid in
+# UID_MIN..UID_MAX plus one, so slot users inside that range had the next user (the
+# embedded PostgreSQL's `pgserver`) take the next slot's id. Below SUB_UID_MIN (100000),
+# where subordinate ids for user namespaces start.
+UID_BASE = 70_000
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 KILL_WAIT_SECONDS = 10.0  # SIGKILLed processes are gone well before this
 ZOMBIE_WAIT_SECONDS = 3.0  # for pid 1 to bury orphans (see wait_for_no_processes)
