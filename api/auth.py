@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from api.errors import ApiProblem
-from ledger.application import KeyPrincipal
-from ledger.keys import Role
+from ledger.keys import KeyPrincipal, Role
 
 CHALLENGE = {"WWW-Authenticate": "ApiKey"}
 # The schemes of `Authorization: <scheme> <key>`, lower case (schemes are case-insensitive).

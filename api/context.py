@@ -14,8 +14,8 @@ from api.auth import Authenticator
 from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger, Submission
-from ledger.application import SubmitRequest
 from ledger.batching import Batcher
+from ledger.service import SubmitRequest
 
 
 @dataclass(frozen=True)

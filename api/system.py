@@ -25,9 +25,9 @@ from api.http import (
     time_param,
 )
 from ledger.keys import Role
+from ledger.log import read_changes
 from projections import all_projections
 from projections.admin import status as projection_status
-from projections.log import read_changes
 from projections.queries import audit_events, counts_by_status
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from api.http import (
 )
 from api.schemas import CancelRequest, RetryRequest, TaskCreate, TaskPatch
 from ledger import Status, TaskState
-from ledger.application import SubmitRequest
 from ledger.keys import Role
+from ledger.service import SubmitRequest
 from projections.queries import list_tasks
 
 STATUSES = tuple(str(s) for s in Status)

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 
-from ledger.application import EVENTS_CHANNEL, EVENTS_TABLE
+from ledger import log as event_log
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +70,23 @@ class TaskWatcher:
                 await asyncio.sleep(self.poll_interval)
 
     async def _follow_once(self) -> None:
-        table = sql.Identifier(self.schema, EVENTS_TABLE)
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True
         ) as conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
-            cur = await conn.execute(
-                sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(table)
-            )
-            row = await cur.fetchone()
-            last = int(row[0]) if row else 0
+            await conn.execute(event_log.listen())
+            last = await event_log.head_position_async(conn, self.schema)
             # A change stored before `last` was read (while this connection was being
             # made) would never wake its waiter: they all reread once.
             self._wake_all()
             while True:
                 if self._waiters:
-                    cur = await conn.execute(
-                        sql.SQL(
-                            "SELECT notification_id, originator_id FROM {}"
-                            " WHERE notification_id > %s ORDER BY notification_id"
-                        ).format(table),
-                        (last,),
-                    )
-                    for position, task_id in await cur.fetchall():
+                    changed = await event_log.tasks_changed_after(conn, self.schema, last)
+                    for position, task_id in changed:
                         last = position
                         for event in self._waiters.get(task_id, ()):
                             event.set()
                 else:
-                    cur = await conn.execute(
-                        sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(table)
-                    )
-                    row = await cur.fetchone()
-                    last = int(row[0]) if row else last
+                    last = await event_log.head_position_async(conn, self.schema)
                     # Someone subscribed while we skipped ahead: they may have missed a
                     # change below `last`; a spurious wake only costs them a reread.
                     self._wake_all()

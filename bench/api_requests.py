@@ -99,7 +99,7 @@ from bench._support import (
 )
 from bench.ledger_writes import postgres_cpu_seconds
 from bench.projections import host_busy_seconds
-from ledger.application import EVENTS_TABLE
+from ledger.log import EVENTS_TABLE
 
 NAME = "api_requests"
 SUMMARY = "requests/s of POST /api/tasks and GET /api/tasks/{id} against `taskledger api`"

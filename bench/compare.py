@@ -659,8 +659,8 @@ def scenario_ttl(ctx: Context, round_: int) -> None:
 
 def prepare_rebuild(ctx: Context, url: str) -> None:
     from bench.projections import vacuum_analyze, write_history
-    from ledger.application import Ledger
     from ledger.persistence import postgres_env
+    from ledger.service import Ledger
 
     ledger = Ledger(postgres_env(url, schema="public"))
     try:

@@ -35,7 +35,7 @@ from psycopg import sql
 
 from bench._processes import ManagedProcess
 from bench.cpu import BENCH_APPLICATION
-from ledger.application import EVENTS_CHANNEL, EVENTS_TABLE
+from ledger.log import EVENTS_CHANNEL, EVENTS_TABLE
 from projections.runner import PROJECTION_CHANNEL
 
 POLL = 0.05  # seconds without a notification before a snapshot anyway

@@ -56,10 +56,10 @@ from bench._support import (
     temporary_database,
     write_results,
 )
-from ledger.application import Ledger
 from ledger.clock import SystemClock
-from ledger.domain import AttemptResult
 from ledger.persistence import postgres_env
+from ledger.service import Ledger
+from ledger.values import AttemptResult
 
 NAME = "ledger_writes"
 SUMMARY = "saves/s and events/s of Ledger commands vs eventsourcing's default insert path"
@@ -144,7 +144,7 @@ class Submit(Workload):
     steps: ClassVar[tuple[str, ...]] = ("submit",)
 
     def __init__(self, app: Ledger) -> None:
-        super().__init__(app)
+        super().__init__(app.store)
         self.ledger = app
 
     @classmethod

@@ -113,11 +113,14 @@ from bench._support import (
     write_results,
 )
 from bench.ledger_writes import postgres_cpu_seconds
-from ledger.application import EVENTS_TABLE, Ledger
 from ledger.clock import SystemClock
-from ledger.domain import AttemptError, AttemptResult, Task, TaskLimits
+from ledger.domain import Task
+from ledger.log import EVENTS_TABLE
 from ledger.persistence import postgres_env
 from ledger.retry import RetryPolicy
+from ledger.service import Ledger
+from ledger.store import EventStore
+from ledger.values import AttemptError, AttemptResult, TaskLimits
 from projections import all_projections
 from projections.admin import rebuild
 from projections.base import Generation
@@ -127,7 +130,7 @@ NAME = "projections"
 SUMMARY = "projection rebuild events/s and live lag vs eventsourcing's ProjectionRunner"
 
 SCHEMA = "public"  # the ledger's default schema (TASKLEDGER_DATABASE_SCHEMA)
-APP_NAME = Ledger.name  # the application name the library's tracking records carry
+APP_NAME = EventStore.name  # the application name the library's tracking records carry
 
 # The issue's targets, printed beside the measurements.
 TARGET_REBUILD_EVENTS_PER_S = 20_000
@@ -143,15 +146,13 @@ RESULT = AttemptResult(stdout="42\n", exit_code=0, duration_ms=12.5)
 class TimedLedger(Ledger):
     """A Ledger that notes, after each save's commit, its last position and the time."""
 
-    name = Ledger.name  # the library would name a subclass's table after the subclass
-
     def __init__(self, env: dict[str, str]) -> None:
         super().__init__(env, clock=SystemClock())
         # Set to a list to record; appends from several threads are atomic in CPython.
         self.commits: list[tuple[int, float]] | None = None
         # Every save goes through the group commit, whose insert returns once its
         # transaction committed, with the notification ids it was given.
-        insert = self.group_commit._insert
+        insert = self.store.group_commit._insert
 
         def timed(events: Sequence[StoredEvent]) -> object:
             ids = insert(events)
@@ -160,7 +161,7 @@ class TimedLedger(Ledger):
                 commits.append((max(ids), time.perf_counter()))
             return ids
 
-        self.group_commit._insert = timed
+        self.store.group_commit._insert = timed
 
 
 # -- the history to rebuild from ------------------------------------------------------------
@@ -271,11 +272,11 @@ def write_history(
             tasks += 1
             if written >= events:
                 break
-        ledger.save(*batch)
+        ledger.store.save(*batch)
         if tasks % 10_000 < len(batch) or (per_save < 200 and tasks % 1_000 < len(batch)):
             progress(f"  wrote {written:,} events ({tasks:,} tasks)")
     seconds = time.perf_counter() - started
-    head = ledger.recorder.max_notification_id() or 0
+    head = ledger.store.recorder.max_notification_id() or 0
     return History(tasks, written, head, seconds, scenarios, output_bytes)
 
 

@@ -10,17 +10,23 @@ Time is passed in (`now`), never read here: the application service owns the clo
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from ledger.checks import (
+    check_code,
+    check_data,
+    check_description,
+    check_fields,
+    check_language,
+    check_max_attempts,
+    check_text,
+    check_ttl,
+    submission_fingerprint,
+)
 from ledger.errors import (
     AttemptAlreadyStarted,
     AttemptNotCurrent,
@@ -32,39 +38,18 @@ from ledger.errors import (
     NotRetryable,
     TaskIsTerminal,
 )
-from ledger.jsonvalue import NUL_PROBLEM, JSONValue, json_problem, merge_patch, without_nul
+from ledger.jsonvalue import JSONValue, merge_patch
 from ledger.retry import RetryPolicy
-
-
-class Status(StrEnum):
-    PENDING = "Pending"
-    IN_PROGRESS = "InProgress"
-    COMPLETED = "Completed"
-    FAILED = "Failed"
-    EXPIRED = "Expired"
-    CANCELLED = "Cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.EXPIRED, Status.CANCELLED})
-RETRYABLE_BY_CLIENT = frozenset({Status.FAILED, Status.EXPIRED, Status.CANCELLED})
-
-
-class ScheduleReason(StrEnum):
-    SUBMITTED = "submitted"
-    AUTO_RETRY = "auto-retry"
-    MANUAL_RETRY = "manual-retry"
-
-
-class Outcome(StrEnum):
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
-
+from ledger.values import (
+    RETRYABLE_BY_CLIENT,
+    Attempt,
+    AttemptError,
+    AttemptResult,
+    Outcome,
+    ScheduleReason,
+    Status,
+    TaskLimits,
+)
 
 _OUTCOME_STATUS = {
     Outcome.COMPLETED: Status.COMPLETED,
@@ -81,117 +66,10 @@ UPDATABLE_ANY_TIME = frozenset({"description"})
 UPDATABLE_WHILE_PENDING = frozenset({"data", "code", "ttl_seconds", "max_attempts"})
 
 
-@dataclass(frozen=True)
-class TaskLimits:
-    """Bounds on what a task may carry: the one payload budget. The API refuses a task
-    beyond it; the sandbox keeps this much of each output stream; and the ledger cuts
-    whatever reaches it beyond its output bound (a worker configured otherwise cannot
-    grow an event). So the largest event is known: TaskSubmitted, code + data; an
-    attempt's outcome, stdout + stderr (docs/ledger.md, "The payload budget"), and the
-    store carries it in every mode (tests/e2e: `taskledger dev` at each limit)."""
-
-    description_chars: int = 1_000
-    code_bytes: int = 64 * 1024
-    data_bytes: int = 256 * 1024
-    output_bytes: int = 1024 * 1024  # each of stdout and stderr, as UTF-8
-    max_ttl_seconds: float = 86_400
-    max_attempts: int = 10
-
-
-def cut(text: str, limit: int) -> tuple[str, bool]:
-    """At most `limit` bytes of `text` as UTF-8, cut on a character boundary; and
-    whether anything was cut."""
-    if len(text) * 4 <= limit:  # no character takes more than 4 bytes: no need to look
-        return text, False
-    encoded = text.encode("utf-8", "surrogatepass")
-    if len(encoded) <= limit:
-        return text, False
-    return encoded[:limit].decode("utf-8", "ignore"), True
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    stdout: str = ""
-    stderr: str = ""
-    exit_code: int = 0
-    duration_ms: float = 0.0
-    truncated: bool = False
-
-    def within(self, output_bytes: int) -> AttemptResult:
-        """This result with stdout and stderr cut to `output_bytes` each (truncated if
-        either was)."""
-        stdout, cut_out = cut(self.stdout, output_bytes)
-        stderr, cut_err = cut(self.stderr, output_bytes)
-        if not (cut_out or cut_err):
-            return self
-        return replace(self, stdout=stdout, stderr=stderr, truncated=True)
-
-    def as_payload(self) -> dict[str, Any]:
-        return {
-            "stdout": without_nul(self.stdout),
-            "stderr": without_nul(self.stderr),
-            "exit_code": self.exit_code,
-            "duration_ms": self.duration_ms,
-            "truncated": self.truncated,
-        }
-
-
-@dataclass(frozen=True)
-class AttemptError:
-    """Why an attempt failed. `kind` is a stable name: program_error, compile_error,
-    unknown_language, invalid_code, worker_lost, sandbox_error..."""
-
-    kind: str
-    message: str
-    stderr: str = ""
-    exit_code: int | None = None
-
-    def within(self, output_bytes: int) -> AttemptError:
-        """This error with its message and stderr cut to `output_bytes` each."""
-        message, cut_message = cut(self.message, output_bytes)
-        stderr, cut_stderr = cut(self.stderr, output_bytes)
-        if not (cut_message or cut_stderr):
-            return self
-        return replace(self, message=message, stderr=stderr)
-
-    def as_payload(self) -> dict[str, Any]:
-        return {
-            "kind": without_nul(self.kind),
-            "message": without_nul(self.message),
-            "stderr": without_nul(self.stderr),
-            "exit_code": self.exit_code,
-        }
-
-
-@dataclass
-class Attempt:
-    """One try at running the task. Mutable only through the task's events."""
-
-    number: int
-    reason: str
-    scheduled_at: datetime
-    not_before: datetime
-    deadline: datetime
-    started_at: datetime | None = None
-    worker_id: str | None = None
-    finished_at: datetime | None = None
-    outcome: Outcome | None = None
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    retryable: bool | None = None
-    detected_by: str | None = None
-
-
 def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"naive datetime {moment!r}: the ledger only keeps aware UTC times")
     return moment
-
-
-def submission_fingerprint(fields: dict[str, Any]) -> str:
-    """A stable digest of what a client asked for, to tell a retried request from a new one."""
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class Task(Aggregate):
@@ -424,6 +302,16 @@ class Task(Aggregate):
         )
         return task
 
+    def can_start(self, attempt: int, now: datetime) -> bool:
+        """Whether `start_attempt(attempt, ...)` would start it now (not refuse it)."""
+        current = self.current
+        return (
+            self.status is Status.PENDING
+            and current.number == attempt
+            and current.started_at is None
+            and now < current.deadline
+        )
+
     def start_attempt(self, attempt: int, worker_id: str, now: datetime) -> None:
         current = self._require_current(attempt, "start")
         self._require_not_terminal(f"attempt {attempt} cannot start")
@@ -555,7 +443,7 @@ class Task(Aggregate):
                 self.id,
                 f"task is {self.status}; {', '.join(locked)} can only change while it is Pending",
             )
-        _check_fields(changes, limits)
+        check_fields(changes, limits)
         if "ttl_seconds" in changes and self.run_deadline_for(changes["ttl_seconds"]) <= now:
             raise InvalidTask(
                 "ttl_seconds",
@@ -609,72 +497,3 @@ class Task(Aggregate):
         if current.started_at is None:
             raise AttemptNotStarted(self.id, f"cannot {verb} attempt {attempt}: it has not started")
         return current
-
-
-# -- field checks (shared by submit and update) ------------------------------------------------
-
-
-def check_text(field: str, value: str) -> None:
-    if "\x00" in value:
-        raise InvalidTask(field, NUL_PROBLEM)
-
-
-def check_description(value: object, limits: TaskLimits) -> None:
-    if not isinstance(value, str):
-        raise InvalidTask("description", "must be a string")
-    check_text("description", value)
-    if len(value) > limits.description_chars:
-        raise InvalidTask(
-            "description", f"is {len(value)} characters; at most {limits.description_chars}"
-        )
-
-
-def check_language(value: object) -> None:
-    if not isinstance(value, str) or not value.isidentifier():
-        raise InvalidTask("language", "must be a language name such as 'python' or 'csharp'")
-
-
-def check_code(value: object, limits: TaskLimits) -> None:
-    if not isinstance(value, str):
-        raise InvalidTask("code", "must be a string")
-    check_text("code", value)
-    size = len(value.encode())
-    if size > limits.code_bytes:
-        raise InvalidTask("code", f"is {size} bytes; at most {limits.code_bytes}")
-
-
-def check_data(value: object, limits: TaskLimits) -> None:
-    problem = json_problem(value)
-    if problem:
-        raise InvalidTask("data", problem)
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
-    if size > limits.data_bytes:
-        raise InvalidTask("data", f"is {size} bytes as JSON; at most {limits.data_bytes}")
-
-
-def check_ttl(value: object, limits: TaskLimits) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidTask("ttl_seconds", "must be a number of seconds")
-    if not 0 < value <= limits.max_ttl_seconds:
-        raise InvalidTask(
-            "ttl_seconds", f"is {value}; must be more than 0 and at most {limits.max_ttl_seconds}"
-        )
-
-
-def check_max_attempts(value: object, limits: TaskLimits) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidTask("max_attempts", "must be an integer")
-    if not 1 <= value <= limits.max_attempts:
-        raise InvalidTask("max_attempts", f"is {value}; must be 1 to {limits.max_attempts}")
-
-
-def _check_fields(changes: dict[str, Any], limits: TaskLimits) -> None:
-    checks = {
-        "description": lambda v: check_description(v, limits),
-        "code": lambda v: check_code(v, limits),
-        "data": lambda v: check_data(v, limits),
-        "ttl_seconds": lambda v: check_ttl(v, limits),
-        "max_attempts": lambda v: check_max_attempts(v, limits),
-    }
-    for name, value in changes.items():
-        checks[name](value)

@@ -8,16 +8,20 @@ stretching needed for keys nobody chose).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
 from eventsourcing.domain import Aggregate
 
-from ledger.errors import InvalidTask, LedgerError
+from ledger.clock import Clock
+from ledger.errors import InvalidTask, KeyNotFound, LedgerError
+from ledger.store import EventStore
 
 KEY_NAMESPACE = uuid.UUID("0d6b1c43-58a4-4f1e-9b2f-7a36b1f0c2d9")
 KEY_PREFIX = "tlk_"
@@ -116,3 +120,53 @@ class ApiKey(Aggregate):
         return self.revoked_at is None and hmac.compare_digest(
             secret_digest(secret), self.secret_sha256
         )
+
+
+@dataclass(frozen=True)
+class KeyPrincipal:
+    """Who a valid API key speaks for."""
+
+    key_id: str
+    tenant: str
+    role: str
+
+
+class Keys:
+    """Issuing, revoking and checking API keys, over the ledger's store."""
+
+    def __init__(self, store: EventStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    def issue(
+        self, *, tenant: str, role: str, issued_by: str, label: str = ""
+    ) -> tuple[KeyPrincipal, str]:
+        """Issue a key; returns who it speaks for and the token (shown this once)."""
+        key, token = ApiKey.issue(
+            tenant=tenant, role=role, issued_by=issued_by, label=label, now=self.clock.now()
+        )
+        self.store.record(key)
+        return KeyPrincipal(key.key_id, key.tenant, str(key.role)), token
+
+    def revoke(self, key_id: str, *, by: str) -> None:
+        key = self._load(key_id)
+        if key is None:
+            raise KeyNotFound(f"no API key with id {key_id}")
+        with contextlib.suppress(KeyAlreadyRevoked):
+            key.revoke(by, self.clock.now())
+            self.store.record(key)
+
+    def authenticate(self, token: str) -> KeyPrincipal | None:
+        """Who the token speaks for, or None if it is malformed, unknown or revoked."""
+        parsed = parse_key(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        key = self._load(key_id)
+        if key is None or not key.accepts(secret):
+            return None
+        return KeyPrincipal(key.key_id, key.tenant, str(key.role))
+
+    def _load(self, key_id: str) -> ApiKey | None:
+        key = self.store.load_aggregate(key_stream_id(key_id))
+        return key if isinstance(key, ApiKey) else None

@@ -11,9 +11,9 @@ from typing import Any
 import psycopg
 from psycopg import Connection, sql
 
+from ledger.log import head_position
 from projections import base
 from projections.base import Projection
-from projections.log import head_position
 from projections.runner import apply_batch
 
 log = logging.getLogger(__name__)

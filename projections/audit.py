@@ -10,7 +10,8 @@ import orjson
 from psycopg import Cursor, sql
 from psycopg.types.json import Jsonb
 
-from projections.base import Change, Projection
+from ledger.log import Change
+from projections.base import Projection
 
 COLUMNS = (
     "position",

@@ -12,25 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 from psycopg import Connection, Cursor, sql
 
-
-@dataclass(frozen=True)
-class Change:
-    """One stored event as projections see it."""
-
-    position: int  # the event's global position (notification id)
-    stream: str  # the aggregate class: "Task" (or "ApiKey", which views skip)
-    task_id: UUID
-    version: int
-    type: str  # the event class name, e.g. "AttemptStarted"
-    at: datetime
-    data: dict[str, Any]  # the event's own fields (datetimes as datetime)
-    size: int = 0  # bytes stored (how full a batch is)
+from ledger.log import Change
 
 
 class Projection(ABC):

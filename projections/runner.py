@@ -27,11 +27,10 @@ from typing import Any
 import psycopg
 from psycopg import Connection, sql
 
-from ledger.application import EVENTS_CHANNEL
+from ledger import log as event_log
+from ledger.log import Change, read_changes
 from projections import base
-from projections import log as event_log
-from projections.base import Change, Generation, Projection
-from projections.log import read_changes
+from projections.base import Generation, Projection
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ class ProjectionRunner:
                 self._stop.wait(self.standby_interval)
             else:
                 return
-            session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+            session.execute(event_log.listen())
             self.is_leader.set()
             log.info("projection leader: following the event log", extra={"projection": name})
             try:

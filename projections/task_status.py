@@ -9,7 +9,8 @@ from uuid import UUID
 
 from psycopg import Cursor, sql
 
-from projections.base import Change, Projection
+from ledger.log import Change
+from projections.base import Projection
 
 SUMMARY_CHARS = 200
 

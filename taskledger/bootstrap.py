@@ -25,8 +25,8 @@ from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger
 from ledger.connections import DEFAULT_BOUNDS, bounded_url
-from ledger.domain import TaskLimits
 from ledger.persistence import postgres_env
+from ledger.values import TaskLimits
 from projections import all_projections
 from projections.runner import ProjectionRunner
 from taskledger.embedded import EmbeddedPostgres
@@ -146,7 +146,7 @@ class Services:
             configured = parse_configured_keys(spec)
         except ValueError as error:
             raise ConfigError(f"TASKLEDGER_API_KEYS: {error}") from None
-        bounds = self.ledger.bounds
+        bounds = self.ledger.store.bounds
         queries = ConnectionPool(
             bounded_url(self.database_url, {"options": bounds.statement_options()}),
             min_size=1,
@@ -166,7 +166,7 @@ class Services:
             queries=queries,
             database_url=self.database_url,
             schema=self.schema,
-            authenticator=Authenticator(configured, self.ledger.authenticate),
+            authenticator=Authenticator(configured, self.ledger.keys.authenticate),
             readiness={"broker": self.broker.problem},
             background=list(background or []),
             shutdown=[self.broker.close],
@@ -182,9 +182,9 @@ class Services:
         path = self.settings.data_dir / DEV_KEY_FILE
         if path.exists():
             token = path.read_text().strip()
-            if self.ledger.authenticate(token) is not None:
+            if self.ledger.keys.authenticate(token) is not None:
                 return token
-        _, token = self.ledger.issue_key(
+        _, token = self.ledger.keys.issue(
             tenant="default", role="admin", issued_by="taskledger dev", label="dev"
         )
         path.parent.mkdir(parents=True, exist_ok=True)

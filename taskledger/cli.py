@@ -306,7 +306,7 @@ def _check_sandbox(settings: Settings, slots: int) -> int:
 def _run_keys(args: argparse.Namespace) -> int:
     with bootstrap(_settings(args)) as services:
         if args.action == "create":
-            principal, token = services.ledger.issue_key(
+            principal, token = services.ledger.keys.issue(
                 tenant=args.tenant, role=args.role, issued_by="taskledger keys", label=args.label
             )
             print(token)
@@ -316,7 +316,7 @@ def _run_keys(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 0
-        services.ledger.revoke_key(args.key_id, by="taskledger keys")
+        services.ledger.keys.revoke(args.key_id, by="taskledger keys")
         print(f"revoked key {args.key_id}", file=sys.stderr)
         return 0
 

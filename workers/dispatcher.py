@@ -28,9 +28,9 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from ledger.application import EVENTS_CHANNEL
+from ledger import log as event_log
 from ledger.clock import Clock
-from projections.log import read_changes
+from ledger.log import read_changes
 from workers.broker import Broker, RunAttempt
 from workers.metrics import WorkerMetrics
 from workers.singleton import acquire, keep_running
@@ -79,7 +79,7 @@ class Dispatcher:
         ) as session:
             if not await acquire(session, key, stop, self.standby_interval):
                 return
-            await session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
+            await session.execute(event_log.listen())
             with psycopg.connect(self.database_url, autocommit=True) as conn:
                 await asyncio.to_thread(self._start, conn)
                 self.is_leader.set()

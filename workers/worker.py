@@ -25,15 +25,13 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from uuid import UUID
 
-from ledger import AttemptError, Ledger, Status, TaskState
-from ledger.application import Command
+from ledger import AttemptError, Decision, Ledger, Status, TaskState
 from ledger.batching import Batcher
-from ledger.domain import Task
 from ledger.errors import (
     AttemptAlreadyStarted,
     AttemptLeaseLost,
@@ -60,10 +58,6 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-class _Started:
-    value = False
-
-
 class Worker:
     def __init__(
         self,
@@ -81,6 +75,8 @@ class Worker:
         self.ledger = ledger
         self.broker = broker
         self.executors = executors
+        # The languages whose attempts wait for a sandbox slot before they start.
+        self._waits = frozenset(name for name, e in executors.items() if e.needs_slot)
         self.concurrency = concurrency
         self.worker_id = worker_id or default_worker_id()
         self.grace_seconds = grace_seconds
@@ -104,7 +100,7 @@ class Worker:
         # started yet, and echo commands need none; with many in flight, their ledger
         # writes share transactions (group commit).
         self.prefetch = prefetch or max(32, concurrency * 4)
-        self._batcher: Batcher[Command, TaskState] = Batcher(ledger.execute_many)
+        self._batcher: Batcher[Decision, TaskState] = Batcher(ledger.execute_many)
         self.metrics = metrics or WorkerMetrics()
         self.metrics.worker_started(self.worker_id, concurrency, lambda: self.busy)
 
@@ -194,7 +190,7 @@ class Worker:
                 log.warning("cancel listener failed; retrying", extra={"error": str(error)})
                 await asyncio.sleep(1)
 
-    async def _ledger(self, command: Command) -> TaskState:
+    async def _ledger(self, command: Decision) -> TaskState:
         return await self._batcher.run(command)
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -209,13 +205,12 @@ class Worker:
         try:
             # One round trip reads the task and, when it needs no sandbox slot (echo, an
             # unknown language that fails at once), starts it too.
-            started = _Started()
-            task = await self._start(delivery, self._start_unless_slot(delivery, started), started)
-            if task is not None and not started.value:
+            task = await self._start(delivery, self._start_decision(delivery, self._waits))
+            if task is not None and task.status is Status.PENDING:
                 # Started only once it can run; or, past its deadline while it waited for
                 # a slot, the start is refused and the worker records the expiry.
                 slot = await self._slot_or_deadline(task.deadline)
-                task = await self._start(delivery, self._start_command(delivery))
+                task = await self._start(delivery, self._start_decision(delivery))
             # Started (or not ours): the ledger owns the attempt now, not the broker.
             acked = True
             await self._let_go(delivery, "ack", context)
@@ -297,46 +292,21 @@ class Worker:
                 # Queue.get gives up cleanly on a timeout: no slot is lost.
                 return await asyncio.wait_for(self._slots.get(), remaining + 0.001)
 
-    def _needs_slot(self, language: str) -> bool:
-        executor = self.executors.get(language)
-        return executor is not None and executor.needs_slot
-
-    def _start_command(self, delivery: Delivery) -> Command:
+    def _start_decision(self, delivery: Delivery, waits: Collection[str] = ()) -> Decision:
         command = delivery.command
-        return self.ledger.start_command(command.task_id, command.attempt, self.worker_id)
+        return self.ledger.start_decision(
+            command.task_id, command.attempt, self.worker_id, waits=waits
+        )
 
-    def _start_unless_slot(self, delivery: Delivery, started: _Started) -> Command:
-        """Read the task from the store; start it unless it must wait for a slot."""
-        start = self._start_command(delivery).decide
-        attempt = delivery.command.attempt
-
-        def decide(task: Task) -> None:
-            started.value = False  # a decision taken again (stale copy, lost race) resets
-            runnable = (
-                task.status is Status.PENDING
-                and task.current.number == attempt
-                and self.ledger.clock.now() < task.current.deadline
-            )
-            if runnable and self._needs_slot(task.language):
-                return  # to be started once a slot is free
-            # Not runnable (started elsewhere, cancelled, past its deadline, ...): refused,
-            # or expired by us, at once, without waiting for a slot.
-            start(task)
-            started.value = True
-
-        return Command(delivery.command.task_id, decide, fresh=True)
-
-    async def _start(
-        self, delivery: Delivery, start: Command, started: _Started | None = None
-    ) -> TaskState | None:
-        """The task once `start` ran, or None when the command is not ours to run.
-        `start` appends AttemptStarted, or, with `started`, may (and says so there)."""
+    async def _start(self, delivery: Delivery, start: Decision) -> TaskState | None:
+        """The task once `start` ran (InProgress; or Pending, waiting for a slot), or None
+        when the command is not ours to run."""
         command = delivery.command
         task_id, attempt = command.task_id, command.attempt
         context = {"task_id": str(task_id), "attempt": attempt}
         try:
             task = await self._ledger(start)
-            if started is None or started.value:
+            if task.status is not Status.PENDING:
                 self.metrics.attempt_started(task)
             return task
         except AttemptAlreadyStarted:
@@ -349,7 +319,7 @@ class Worker:
             )
         except DeadlinePassed:
             await self._settle(
-                self.ledger.expire_command(task_id, attempt, detected_by="worker"), context
+                self.ledger.expire_decision(task_id, attempt, detected_by="worker"), context
             )
         except (TransitionRefused, TaskNotFound) as refused:
             log.info("stale command dropped", extra={**context, "reason": str(refused)})
@@ -394,22 +364,22 @@ class Worker:
         if outcome.kind == "completed":
             assert outcome.result is not None
             result = outcome.result
-            await self._settle(self.ledger.complete_command(task_id, attempt, result), context)
+            await self._settle(self.ledger.complete_decision(task_id, attempt, result), context)
         elif outcome.kind == "failed":
             assert outcome.error is not None
             error = outcome.error
             await self._settle(
-                self.ledger.fail_command(task_id, attempt, error, retryable=outcome.retryable),
+                self.ledger.fail_decision(task_id, attempt, error, retryable=outcome.retryable),
                 context,
             )
         elif outcome.kind == "expired":
             await self._settle(
-                self.ledger.expire_command(task_id, attempt, detected_by="worker"), context
+                self.ledger.expire_decision(task_id, attempt, detected_by="worker"), context
             )
         # "cancelled": the TaskCancelled event is already there; nothing to add.
         log.info("attempt finished", extra=context)
 
-    async def _settle(self, command: Command, context: dict[str, object]) -> None:
+    async def _settle(self, command: Decision, context: dict[str, object]) -> None:
         """Record an outcome; if the rules refuse it, someone else recorded one first."""
         try:
             self.metrics.outcome_recorded(await self._ledger(command))

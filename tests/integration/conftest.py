@@ -158,7 +158,7 @@ def api_context(ledger: Ledger, database_url: str, schema: str) -> Iterator[ApiC
         queries=pool,
         database_url=database_url,
         schema=schema,
-        authenticator=Authenticator(configured, ledger.authenticate),
+        authenticator=Authenticator(configured, ledger.keys.authenticate),
         watcher=TaskWatcher(database_url, schema, poll_interval=0.2),
         metrics=ApiMetrics(),
         limiter=anyio.CapacityLimiter(8),

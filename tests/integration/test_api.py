@@ -50,7 +50,9 @@ def assert_problem(response: Any, status: int, field: str | None = None) -> dict
 
 
 async def event_count(api: Api) -> int:
-    return await asyncio.to_thread(lambda: api.context.ledger.recorder.max_notification_id() or 0)
+    return await asyncio.to_thread(
+        lambda: api.context.ledger.store.recorder.max_notification_id() or 0
+    )
 
 
 # -- submitting ----------------------------------------------------------------------------------
@@ -432,11 +434,11 @@ async def test_the_key_may_come_as_a_bearer_token(api: Api, scheme: str) -> None
 async def test_issued_keys_work_until_revoked(api: Api) -> None:
     ledger = api.context.ledger
     principal, token = await asyncio.to_thread(
-        lambda: ledger.issue_key(tenant="acme", role="read", issued_by="test")
+        lambda: ledger.keys.issue(tenant="acme", role="read", issued_by="test")
     )
     headers = {"Authorization": f"ApiKey {token}"}
     assert (await api.client.get("/api/stats", headers=headers)).status_code == 200
-    await asyncio.to_thread(lambda: ledger.revoke_key(principal.key_id, by="test"))
+    await asyncio.to_thread(lambda: ledger.keys.revoke(principal.key_id, by="test"))
     api.context.authenticator._cache.clear()  # the cache would keep it up to 10 s
     assert_problem(await api.client.get("/api/stats", headers=headers), 401)
 

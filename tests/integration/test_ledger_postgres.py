@@ -99,7 +99,7 @@ def test_a_task_read_back_equals_the_task_as_written(ledger: Ledger, clock: Manu
     ledger.start_attempt(written.id, 1, "w")
     clock.advance(31)
     expired = ledger.expire(written.id, 1, detected_by="reaper")
-    fresh = Ledger(ledger.env, clock=clock)
+    fresh = Ledger(ledger.store.env, clock=clock)
     try:
         assert fresh.get(written.id) == expired
     finally:
@@ -176,22 +176,22 @@ def test_an_unreachable_store_is_reported_as_unavailable() -> None:
 
 
 def test_api_keys_are_issued_checked_and_revoked(ledger: Ledger) -> None:
-    principal, token = ledger.issue_key(tenant="acme", role="submit", issued_by="cli")
+    principal, token = ledger.keys.issue(tenant="acme", role="submit", issued_by="cli")
     assert token.startswith("tlk_")
-    assert ledger.authenticate(token) == principal
+    assert ledger.keys.authenticate(token) == principal
     assert (principal.tenant, principal.role) == ("acme", "submit")
-    assert ledger.authenticate(token[:-1] + ("x" if token[-1] != "x" else "y")) is None
-    assert ledger.authenticate("tlk_000000000000_nope") is None
-    assert ledger.authenticate("not-a-key") is None
-    ledger.revoke_key(principal.key_id, by="cli")
-    assert ledger.authenticate(token) is None
-    ledger.revoke_key(principal.key_id, by="cli")  # revoking twice is harmless
+    assert ledger.keys.authenticate(token[:-1] + ("x" if token[-1] != "x" else "y")) is None
+    assert ledger.keys.authenticate("tlk_000000000000_nope") is None
+    assert ledger.keys.authenticate("not-a-key") is None
+    ledger.keys.revoke(principal.key_id, by="cli")
+    assert ledger.keys.authenticate(token) is None
+    ledger.keys.revoke(principal.key_id, by="cli")  # revoking twice is harmless
     with pytest.raises(InvalidTask, match="role"):
-        ledger.issue_key(tenant="acme", role="root", issued_by="cli")
+        ledger.keys.issue(tenant="acme", role="root", issued_by="cli")
 
 
 def test_key_events_are_not_tasks(ledger: Ledger) -> None:
-    principal, _ = ledger.issue_key(tenant="acme", role="read", issued_by="cli")
+    principal, _ = ledger.keys.issue(tenant="acme", role="read", issued_by="cli")
     from ledger.keys import key_stream_id
 
     with pytest.raises(TaskNotFound):
@@ -201,7 +201,7 @@ def test_key_events_are_not_tasks(ledger: Ledger) -> None:
 def test_each_transition_is_logged_with_its_task(
     ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("INFO", logger="ledger.application")
+    caplog.set_level("INFO", logger="ledger.service")
     task = ledger.submit(**TASK).task
     ledger.cancel(task.id, by="key-1")
     lines = [r for r in caplog.records if r.getMessage() == "task transition"]
@@ -259,16 +259,16 @@ def test_execute_many_reads_decides_and_saves_many_tasks_each_with_its_own_outco
     try:
         ids = [writer.submit(**TASK).task.id for _ in range(20)]
         missing = uuid.uuid4()
-        commands = [worker.start_command(t, 1, "w") for t in ids]
-        commands.append(worker.start_command(missing, 1, "w"))
-        commands.append(worker.start_command(ids[0], 2, "w"))  # second on one task: alone
-        commands.append(worker.complete_command(ids[1], 1, AttemptResult("x", "", 0, 1.0)))
-        transactions = worker.group_commit.transactions
+        commands = [worker.start_decision(t, 1, "w") for t in ids]
+        commands.append(worker.start_decision(missing, 1, "w"))
+        commands.append(worker.start_decision(ids[0], 2, "w"))  # second on one task: alone
+        commands.append(worker.complete_decision(ids[1], 1, AttemptResult("x", "", 0, 1.0)))
+        transactions = worker.store.group_commit.transactions
         outcomes = worker.execute_many(commands)
 
         started = outcomes[:20]
         assert all(not isinstance(s, Exception) and s.status is Status.IN_PROGRESS for s in started)
-        assert worker.group_commit.transactions == transactions + 1 + 1  # the batch, ids[1]
+        assert worker.store.group_commit.transactions == transactions + 1 + 1  # the batch, ids[1]
         assert isinstance(outcomes[20], TaskNotFound)
         assert isinstance(outcomes[21], AttemptNotCurrent)
         completed = outcomes[22]
@@ -291,7 +291,7 @@ def test_execute_many_never_lets_a_stale_copy_decide(
     try:
         ids = [a.submit(**TASK).task.id for _ in range(3)]
         b.cancel(ids[1], by="operator")  # a still holds ids[1] as Pending
-        outcomes = a.execute_many([a.start_command(t, 1, "w") for t in ids])
+        outcomes = a.execute_many([a.start_decision(t, 1, "w") for t in ids])
         assert isinstance(outcomes[1], TaskIsTerminal)
         assert [getattr(o, "status", None) for o in (outcomes[0], outcomes[2])] == [
             Status.IN_PROGRESS,
@@ -322,9 +322,11 @@ def test_racing_batches_record_exactly_one_outcome_per_attempt(
     def race(index: int) -> None:
         ledger = racers[index]
         if index == 0:
-            commands = [ledger.complete_command(t, 1, AttemptResult("ok", "", 0, 1.0)) for t in ids]
+            commands = [
+                ledger.complete_decision(t, 1, AttemptResult("ok", "", 0, 1.0)) for t in ids
+            ]
         else:
-            commands = [ledger.expire_command(t, 1, detected_by="reaper") for t in ids]
+            commands = [ledger.expire_decision(t, 1, detected_by="reaper") for t in ids]
         barrier.wait()
         for start in range(0, len(commands), 10):
             outcomes[index] += ledger.execute_many(commands[start : start + 10])
@@ -357,9 +359,9 @@ def test_a_save_of_several_megabytes_goes_through(store_env: dict[str, str]) -> 
         for task_id in ids:
             ledger.start_attempt(task_id, 1, "w")
         big = AttemptResult("y" * (1 << 20), "e" * (1 << 20), 0, 1.0, truncated=True)
-        transactions = ledger.group_commit.transactions
-        outcomes = ledger.execute_many([ledger.complete_command(t, 1, big) for t in ids])
-        assert ledger.group_commit.transactions == transactions + 1
+        transactions = ledger.store.group_commit.transactions
+        outcomes = ledger.execute_many([ledger.complete_decision(t, 1, big) for t in ids])
+        assert ledger.store.group_commit.transactions == transactions + 1
         assert [getattr(o, "status", o) for o in outcomes] == [Status.COMPLETED] * 8
         result = ledger.get(ids[-1]).result
         assert result is not None

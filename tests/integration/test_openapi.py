@@ -92,7 +92,7 @@ class Backend:
             queries=self.pool,
             database_url=self.database_url,
             schema=self.schema,
-            authenticator=Authenticator(KEYS, self.ledger.authenticate),
+            authenticator=Authenticator(KEYS, self.ledger.keys.authenticate),
             watcher=TaskWatcher(self.database_url, self.schema, poll_interval=0.2),
             metrics=ApiMetrics(),
             limiter=anyio.CapacityLimiter(8),

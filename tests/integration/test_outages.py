@@ -23,9 +23,9 @@ import pytest_asyncio
 
 from ledger import Ledger
 from ledger.connections import Bounds
-from ledger.domain import AttemptResult
 from ledger.errors import LedgerUnavailable
 from ledger.persistence import postgres_env
+from ledger.values import AttemptResult
 from taskledger.bootstrap import Services, bootstrap
 from taskledger.settings import Settings
 from tests.private_postgres import PrivatePostgres

@@ -49,7 +49,7 @@ def write_tasks(ledger: Ledger, clock: ManualClock, count: int) -> None:
             )
             task.start_attempt(1, f"w{n % 3}", clock.now())
             tasks.append(task)
-        ledger.save(*tasks)
+        ledger.store.save(*tasks)
 
 
 @contextmanager
@@ -109,7 +109,7 @@ def test_a_projector_killed_mid_batch_resumes_without_duplicates_or_gaps(
 ) -> None:
     install(database_url, schema)
     write_tasks(ledger, clock, 3_000)
-    head = ledger.recorder.max_notification_id() or 0
+    head = ledger.store.recorder.max_notification_id() or 0
     rng = random.Random(1)
     thresholds = sorted(rng.sample(range(500, head - 500), 6))
     kills = 0
@@ -185,13 +185,13 @@ def test_a_standby_takes_over_when_the_leader_is_killed(
         assert first is not None
         processes = {"standby-test-a": a, "standby-test-b": b}
         write_tasks(ledger, clock, 10)
-        head = ledger.recorder.max_notification_id() or 0
+        head = ledger.store.recorder.max_notification_id() or 0
         wait_until(lambda: position(database_url, schema, "task_status") >= head, 10, "leader")
 
         processes[first].send_signal(signal.SIGKILL)
         processes[first].wait(10)
         write_tasks(ledger, clock, 10)
-        head = ledger.recorder.max_notification_id() or 0
+        head = ledger.store.recorder.max_notification_id() or 0
         took = wait_until(
             lambda: position(database_url, schema, "task_status") >= head, 30, "the standby"
         )

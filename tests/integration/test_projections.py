@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock
+from ledger import log as event_log
 from ledger.errors import LedgerError
 from projections import AuditProjection, TaskStatusProjection, all_projections
-from projections import runner as runner_module
 from projections.admin import rebuild, status
 from projections.base import PositionConflict, advance, ensure_installed
 from projections.queries import (
@@ -245,7 +245,7 @@ def runners(database_url: str, schema: str, ledger: Ledger) -> Iterator[list[Pro
 
 
 def head(ledger: Ledger) -> int:
-    return ledger.recorder.max_notification_id() or 0
+    return ledger.store.recorder.max_notification_id() or 0
 
 
 def test_runners_follow_new_events(ledger: Ledger, runners: list[ProjectionRunner]) -> None:
@@ -259,7 +259,7 @@ def test_a_lost_notification_does_not_stall_the_view(
     ledger: Ledger, database_url: str, schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The runner listens on a channel nobody notifies: only its safety-net poll is left.
-    monkeypatch.setattr(runner_module, "EVENTS_CHANNEL", "taskledger_nobody_notifies")
+    monkeypatch.setattr(event_log, "EVENTS_CHANNEL", "taskledger_nobody_notifies")
     runner = ProjectionRunner(database_url, schema, STATUS, poll_interval=0.2)
     runner.start()
     try:
@@ -444,9 +444,9 @@ def test_audit_queries(
 def test_views_skip_key_events_but_move_past_them(
     ledger: Ledger, conn: psycopg.Connection[Any], schema: str
 ) -> None:
-    ledger.issue_key(tenant="acme", role="read", issued_by="test")
+    ledger.keys.issue(tenant="acme", role="read", issued_by="test")
     task_id = submit(ledger)
-    ledger.issue_key(tenant="acme", role="read", issued_by="test")
+    ledger.keys.issue(tenant="acme", role="read", issued_by="test")
     catch_up(conn, schema)
     assert {s.name: s.lag for s in status(conn, schema)} == {"audit": 0, "task_status": 0}
     assert view_rows(conn, schema, [task_id]) == {task_id: expected_row(ledger, task_id)}
@@ -461,7 +461,7 @@ def test_a_batch_stops_at_its_byte_bound_but_never_inside_a_save(
 ) -> None:
     """With outputs at their cap, a batch of 2,000 events held 2.5 GB: a batch now holds
     about BATCH_BYTES (here 300 KB) and whole saves, and the view ends up the same."""
-    from projections import log
+    from ledger import log
 
     monkeypatch.setattr(log, "BATCH_BYTES", 300_000)
     big = AttemptResult(stdout="y" * 100_000, stderr="e" * 50_000)

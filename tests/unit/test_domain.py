@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from eventsourcing.application import project_aggregate
 
-from ledger.domain import AttemptError, AttemptResult, Status, Task, TaskLimits
+from ledger.domain import Task
 from ledger.errors import (
     AttemptAlreadyStarted,
     AttemptNotCurrent,
@@ -23,6 +23,7 @@ from ledger.errors import (
     TaskIsTerminal,
 )
 from ledger.retry import RetryPolicy
+from ledger.values import AttemptError, AttemptResult, Status, TaskLimits
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 LIMITS = TaskLimits()

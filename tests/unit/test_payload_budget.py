@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.domain import AttemptError, AttemptResult, TaskLimits, cut
+from ledger.values import AttemptError, AttemptResult, TaskLimits, cut
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
 

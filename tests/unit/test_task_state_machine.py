@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from ledger.domain import AttemptError, AttemptResult, Status, Task, TaskLimits
+from ledger.domain import Task
 from ledger.errors import (
     AttemptAlreadyStarted,
     AttemptNotCurrent,
@@ -33,6 +33,7 @@ from ledger.errors import (
     TransitionRefused,
 )
 from ledger.retry import RetryPolicy
+from ledger.values import AttemptError, AttemptResult, Status, TaskLimits
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 LIMITS = TaskLimits()

@@ -1,16 +1,46 @@
-"""Reading the ledger's notification log (the events table, in global position order)."""
+"""The ledger's log: every stored event in global position order (the events table, and
+the channel PostgreSQL notifies on each insert). The one place that reads it for
+followers: the views' runner, the dispatcher, and the API's task watcher."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
-from psycopg import Connection, sql
+from psycopg import AsyncConnection, Connection, sql
 
-from ledger.application import EVENTS_TABLE, event_payload
 from ledger.jsonvalue import without_nul
 from ledger.persistence import EventMapper, OrjsonTranscoder
-from projections.base import Change
+
+# The library names the table after the application: "TaskLedger".lower() + "_events".
+EVENTS_TABLE = "taskledger_events"
+# The channel the library NOTIFYs on each insert into that table.
+EVENTS_CHANNEL = EVENTS_TABLE
+
+_ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+
+
+def event_payload(event: object) -> dict[str, Any]:
+    """An event's own fields, without the envelope (task id, version, time, topic)."""
+    return {k: v for k, v in vars(event).items() if k not in _ENVELOPE}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One stored event as projections see it."""
+
+    position: int  # the event's global position (notification id)
+    stream: str  # the aggregate class: "Task" (or "ApiKey", which views skip)
+    task_id: UUID
+    version: int
+    type: str  # the event class name, e.g. "AttemptStarted"
+    at: datetime
+    data: dict[str, Any]  # the event's own fields (datetimes as datetime)
+    size: int = 0  # bytes stored (how full a batch is)
+
 
 _MAPPER = EventMapper(transcoder=OrjsonTranscoder())
 
@@ -75,11 +105,39 @@ def without_nul_deep(value: Any) -> Any:
     return value
 
 
+def _head(schema: str) -> sql.Composed:
+    return sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(
+        sql.Identifier(schema, EVENTS_TABLE)
+    )
+
+
 def head_position(conn: Connection[Any], schema: str) -> int:
     """The highest position in the log (0 when empty)."""
-    row = conn.execute(
-        sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(
-            sql.Identifier(schema, EVENTS_TABLE)
-        )
-    ).fetchone()
+    row = conn.execute(_head(schema)).fetchone()
     return int(row[0]) if row else 0
+
+
+async def head_position_async(conn: AsyncConnection[Any], schema: str) -> int:
+    """`head_position` on an asyncio connection."""
+    row = await (await conn.execute(_head(schema))).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def tasks_changed_after(
+    conn: AsyncConnection[Any], schema: str, after: int
+) -> list[tuple[int, UUID]]:
+    """(position, task id) of each event past `after`, oldest first: who changed, without
+    reading what."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT notification_id, originator_id FROM {}"
+            " WHERE notification_id > %s ORDER BY notification_id"
+        ).format(sql.Identifier(schema, EVENTS_TABLE)),
+        (after,),
+    )
+    return [(int(position), task_id) for position, task_id in await cur.fetchall()]
+
+
+def listen() -> sql.Composed:
+    """The statement that subscribes a connection to the log's insert notifications."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL))
