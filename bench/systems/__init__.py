@@ -41,6 +41,7 @@ class RoundTrip:
 
     rtt_ms: float  # submit sent .. terminal state received by the client
     ok: bool
+    task_id: str = ""
     run_ms: float | None = None  # the program's process (the executor's own measure)
     worker_ms: float | None = None  # start .. end of the task on the worker
     legs_ms: dict[str, float] = field(default_factory=dict)  # where the time went, if known

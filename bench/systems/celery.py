@@ -23,25 +23,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from bench._processes import ManagedProcess
-from bench.api_requests import venv_tool
 from bench.cpu import BENCH_APPLICATION
+from bench.processes import REPOSITORY, ManagedProcess, tool
+from bench.stats import ms
 from bench.systems import Batch, Expiry, RoundTrip
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 GET_INTERVAL = 0.001  # AsyncResult.get polls the database backend; its default is 0.5 s
 POLL = 0.1
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def sqlalchemy_url(url: str) -> str:
     """postgresql://… as Celery's database backend takes it: db+postgresql+psycopg://…"""
     parts = urlsplit(url)
     return "db+" + urlunsplit(parts._replace(scheme="postgresql+psycopg"))
-
-
-def _ms(seconds: float) -> float:
-    return seconds * 1000.0
 
 
 class CelerySystem:
@@ -76,7 +71,7 @@ class CelerySystem:
             celery_app.QUEUE_ENV: self.queue,
             celery_app.CACHE_ENV: str(self.workdir / "csharp-cache"),
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (str(REPOSITORY), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
         celery_app.configure(broker_url, self.backend_url, self.queue)
@@ -119,9 +114,7 @@ class CelerySystem:
         self._start_worker()
 
     def _start_worker(self) -> None:
-        celery = venv_tool("celery")
-        if celery is None:
-            raise RuntimeError("the celery command is missing: pip install -e .[bench]")
+        celery = tool("celery")
         started = time.monotonic()
         self._worker_runs += 1
         command = [
@@ -137,7 +130,7 @@ class CelerySystem:
             self.hostname,
         ]
         worker = ManagedProcess(
-            f"celery-worker-{self._worker_runs}", command, self.env, self.workdir, cwd=ROOT
+            f"celery-worker-{self._worker_runs}", command, self.env, self.workdir
         )
         self.worker = worker
         worker.start()
@@ -257,7 +250,7 @@ class CelerySystem:
         for i in range(count):
             started = time.perf_counter()
             value = delay(i).get(timeout=60, interval=GET_INTERVAL)
-            trips.append(RoundTrip(_ms(time.perf_counter() - started), ok=value == i))
+            trips.append(RoundTrip(ms(time.perf_counter() - started), ok=value == i))
         return trips
 
     def csharp_round_trips(self, sources: Sequence[str]) -> list[RoundTrip]:
@@ -266,7 +259,7 @@ class CelerySystem:
         for source in sources:
             started = time.perf_counter()
             value = delay(source).get(timeout=120, interval=GET_INTERVAL)
-            rtt = _ms(time.perf_counter() - started)
+            rtt = ms(time.perf_counter() - started)
             trips.append(
                 RoundTrip(
                     rtt,
@@ -295,7 +288,7 @@ class CelerySystem:
                 Expiry(
                     lateness_ms=None
                     if started is None
-                    else _ms(done.timestamp() - (started + ttl_seconds)),
+                    else ms(done.timestamp() - (started + ttl_seconds)),
                     detected_by="time_limit",
                     status=status,
                 )
