@@ -146,6 +146,8 @@ def scenario_noop(ctx: Context, round_: int) -> None:
             for name, values in batch.lag_ms.items():
                 lag = {f"lag_{name}_p50": p(values, 0.5), f"lag_{name}_p99": p(values, 0.99)}
                 ctx.put(round_, system.name, **lag)
+            if batch.lag_resolution_ms is not None:  # the lag monitor's median sample gap
+                ctx.put(round_, system.name, lag_resolution_ms=batch.lag_resolution_ms)
 
 
 def scenario_rtt(ctx: Context, round_: int) -> None:

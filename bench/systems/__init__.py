@@ -23,7 +23,6 @@ class Batch:
     completed: int  # ended as expected (Completed / SUCCESS)
     submit_s: float  # first submit sent .. last submit answered
     total_s: float  # first submit sent .. the last task's end as the system recorded it
-    observed_s: float  # first submit sent .. the client saw every task ended
     run_ms: list[float] = field(default_factory=list)  # per task: the program's run
     worker_ms: list[float] = field(default_factory=list)  # per task: start .. end on the worker
     lag_ms: dict[str, list[float]] = field(default_factory=dict)  # projection -> live lags

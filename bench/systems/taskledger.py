@@ -267,7 +267,6 @@ class Taskledger:
         before = self._idle()
         ids, first, submit_s, refused = self._run(self._submit_all(bodies))
         self._run(self._until(lambda s: self._ended(s) - before >= len(ids), timeout))
-        observed = time.time() - first
         self._caught_up()
         ((completed, last),) = self._query(
             "SELECT count(*) FILTER (WHERE status = 'Completed'), max(finished_at)"
@@ -275,7 +274,7 @@ class Taskledger:
             ids,
         )
         total = last.timestamp() - first if last is not None else float("nan")
-        batch = Batch(len(bodies), int(completed), submit_s, total, observed)
+        batch = Batch(len(bodies), int(completed), submit_s, total)
         if refused:
             batch.notes.append(f"{refused} submissions refused")
         if per_task:
