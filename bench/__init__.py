@@ -1,7 +1,5 @@
-"""Benchmarks for taskledger, run against a real PostgreSQL server.
+"""Benchmarks for taskledger: ``python -m bench [NAME] [OPTIONS]`` (see bench/__main__.py).
 
-Each benchmark module exposes ``NAME``, a one-line ``SUMMARY`` and ``main(argv) -> int``;
-``python -m bench`` runs them all (or one, with ``--only NAME``). Every run creates its own
-throwaway database on the server it is given and drops it afterwards, prints a markdown
-table to stdout and keeps the raw figures as JSON under ``bench/results/`` (gitignored).
+Each prints a markdown table that compares against its baseline in the same run, and
+keeps the raw figures as JSON under ``bench/results/`` (gitignored).
 """

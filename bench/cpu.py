@@ -1,20 +1,25 @@
-"""CPU seconds spent by one system during a scenario, process by process.
+"""CPU seconds spent during a measurement, consumer by consumer.
 
-A system's processes are counted with their whole trees (live descendants, and the
-children they already reaped: a Celery pool's forked workers, a sandbox's programs).
-PostgreSQL is counted as the backends connected to the system's own database (sampled
-before and after; a backend that ends in between loses what it spent since the first
-sample, which pooled, long-lived connections rarely do; the benchmark's own connections are
-left out); RabbitMQ as its `beam.smp`
-processes, whoever they serve (other work on the host adds to it); the client as this
-process. The sum divided by the tasks is the machine's CPU per task, on a machine whose
-2 cores everything shares.
+- a process given by pid is counted with its whole tree (live descendants, and the
+  children it already reaped: a Celery pool's forked workers, a sandbox's programs);
+- PostgreSQL, given a database URL: the backends connected to that database (sampled at
+  each mark; a backend that ends in between loses what it spent since the first mark,
+  which pooled, long-lived connections rarely do; the benchmark's own connections, named
+  `BENCH_APPLICATION`, are left out). Without one: every ``postgres`` process on the host,
+  ended backends included (the postmaster's reaped-children times), whoever they serve;
+- RabbitMQ: its ``beam.smp`` processes, whoever they serve;
+- the client: this process;
+- other: the host's busy time (/proc/stat) less all of the above, i.e. noise.
+
+On a machine whose 2 cores everything shares, the sum is what bounds throughput.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
@@ -60,24 +65,39 @@ def _backends(database_url: str) -> dict[int, float]:
     return result
 
 
-def _brokers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+def host_postgres() -> float:
+    """CPU seconds so far of this host's `postgres` processes, ended backends included."""
+    total = 0.0
+    for process in psutil.process_iter(["name"]):
+        if (process.info["name"] or "").startswith("postgres"):
+            with contextlib.suppress(psutil.Error):
+                total += _own(process)
+    return total
+
+
+def host_busy() -> float:
+    """CPU seconds the whole host has been busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    # cpu user nice system idle iowait irq softirq steal ...
+    return sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8)) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
 class Mark:
     at: float
     processes: dict[str, float]
-    postgres: dict[int, float]
+    postgres: dict[int, float]  # backend pid -> seconds; pid 0: the host's, all of them
     rabbitmq: float
     client: float
+    host: float
 
 
 class CpuMeter:
-    def __init__(self, processes: dict[str, int], database_url: str) -> None:
+    def __init__(self, processes: dict[str, int], database_url: str | None = None) -> None:
         self.processes = processes  # role -> pid
         self.database_url = database_url
-        self.brokers = _brokers()
+        self.brokers = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
 
     def mark(self) -> Mark:
         rabbit = 0.0
@@ -87,14 +107,15 @@ class CpuMeter:
         return Mark(
             at=time.perf_counter(),
             processes={role: tree_cpu(pid) for role, pid in self.processes.items()},
-            postgres=_backends(self.database_url),
+            postgres=_backends(self.database_url) if self.database_url else {0: host_postgres()},
             rabbitmq=rabbit,
             client=time.process_time(),
+            host=host_busy(),
         )
 
     @staticmethod
     def spent(before: Mark, after: Mark) -> dict[str, float]:
-        """CPU seconds per consumer between two marks."""
+        """CPU seconds per consumer between two marks (and "other", not in the total)."""
         spent = {
             role: after.processes[role] - before.processes.get(role, 0.0)
             for role in after.processes
@@ -104,4 +125,21 @@ class CpuMeter:
         )
         spent["RabbitMQ"] = after.rabbitmq - before.rabbitmq
         spent["client"] = after.client - before.client
-        return {k: max(0.0, v) for k, v in spent.items()}
+        spent = {k: max(0.0, v) for k, v in spent.items()}
+        return spent | {"other": max(0.0, after.host - before.host - sum(spent.values()))}
+
+
+def percent_of_a_core(spent: dict[str, float], seconds: float) -> dict[str, float]:
+    return {k: round(100 * v / seconds, 1) for k, v in spent.items()} if seconds else {}
+
+
+@contextlib.contextmanager
+def measured(
+    processes: dict[str, int], database_url: str | None = None
+) -> Iterator[dict[str, float]]:
+    """CPU seconds per consumer while the block runs (the dict is filled in at its end)."""
+    meter = CpuMeter(processes, database_url)
+    spent: dict[str, float] = {}
+    before = meter.mark()
+    yield spent
+    spent.update(CpuMeter.spent(before, meter.mark()))

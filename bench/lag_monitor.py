@@ -33,8 +33,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from bench._processes import ManagedProcess
 from bench.cpu import BENCH_APPLICATION
+from bench.processes import ManagedProcess
 from ledger.log import EVENTS_CHANNEL, EVENTS_TABLE
 from projections.runner import PROJECTION_CHANNEL
 
@@ -141,22 +141,12 @@ class LagMonitor:
     def __init__(self, url: str, schema: str, workdir: Path, env: dict[str, str]) -> None:
         self.out = workdir / "lag-samples.json"
         self.out.unlink(missing_ok=True)
+        command = ["-m", "bench.lag_monitor", "--database-url", url, "--schema", schema]
         self.process = ManagedProcess(
             "lag-monitor",
-            [
-                sys.executable,
-                "-m",
-                "bench.lag_monitor",
-                "--database-url",
-                url,
-                "--schema",
-                schema,
-                "--out",
-                str(self.out),
-            ],
+            [sys.executable, *command, "--out", str(self.out)],
             env,
             workdir,
-            cwd=Path(__file__).resolve().parent.parent,
             stop_timeout=10,
         )
 

@@ -1,6 +1,6 @@
 """taskledger as the fault suite runs it: two ``taskledger api`` processes and two
 ``taskledger worker`` processes over the suite's own PostgreSQL and RabbitMQ
-(bench/faults/services.py). Each worker reaches PostgreSQL through a TCP proxy of its
+(bench/services.py). Each worker reaches PostgreSQL through a TCP proxy of its
 own (bench/faults/proxy.py), which the suite pauses and kills to partition that worker;
 the api processes connect directly.
 
@@ -15,24 +15,20 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
 import psycopg
 
-from bench._processes import ManagedProcess
-from bench.api_requests import free_port, venv_tool
 from bench.faults.proxy import TcpProxy
 from bench.faults.runs import RunCounter
-from bench.faults.services import PrivatePostgres, PrivateRabbitMQ
+from bench.processes import HOST, ManagedProcess, free_port, taskledger_env, tool, wait_ready
+from bench.services import PrivatePostgres, PrivateRabbitMQ
 
-HOST = "127.0.0.1"
 DATABASE = "taskledger"
 SCHEMA = "public"
 # The roles one api process leads (workers/dispatcher.py, workers/reaper.py,
@@ -56,7 +52,6 @@ class Role:
     process: ManagedProcess | None = None
     starts: int = 0
     pids: list[int] = field(default_factory=list)  # of every start
-    killed_at: list[float] = field(default_factory=list)  # time.time() of each SIGKILL
 
     @property
     def pid(self) -> int:
@@ -97,27 +92,24 @@ class Deployment:
             label: TcpProxy(free_port(), upstream, self.workdir / label, dict(os.environ))
             for label in ("worker-1", "worker-2")
         }
-        tool = venv_tool("taskledger")
-        if tool is None:
-            raise RuntimeError("taskledger is not installed in this environment (pip install -e .)")
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("TASKLEDGER_", "PG"))}
-        base |= {
-            "TASKLEDGER_DATABASE_URL": self.database_url,
-            "TASKLEDGER_DATABASE_SCHEMA": SCHEMA,
-            "TASKLEDGER_BROKER_URL": rabbitmq.url,
-            "TASKLEDGER_API_KEYS": f"faults:admin:{self.key}",
-            "TASKLEDGER_LOG_DIR": str(self.workdir / "logs"),
-            "TASKLEDGER_DATA_DIR": str(self.workdir / "data"),
-            "TASKLEDGER_LEASE_SECONDS": f"{lease_seconds:g}",
-            "TASKLEDGER_HEARTBEAT_SECONDS": f"{heartbeat_seconds:g}",
-        }
+        base = taskledger_env(
+            self.database_url,
+            rabbitmq.url,
+            self.key,
+            self.workdir,
+            DATABASE_SCHEMA=SCHEMA,
+            LEASE_SECONDS=f"{lease_seconds:g}",
+            HEARTBEAT_SECONDS=f"{heartbeat_seconds:g}",
+        )
+        base = {k: v for k, v in base.items() if not k.startswith("PG")}
+        taskledger = tool("taskledger")
         self.apis = []
         for n in (1, 2):
             port = free_port()
-            command = [tool, "api", "--host", HOST, "--port", str(port)]
+            command = [taskledger, "api", "--host", HOST, "--port", str(port)]
             env = base | {"PGAPPNAME": f"tlfaults-api-{n}"}
             self.apis.append(Role(f"api-{n}", command, env, port))
-        worker = [tool, "worker", "--concurrency", str(concurrency)]
+        worker = [taskledger, "worker", "--concurrency", str(concurrency)]
         self.workers = [
             Role(
                 label,
@@ -145,7 +137,7 @@ class Deployment:
         for api in self.apis:  # api-1 first: it takes the leader locks
             self._start_api(api)
         for worker in self.workers:
-            self._start_worker(worker)
+            self._start(worker)
         self.counter.start()
         for worker in self.workers:
             self._wait_worker(worker)
@@ -161,27 +153,10 @@ class Deployment:
         role.pids.append(role.process.pid)
 
     def _start_api(self, api: Role) -> None:
-        started = time.monotonic()
         self._start(api)
-        with httpx.Client(base_url=api.url, timeout=2.0) as client:
-            while True:
-                if not api.alive():
-                    assert api.process is not None
-                    raise RuntimeError(f"{api.label} exited\n{api.process.output_tail()}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() - started > 90:
-                    assert api.process is not None
-                    tail = api.process.output_tail()
-                    raise TimeoutError(f"{api.label} not ready in 90 s\n{tail}")
-                time.sleep(0.1)
-        self.progress(f"  {api.label} (pid {api.pid}) ready in {time.monotonic() - started:.1f} s")
-
-    def _start_worker(self, worker: Role) -> None:
-        self._start(worker)
+        assert api.process is not None
+        ready = wait_ready(api.process, api.url)
+        self.progress(f"  {api.label} (pid {api.pid}) ready in {ready:.1f} s")
 
     def _wait_worker(self, worker: Role, timeout: float = 90.0) -> None:
         """Ready: every slot has a run listener, and its heartbeat is in /api/workers."""
@@ -239,18 +214,15 @@ class Deployment:
                 restarted.append(api.label)
         for worker in self.workers:
             if not worker.alive():
-                self._start_worker(worker)
+                self._start(worker)
                 self._wait_worker(worker)
                 restarted.append(worker.label)
         return restarted
 
     def kill(self, role: Role) -> None:
         """SIGKILL the process (alone: its sandbox zygotes see its socket close)."""
-        role.killed_at.append(time.time())
-        os.kill(role.pid, signal.SIGKILL)
         assert role.process is not None
-        assert role.process.process is not None
-        role.process.process.wait(10)
+        role.process.kill()
 
     def close(self) -> None:
         self.counter.close()
@@ -308,11 +280,3 @@ class Deployment:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"ApiKey {self.key}"}
-
-    def facts(self) -> dict[str, Any]:
-        return {
-            "apis": [f"{a.label}: {' '.join(a.command[1:])}" for a in self.apis],
-            "workers": [f"{w.label}: {' '.join(w.command[1:])}" for w in self.workers],
-            "proxies": {label: p.listen_port for label, p in self.proxies.items()},
-            "lease_seconds": self.lease_seconds,
-        }

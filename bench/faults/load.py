@@ -32,7 +32,7 @@ QUICK = Kind("quick", "print(data['n'] * 2)", 60, 3, "Completed")
 LONG = Kind("long (5 s)", "import time\ntime.sleep(5)\nprint('done')", 60, 3, "Completed")
 FAILING = Kind("failing", "raise SystemExit('fails on purpose')", 60, 2, "Failed")
 EXPIRING = Kind("expiring (ttl 4 s, runs 30 s)", "import time\ntime.sleep(30)", 4, 2, "Expired")
-# Longer than the private RabbitMQ's consumer_timeout (bench/faults/services.py), and than
+# Longer than the private RabbitMQ's consumer_timeout (bench/services.py), and than
 # a lease: each fault strikes while it runs (on the worker a worker fault picks).
 PAST_CONSUMER_TIMEOUT = Kind(
     "past consumer_timeout (25 s)",

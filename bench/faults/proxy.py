@@ -26,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench._processes import ManagedProcess
-
-HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parents[2]  # where `python -m bench.faults.proxy` resolves
+from bench.processes import HOST, ManagedProcess
 
 
 async def serve(listen_port: int, upstream: str) -> None:
@@ -65,9 +62,7 @@ class TcpProxy:
     def start(self, timeout: float = 20.0) -> None:
         self._starts += 1
         command = [sys.executable, "-m", "bench.faults.proxy", str(self.listen_port), self.upstream]
-        self.process = ManagedProcess(
-            f"proxy-{self._starts}", command, self.env, self.workdir, cwd=ROOT
-        )
+        self.process = ManagedProcess(f"proxy-{self._starts}", command, self.env, self.workdir)
         self.process.start()
         self.paused = False
         deadline = time.monotonic() + timeout
@@ -98,9 +93,7 @@ class TcpProxy:
 
     def kill(self) -> None:
         assert self.process is not None
-        self._signal(signal.SIGKILL)
-        assert self.process.process is not None
-        self.process.process.wait(10)
+        self.process.kill()
         self.paused = False
 
     def stop(self) -> None:

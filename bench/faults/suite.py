@@ -1,8 +1,8 @@
 """Fault injection: does every accepted task end exactly once, on time, through faults?
 
-``python -m bench faults [--faults a,b] [--tasks N]``. Real processes: two ``taskledger
+``python -m bench faults [--faults a,b] [--tasks N] [--quick]``. Real processes: two ``taskledger
 api`` and two ``taskledger worker --concurrency 4``, over a PostgreSQL and a RabbitMQ the
-suite starts for itself (bench/faults/services.py), each worker reaching PostgreSQL
+suite starts for itself (bench/services.py), each worker reaching PostgreSQL
 through a TCP proxy of its own (bench/faults/proxy.py). Each fault gets a round of its
 own with a fresh load (bench/faults/load.py): two thirds submitted before the fault, the
 last third spread over it; then echo probes measure recovery (until every live worker
@@ -18,30 +18,23 @@ import argparse
 import asyncio
 import concurrent.futures
 import os
-import platform
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
 
-from bench._processes import signals_deferred
-from bench._support import eprint, git, markdown_table, write_results
-from bench.faults import services
+from bench import report, services
 from bench.faults.deployment import Deployment, Role
 from bench.faults.load import Client, Submission, plan
-from bench.faults.verify import RoundResult, Window, detail, judge, read_round, replay
+from bench.faults.verify import RoundResult, Window, judge, read_round, replay
+from bench.processes import signals_deferred
+from bench.report import eprint, markdown_table
 
 NAME = "faults"
-SUMMARY = (
-    "fault injection: workers and the api leader killed, RabbitMQ and PostgreSQL restarted,"
-    " PostgreSQL down 60 s, a worker partitioned; did every accepted task end exactly once?"
-)
 LEASE_SECONDS = 10.0  # taskledger's defaults
 HEARTBEAT_SECONDS = 2.0
 CONCURRENCY = 4
@@ -201,7 +194,7 @@ class Suite:
     def round(self, fault: Fault, name: str) -> RoundResult:
         """One round, `name` (the fault's, with a suffix when it comes again). The fault
         and every process start happen on the main thread: a process started by another
-        thread would get SIGTERM when that thread ends (bench/_processes.py, the death
+        thread would get SIGTERM when that thread ends (bench/processes.py, the death
         signal). The HTTP load runs on `self.loop`."""
         result = RoundResult(name, fault.description)
         restarted = self.d.ensure_running()
@@ -236,7 +229,7 @@ class Suite:
             self.loop.call(client.close())
         events = self._wait_ended(name, submissions, ended)
         runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{name}/")]
-        reports = judge(
+        judge(
             result,
             submissions,
             events,
@@ -245,7 +238,6 @@ class Suite:
             self.d.worker_label,
             self.d.lease_seconds,
         )
-        result.detail = detail(submissions, reports, began)
         refused = [s for s in submissions if not s.accepted]
         if refused:
             reasons = sorted({f"{s.status or 'no answer'}: {s.problem[:80]}" for s in refused})
@@ -339,16 +331,8 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
-    head = git("rev-parse", "--short", "HEAD").strip()
-    if not head:
-        return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
-    return head + (" (with uncommitted changes)" if dirty else "")
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench faults", description=__doc__)
+    parser = report.parser(NAME, __doc__, database=False)
     parser.add_argument(
         "--faults",
         default=",".join(FAULTS),
@@ -358,21 +342,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the servers' and processes' directory"
     )
-    parser.add_argument("--no-json", action="store_true", help="do not write bench/results/")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.faults.split(",") if n.strip()]
-    unknown = [n for n in names if n not in FAULTS]
+    if args.quick:  # one fault, a small round: a smoke run
+        args.faults, args.tasks = "worker-kill", 10
+    args.names = [n.strip() for n in args.faults.split(",") if n.strip()]
+    unknown = [n for n in args.names if n not in FAULTS]
     if unknown:
         parser.error(f"unknown fault {', '.join(unknown)}; known: {', '.join(FAULTS)}")
     if args.tasks < 5:
         parser.error("--tasks must be at least 5 (one of each kind)")
-    args.names = names
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(arguments)
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
     if os.geteuid() != 0:
         eprint(
             f"{NAME}: needs root: the sandbox's isolation layers, PostgreSQL run as its own"
@@ -384,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         eprint(f"{NAME}: missing: {', '.join(missing)}")
         return 2
     services.sweep(eprint)
-    started = datetime.now(UTC)
+    run = report.Run(NAME, argv)
+    header = ""
     base = services.workdir()
     postgres = services.PrivatePostgres(base)
     rabbitmq = services.PrivateRabbitMQ(base, dict(os.environ))
@@ -392,11 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite: Suite | None = None
     results: list[RoundResult] = []
     status = 0
-    postgres_version = "unknown"
     try:
         eprint(f"{NAME}: starting PostgreSQL and RabbitMQ of its own in {base}")
         postgres.start()
-        postgres_version = postgres.version()
+        header = run.header(postgres.url)
         rabbitmq.start()
         deployment = Deployment(
             base,
@@ -446,26 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 eprint(f"{NAME}: kept {base}")
     if not results:
         return status or 1
-    header = (
-        f"{started.strftime('%Y-%m-%d %H:%M')} UTC · commit {_commit()} · nproc={os.cpu_count()}"
-        f" · PostgreSQL {postgres_version} · RabbitMQ {rabbitmq.version()}"
-        f" · Python {platform.python_version()} · {platform.platform(terse=True)}"
-        f" · {args.tasks} tasks a round · 2 api, 2 workers of concurrency {CONCURRENCY}"
-        f" · lease {LEASE_SECONDS:g} s, heartbeat {HEARTBEAT_SECONDS:g} s"
+    header += (
+        f" · RabbitMQ {rabbitmq.version()} · {args.tasks} tasks a round · 2 api, 2 workers of"
+        f" concurrency {CONCURRENCY} · lease {LEASE_SECONDS:g} s, heartbeat"
+        f" {HEARTBEAT_SECONDS:g} s"
     )
-    print(render(header, results))
-    if not args.no_json:
-        path = write_results(
-            NAME,
-            {
-                "benchmark": NAME,
-                "started_at": started.isoformat(),
-                "command": ["python", "-m", "bench", "faults", *arguments],
-                "header": header,
-                "results": [asdict(r) for r in results],
-            },
-        )
-        eprint(f"{NAME}: raw figures in {path}")
+    print(render(header, results) + "\n\n" + run.footer())
+    run.keep({"header": header, "results": [asdict(r) for r in results]}, args.no_json)
     bad = any(
         r.lost
         or r.duplicate_outcomes

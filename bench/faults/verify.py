@@ -207,7 +207,6 @@ class RoundResult:
     refused_after_end: float | None = None  # the last refusal's answer, after the fault
     ends: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> n
     notes: list[str] = field(default_factory=list)
-    detail: dict[str, Any] = field(default_factory=dict)  # for the raw results
 
 
 def judge(
@@ -309,55 +308,3 @@ def judge(
 
 def _clock(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%H:%M:%S.%f")[:-3]
-
-
-def detail(
-    submissions: Sequence[Submission], reports: Sequence[TaskReport], began: float
-) -> dict[str, Any]:
-    """The round in full for the raw results: times in seconds from the fault's start."""
-
-    def rel(at: float | None) -> float | None:
-        return None if at is None else round(at - began, 3)
-
-    stored = {r.token: str(r.task_id) for r in reports}
-    return {
-        "submissions": [
-            {
-                "kind": s.kind.name,
-                "token": s.token,
-                "api": s.api,
-                "sent": rel(s.sent_at),
-                "answered": rel(s.answered_at),
-                "status": s.status,
-                "problem": s.problem[:120],
-                "stored_as": stored.get(s.token),
-            }
-            for s in submissions
-        ],
-        "tasks": [
-            {
-                "id": str(r.task_id),
-                "kind": r.kind,
-                "status": r.status,
-                "deadline": rel(r.deadline),
-                "ended": [rel(e.at) for e in r.ended],
-                "attempts": [
-                    {
-                        "n": a.number,
-                        "worker": a.worker,
-                        "started": rel(a.started_at),
-                        "outcomes": [
-                            [o.type, rel(o.at), (o.data.get("error") or {}).get("kind")]
-                            for o in a.outcomes
-                        ],
-                        "runs": [[rel(x.at), rel(x.last_seen), x.worker] for x in a.runs],
-                    }
-                    for a in r.attempts.values()
-                ],
-                "unattributed_runs": [
-                    [rel(x.at), rel(x.last_seen), x.worker] for x in r.unattributed_runs
-                ],
-            }
-            for r in reports
-        ],
-    }

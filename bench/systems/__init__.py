@@ -23,7 +23,6 @@ class Batch:
     completed: int  # ended as expected (Completed / SUCCESS)
     submit_s: float  # first submit sent .. last submit answered
     total_s: float  # first submit sent .. the last task's end as the system recorded it
-    observed_s: float  # first submit sent .. the client saw every task ended
     run_ms: list[float] = field(default_factory=list)  # per task: the program's run
     worker_ms: list[float] = field(default_factory=list)  # per task: start .. end on the worker
     lag_ms: dict[str, list[float]] = field(default_factory=dict)  # projection -> live lags
@@ -41,6 +40,7 @@ class RoundTrip:
 
     rtt_ms: float  # submit sent .. terminal state received by the client
     ok: bool
+    task_id: str = ""
     run_ms: float | None = None  # the program's process (the executor's own measure)
     worker_ms: float | None = None  # start .. end of the task on the worker
     legs_ms: dict[str, float] = field(default_factory=dict)  # where the time went, if known

@@ -23,25 +23,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from bench._processes import ManagedProcess
-from bench.api_requests import venv_tool
 from bench.cpu import BENCH_APPLICATION
+from bench.processes import REPOSITORY, ManagedProcess, tool
+from bench.stats import ms
 from bench.systems import Batch, Expiry, RoundTrip
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 GET_INTERVAL = 0.001  # AsyncResult.get polls the database backend; its default is 0.5 s
 POLL = 0.1
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def sqlalchemy_url(url: str) -> str:
     """postgresql://… as Celery's database backend takes it: db+postgresql+psycopg://…"""
     parts = urlsplit(url)
     return "db+" + urlunsplit(parts._replace(scheme="postgresql+psycopg"))
-
-
-def _ms(seconds: float) -> float:
-    return seconds * 1000.0
 
 
 class CelerySystem:
@@ -76,32 +71,19 @@ class CelerySystem:
             celery_app.QUEUE_ENV: self.queue,
             celery_app.CACHE_ENV: str(self.workdir / "csharp-cache"),
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (str(REPOSITORY), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
         celery_app.configure(broker_url, self.backend_url, self.queue)
         self.app: Any = celery_app.app
         self.worker: ManagedProcess | None = None
         self._worker_runs = 0
-        self.ready_seconds: dict[str, float] = {}
 
     def facts(self) -> dict[str, Any]:
         from importlib.metadata import version
 
-        return {
-            "processes": [
-                f"celery worker --pool prefork --concurrency {self.concurrency}"
-                " (a main process and its children)"
-            ],
-            "worker_concurrency": self.concurrency,
-            "celery": version("celery"),
-            "kombu": version("kombu"),
-            "sqlalchemy": version("sqlalchemy"),
-            "queue": self.queue,
-            "settings": self.celery_app.settings(self.broker_url, "db+postgresql+psycopg://…", "…"),
-            "get_interval_s": GET_INTERVAL,
-            "ready_seconds": self.ready_seconds,
-        }
+        versions = {name: version(name) for name in ("celery", "kombu", "sqlalchemy")}
+        return versions | {"queue": self.queue, "get_interval_s": GET_INTERVAL}
 
     # -- processes -----------------------------------------------------------------------
 
@@ -119,25 +101,13 @@ class CelerySystem:
         self._start_worker()
 
     def _start_worker(self) -> None:
-        celery = venv_tool("celery")
-        if celery is None:
-            raise RuntimeError("the celery command is missing: pip install -e .[bench]")
+        celery = tool("celery")
         started = time.monotonic()
         self._worker_runs += 1
-        command = [
-            celery,
-            "-A",
-            "bench.celery_app",
-            "worker",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(self.concurrency),
-            "--hostname",
-            self.hostname,
-        ]
+        command = [celery, "-A", "bench.celery_app", "worker", "--pool", "prefork",
+                   "--concurrency", str(self.concurrency), "--hostname", self.hostname]  # fmt: skip
         worker = ManagedProcess(
-            f"celery-worker-{self._worker_runs}", command, self.env, self.workdir, cwd=ROOT
+            f"celery-worker-{self._worker_runs}", command, self.env, self.workdir
         )
         self.worker = worker
         worker.start()
@@ -152,7 +122,6 @@ class CelerySystem:
             time.sleep(0.05)
         if result.get(timeout=10) != "ready?":
             raise RuntimeError("celery worker: the first noop did not return its argument")
-        self.ready_seconds[f"worker-{self._worker_runs}"] = round(time.monotonic() - started, 2)
         self.progress(
             f"  celery worker --pool prefork --concurrency {self.concurrency} (pid {worker.pid})"
             f" ready in {time.monotonic() - started:.1f} s"
@@ -227,12 +196,11 @@ class CelerySystem:
         ids = [submit(i) for i in range(tasks)]
         submit_s = time.perf_counter() - started
         self._wait_ended(before, tasks, timeout)
-        observed = time.time() - first
         rows = self._rows(ids)
         completed = sum(1 for _, status, _, _ in rows if status == "SUCCESS")
         last = max((done for _, _, done, _ in rows), default=None)
         total = last.timestamp() - first if last is not None else float("nan")
-        batch = Batch(tasks, completed, submit_s, total, observed)
+        batch = Batch(tasks, completed, submit_s, total)
         batch.run_ms = [
             float(value["run_ms"])
             for _, _, _, value in rows
@@ -251,31 +219,23 @@ class CelerySystem:
         delay = self.celery_app.python_task.delay
         return self._batch(lambda i: str(delay(code).id), tasks, timeout=60 + tasks / 2)
 
-    def round_trips(self, count: int) -> list[RoundTrip]:
-        delay = self.celery_app.noop_task.delay
+    def _round_trips(self, task: Any, arguments: Sequence[Any]) -> list[RoundTrip]:
         trips = []
-        for i in range(count):
+        for argument in arguments:
             started = time.perf_counter()
-            value = delay(i).get(timeout=60, interval=GET_INTERVAL)
-            trips.append(RoundTrip(_ms(time.perf_counter() - started), ok=value == i))
+            value = task.delay(argument).get(timeout=120, interval=GET_INTERVAL)
+            trip = RoundTrip(ms(time.perf_counter() - started), ok=value == argument)
+            if isinstance(value, dict):  # a C# run's
+                trip.ok, trip.run_ms = value.get("exit_code") == 0, value.get("run_ms")
+                trip.worker_ms = value.get("task_ms")
+            trips.append(trip)
         return trips
 
+    def round_trips(self, count: int) -> list[RoundTrip]:
+        return self._round_trips(self.celery_app.noop_task, range(count))
+
     def csharp_round_trips(self, sources: Sequence[str]) -> list[RoundTrip]:
-        delay = self.celery_app.csharp_task.delay
-        trips = []
-        for source in sources:
-            started = time.perf_counter()
-            value = delay(source).get(timeout=120, interval=GET_INTERVAL)
-            rtt = _ms(time.perf_counter() - started)
-            trips.append(
-                RoundTrip(
-                    rtt,
-                    ok=value.get("exit_code") == 0,
-                    run_ms=value.get("run_ms"),
-                    worker_ms=value.get("task_ms"),
-                )
-            )
-        return trips
+        return self._round_trips(self.celery_app.csharp_task, sources)
 
     def expire_on_worker(self, tasks: int, ttl_seconds: float) -> list[Expiry]:
         """`tasks` loops at once with a hard `time_limit`; the pool runs `concurrency` at a
@@ -289,15 +249,11 @@ class CelerySystem:
         self._wait_ended(before, tasks, timeout=60 + tasks * ttl_seconds)
         expiries = []
         for task_id, status, done, _ in self._rows(ids):
-            mark = self.marks / task_id
-            started = float(mark.read_text()) if mark.exists() else None
-            expiries.append(
-                Expiry(
-                    lateness_ms=None
-                    if started is None
-                    else _ms(done.timestamp() - (started + ttl_seconds)),
-                    detected_by="time_limit",
-                    status=status,
-                )
+            mark = self.marks / task_id  # the task's own start, time.time()
+            late = (
+                ms(done.timestamp() - float(mark.read_text()) - ttl_seconds)
+                if mark.exists()
+                else None
             )
+            expiries.append(Expiry(late, "time_limit", status))
         return expiries

@@ -1,6 +1,7 @@
-"""Subprocesses a benchmark starts and must stop: each in its own process group, its
+"""The processes a benchmark starts and must stop: each in its own process group, its
 output in files, stopped with SIGTERM (SIGKILL to the whole group after a timeout), and
-nothing of its group left behind.
+nothing of its group left behind; and the taskledger roles (`taskledger api`, `worker`)
+as a benchmark starts them.
 
 No ``preexec_fn`` (a benchmark may have threads by the time it starts a process): where
 util-linux ``setpriv`` exists, the command runs under ``setpriv --pdeathsig TERM`` so it
@@ -14,13 +15,19 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
+
+HOST = "127.0.0.1"
+REPOSITORY = Path(__file__).resolve().parent.parent  # where `python -m bench…` resolves
 
 
 @contextlib.contextmanager
@@ -40,7 +47,7 @@ def signals_deferred() -> Iterator[None]:
 
 @dataclass
 class Stopped:
-    how: str  # "SIGTERM", "SIGKILL" or "exited before"
+    how: str  # "SIGTERM", "SIGKILL", "exited before" or "never started"
     seconds: float
     returncode: int | None
     leftovers_killed: int  # processes of its group still there after it exited
@@ -49,11 +56,9 @@ class Stopped:
 def _group_members(pgid: int) -> list[psutil.Process]:
     members = []
     for process in psutil.process_iter():
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
             if os.getpgid(process.pid) == pgid:
                 members.append(process)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
     return members
 
 
@@ -74,7 +79,7 @@ class ManagedProcess:
         self.name = name
         self.command = list(command)
         self.env = env
-        self.cwd = cwd or logdir
+        self.cwd = cwd or REPOSITORY
         self.stop_timeout = stop_timeout
         logdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = logdir / f"{name}.out"
@@ -87,7 +92,7 @@ class ManagedProcess:
         assert self.process is not None
         return self.process.pid
 
-    def start(self) -> None:
+    def start(self) -> ManagedProcess:
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
         with self.stdout_path.open("ab") as out, self.stderr_path.open("ab") as err:
@@ -101,6 +106,7 @@ class ManagedProcess:
                 start_new_session=True,  # Ctrl-C reaches only us; we stop it in order
             )
         self.stopped = None
+        return self
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -116,6 +122,12 @@ class ManagedProcess:
                 if text:
                     parts.append(f"--- {path} (last {len(text)} lines):\n" + "\n".join(text))
         return "\n".join(parts) or "(no output)"
+
+    def kill(self) -> None:
+        """SIGKILL the process alone (not its group), and reap it."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
     def stop(self) -> Stopped:
         """SIGTERM, SIGKILL to the group after `stop_timeout`; then nothing of the process
@@ -145,3 +157,65 @@ class ManagedProcess:
                     os.killpg(process.pid, signal.SIGKILL)
         self.stopped = Stopped(how, time.monotonic() - started, process.returncode, len(leftovers))
         return self.stopped
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tool(name: str) -> str:
+    """The command `name` next to this interpreter (the venv's bin), else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed here (pip install -e '.[bench]')")
+    return found
+
+
+def taskledger_env(
+    database_url: str, broker_url: str, key: str, workdir: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a taskledger process: this one's without any TASKLEDGER_*, then
+    the given store, broker, admin key and directories, and `settings`, each name
+    prefixed (DATABASE_SCHEMA="x" sets TASKLEDGER_DATABASE_SCHEMA)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKLEDGER_")}
+    env |= {
+        "TASKLEDGER_DATABASE_URL": database_url,
+        "TASKLEDGER_BROKER_URL": broker_url,
+        "TASKLEDGER_API_KEYS": f"bench:admin:{key}",
+        "TASKLEDGER_LOG_DIR": str(workdir / "logs"),
+        "TASKLEDGER_DATA_DIR": str(workdir / "data"),
+    }
+    return env | {f"TASKLEDGER_{name}": value for name, value in settings.items()}
+
+
+def wait_ready(process: ManagedProcess, base_url: str, timeout: float = 90.0) -> float:
+    """Poll `base_url`/readyz until it answers 200; the seconds it took. Raises when the
+    process exits first or `timeout` passes."""
+    started = time.monotonic()
+    last = "no answer yet"
+    with httpx.Client(base_url=base_url, timeout=2.0) as client:
+        while True:
+            if not process.alive():
+                raise RuntimeError(
+                    f"{process.name} exited with {process.returncode()} before it was ready\n"
+                    + process.output_tail()
+                )
+            try:
+                response = client.get("/readyz")
+                if response.status_code == 200:
+                    return time.monotonic() - started
+                last = f"{response.status_code} {response.text[:300]}"
+            except httpx.HTTPError as error:
+                last = f"{type(error).__name__}: {error}"
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(
+                    f"{process.name} not ready after {timeout:g} s (last /readyz: {last})\n"
+                    + process.output_tail()
+                )
+            time.sleep(0.1)

@@ -1,6 +1,12 @@
-"""The fault suite's own PostgreSQL and RabbitMQ: servers it starts in a directory of its
-own, on ports of its own, so that it may stop, restart and kill them while other people's
-tests use the machine's shared servers.
+"""The PostgreSQL and RabbitMQ a benchmark runs against.
+
+The component benchmarks and the comparison use the machine's servers, with state of
+their own: a throwaway database each (`temporary_database`), dropped at the end, also on
+failure, Ctrl-C or SIGTERM; queues named after a random schema.
+
+The fault suite starts servers of its own (`PrivatePostgres`, `PrivateRabbitMQ`), in a
+directory of its own, on ports of its own, so that it may stop, restart and kill them
+while other people's tests use the machine's shared servers:
 
 - PostgreSQL 15 (Debian's binaries): ``initdb`` into the directory, listening on
   127.0.0.1 and a Unix socket in the directory. As root, the server runs as the
@@ -20,17 +26,110 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psutil
 import psycopg
+from psycopg import sql
 
-from bench._processes import ManagedProcess
-from bench.api_requests import free_port
+from bench.processes import ManagedProcess, free_port
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DATABASE_URL_ENV = "TASKLEDGER_BENCH_DATABASE_URL"
+BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def default_database_url() -> str:
+    return os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
+
+
+def with_database(url: str, dbname: str) -> str:
+    """`url` pointing at database `dbname` instead (path and any ?dbname= replaced)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "dbname"]
+    return urlunsplit(parts._replace(path="/" + quote(dbname), query=urlencode(query)))
+
+
+def dbname(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def reachable(url: str, default_port: int) -> str | None:
+    """Why the server of `url` cannot be reached, or None."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        with socket.create_connection((host, port), 3):
+            return None
+    except OSError as error:
+        return f"{host}:{port}: {error}"
+
+
+def _connect(url: str) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so `finally` blocks (dropping the database) run."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def temporary_database(server_url: str, prefix: str = "taskledger_bench_") -> Iterator[str]:
+    """Create a fresh database on the server of `server_url`; yield its URL; drop it after
+    (connections still open to it are terminated first)."""
+    name = f"{prefix}{secrets.token_hex(4)}"
+    with _sigterm_raises():
+        with _connect(server_url) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield with_database(server_url, name)
+        finally:
+            with _connect(server_url) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+async def delete_queues(broker_url: str, namespace: str) -> None:
+    """Delete a taskledger deployment's queues and exchange (`taskledger.<schema>.*`)."""
+    from workers.rabbitmq import RabbitMQBroker
+
+    broker = RabbitMQBroker(broker_url, namespace)
+    try:
+        await broker.delete_all()
+    finally:
+        await broker.close()
+
+
+# -- the fault suite's own servers --------------------------------------------------------
 
 PG_BIN = Path(os.environ.get("TASKLEDGER_FAULTS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 RABBITMQ_BIN = Path(os.environ.get("TASKLEDGER_FAULTS_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
@@ -75,7 +174,7 @@ def workdir() -> Path:
     return path
 
 
-def sweep(progress: object = print) -> None:
+def sweep(progress: Callable[[str], None]) -> None:
     """Stop the servers of suite runs that died without cleaning up, remove their dirs."""
     for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
         try:
@@ -94,8 +193,7 @@ def sweep(progress: object = print) -> None:
                 if any(str(path) in part for part in process.info["cmdline"] or []):
                     process.kill()
         shutil.rmtree(path, ignore_errors=True)
-        if callable(progress):
-            progress(f"  removed what a killed run left in {path}")
+        progress(f"  removed what a killed run left in {path}")
 
 
 class PrivatePostgres:

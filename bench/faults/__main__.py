@@ -1,5 +1,0 @@
-import sys
-
-from bench.faults.suite import main
-
-sys.exit(main())
