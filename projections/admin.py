@@ -12,7 +12,7 @@ import psycopg
 from psycopg import Connection, sql
 
 from ledger.log import head_position
-from projections import base
+from projections import base, tracking
 from projections.base import Projection
 from projections.runner import apply_batch
 
@@ -35,15 +35,10 @@ class ProjectionStatus:
 
 def status(conn: Connection[Any], schema: str) -> list[ProjectionStatus]:
     head = head_position(conn, schema)
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT c.projection, c.generation, t.position, t.updated_at"
-            " FROM {s}.projection_current c JOIN {s}.projection_tracking t"
-            " ON t.projection = c.projection AND t.generation = c.generation"
-            " ORDER BY c.projection"
-        ).format(s=sql.Identifier(schema))
-    ).fetchall()
-    return [ProjectionStatus(name, gen, pos, head, at) for name, gen, pos, at in rows]
+    return [
+        ProjectionStatus(gen.projection, gen.generation, gen.position, head, at)
+        for gen, at in tracking.views(conn, schema)
+    ]
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ def rebuild(
     with psycopg.connect(database_url) as conn:
         conn.autocommit = True
         base.ensure_installed(conn, schema, projection)
-        old = base.current_generation(conn, schema, projection.name)
+        old = tracking.current_generation(conn, schema, projection.name)
         row = conn.execute(
             sql.SQL(
                 "SELECT coalesce(max(generation), 0) FROM {}.projection_tracking"
@@ -97,7 +92,7 @@ def rebuild(
                 extra={"projection": projection.name, "generation": new, "position": gen.position},
             )
         with conn.transaction():
-            base.current_generation(conn, schema, projection.name, lock=True)
+            tracking.current_generation(conn, schema, projection.name, lock=True)
             while True:
                 # Nested: each batch is a savepoint inside the switch transaction.
                 _, applied = apply_batch(conn, schema, projection, batch_size, generation=new)
@@ -108,7 +103,9 @@ def rebuild(
         with conn.transaction():
             conn.execute(
                 sql.SQL("DROP TABLE IF EXISTS {}").format(
-                    sql.Identifier(schema, base.generation_table(projection.name, old.generation))
+                    sql.Identifier(
+                        schema, tracking.generation_table(projection.name, old.generation)
+                    )
                 )
             )
             conn.execute(

@@ -2,21 +2,22 @@
 
 A projection owns one table per *generation*: `<name>_g<N>`. A SQL view named `<name>`
 always points at the current generation, so readers never see a table being rebuilt.
-The tracking position of each generation lives in `projection_tracking`, and a batch of
-view rows is written in the same transaction as the tracking row's new position, after
-the tracking row is locked and its position checked: a batch can never be applied twice.
+The tracking position of each generation lives in `projection_tracking`
+(projections.tracking), and a batch of view rows is written in the same transaction as the
+tracking row's new position, after the tracking row is locked and its position checked: a
+batch can never be applied twice.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from psycopg import Connection, Cursor, sql
 
 from ledger.log import Change
+from projections.tracking import catalog_ddl, generation_table
 
 
 class Projection(ABC):
@@ -31,41 +32,6 @@ class Projection(ABC):
     @abstractmethod
     def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
         """Apply changes (in position order) to the generation table."""
-
-
-def catalog_ddl(schema: str) -> list[sql.Composed]:
-    s = sql.Identifier(schema)
-    return [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.projection_current ("
-            " projection text PRIMARY KEY,"
-            " generation int NOT NULL)"
-        ).format(s),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {}.projection_tracking ("
-            " projection text NOT NULL,"
-            " generation int NOT NULL,"
-            " position bigint NOT NULL DEFAULT 0,"
-            " updated_at timestamptz NOT NULL DEFAULT now(),"
-            " PRIMARY KEY (projection, generation))"
-        ).format(s),
-    ]
-
-
-def generation_table(name: str, generation: int) -> str:
-    return f"{name}_g{generation}"
-
-
-@dataclass(frozen=True)
-class Generation:
-    projection: str
-    generation: int
-    position: int
-
-    @property
-    def table(self) -> str:
-        return generation_table(self.projection, self.generation)
 
 
 def ensure_installed(conn: Connection[Any], schema: str, projection: Projection) -> None:
@@ -122,58 +88,3 @@ def switch_to(conn: Connection[Any], schema: str, projection: Projection, genera
             sql.Identifier(schema, generation_table(projection.name, generation)),
         )
     )
-
-
-def current_generation(
-    conn: Connection[Any], schema: str, name: str, *, lock: bool = False
-) -> Generation:
-    """The current generation and its position; with `lock`, its tracking row is locked
-    (FOR UPDATE) until the transaction ends, so no one else applies a batch meanwhile."""
-    query = sql.SQL(
-        "SELECT c.generation, t.position FROM {s}.projection_current c"
-        " JOIN {s}.projection_tracking t"
-        " ON t.projection = c.projection AND t.generation = c.generation"
-        " WHERE c.projection = %s"
-    ).format(s=sql.Identifier(schema))
-    if lock:
-        query += sql.SQL(" FOR UPDATE OF c, t")
-    row = conn.execute(query, (name,)).fetchone()
-    if row is None:
-        raise LookupError(f"projection {name!r} is not installed in schema {schema!r}")
-    return Generation(name, int(row[0]), int(row[1]))
-
-
-def lock_generation(conn: Connection[Any], schema: str, name: str, generation: int) -> int:
-    """Lock a generation's tracking row for this transaction and return its position."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT position FROM {}.projection_tracking"
-            " WHERE projection = %s AND generation = %s FOR UPDATE"
-        ).format(sql.Identifier(schema)),
-        (name, generation),
-    ).fetchone()
-    if row is None:
-        raise LookupError(f"projection {name!r} has no generation {generation}")
-    return int(row[0])
-
-
-def advance(
-    conn: Connection[Any], schema: str, name: str, generation: int, old: int, new: int
-) -> None:
-    """Move a generation's tracking position from `old` to `new`, refusing anything else."""
-    cur = conn.execute(
-        sql.SQL(
-            "UPDATE {}.projection_tracking SET position = %s, updated_at = now()"
-            " WHERE projection = %s AND generation = %s AND position = %s"
-        ).format(sql.Identifier(schema)),
-        (new, name, generation, old),
-    )
-    if cur.rowcount != 1:
-        raise PositionConflict(
-            f"projection {name} generation {generation} is no longer at position {old}; "
-            "another process applied these events"
-        )
-
-
-class PositionConflict(Exception):
-    """A batch was about to be applied at a position that was already moved past."""

@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 
 from projections import audit, task_status
 from projections.runner import PROJECTION_CHANNEL
+from projections.tracking import view_position
 
 
 class InvalidCursor(ValueError):
@@ -180,18 +181,6 @@ def audit_events(
     )
 
 
-def projection_position(conn: Connection[Any], schema: str, name: str) -> int:
-    row = conn.execute(
-        sql.SQL(
-            "SELECT t.position FROM {s}.projection_current c JOIN {s}.projection_tracking t"
-            " ON t.projection = c.projection AND t.generation = c.generation"
-            " WHERE c.projection = %s"
-        ).format(s=sql.Identifier(schema)),
-        (name,),
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
 def wait_for_position(
     database_url: str, schema: str, name: str, position: int, timeout: float
 ) -> bool:
@@ -204,7 +193,7 @@ def wait_for_position(
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL)))
         while True:
-            if projection_position(conn, schema, name) >= position:
+            if view_position(conn, schema, name) >= position:
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:

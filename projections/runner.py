@@ -29,16 +29,13 @@ from psycopg import Connection, sql
 
 from ledger import log as event_log
 from ledger.log import Change, read_changes
-from projections import base
-from projections.base import Generation, Projection
+from projections import base, leadership, tracking
+from projections.base import Projection
+from projections.tracking import Generation
 
 log = logging.getLogger(__name__)
 
 PROJECTION_CHANNEL = "taskledger_projections"
-
-
-def leader_lock_key(schema: str, name: str) -> str:
-    return f"taskledger.projection.{schema}.{name}"
 
 
 def extend_to_transaction_end(
@@ -79,9 +76,9 @@ def apply_batch(
     """
     with conn.transaction():
         if generation is None:
-            gen = base.current_generation(conn, schema, projection.name, lock=True)
+            gen = tracking.current_generation(conn, schema, projection.name, lock=True)
         else:
-            position = base.lock_generation(conn, schema, projection.name, generation)
+            position = tracking.lock_generation(conn, schema, projection.name, generation)
             gen = Generation(projection.name, generation, position)
         changes = read_changes(conn, schema, gen.position, batch_size)
         if not changes:
@@ -93,7 +90,7 @@ def apply_batch(
             with conn.cursor() as cur:
                 projection.apply(cur, sql.Identifier(schema, gen.table), task_changes)
         new_position = changes[-1].position
-        base.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
+        tracking.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
         conn.execute(
             "SELECT pg_notify(%s, %s)",
             (PROJECTION_CHANNEL, f"{schema}:{projection.name}:{new_position}"),
@@ -186,15 +183,8 @@ class ProjectionRunner:
             psycopg.connect(self.database_url, autocommit=True) as session,
             psycopg.connect(self.database_url) as conn,
         ):
-            key = leader_lock_key(self.schema, name)
-            while not self._stop.is_set():
-                row = session.execute(
-                    "SELECT pg_try_advisory_lock(hashtext(%s))", (key,)
-                ).fetchone()
-                if row and row[0]:
-                    break
-                self._stop.wait(self.standby_interval)
-            else:
+            key = leadership.lock_key("projection", self.schema, name)
+            if not leadership.wait_to_lead(session, key, self._stop, self.standby_interval):
                 return
             session.execute(event_log.listen())
             self.is_leader.set()

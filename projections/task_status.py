@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from psycopg import Cursor, sql
+from psycopg import Connection, Cursor, sql
 
 from ledger.log import Change
 from projections.base import Projection
@@ -189,3 +189,57 @@ class TaskStatusProjection(Projection):
             (wanted,),
         )
         return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
+
+
+# -- what the dispatcher and the reaper ask of the view ---------------------------------------
+
+
+def _view(schema: str) -> sql.Identifier:
+    return sql.Identifier(schema, TaskStatusProjection.name)
+
+
+def waiting_retries(
+    conn: Connection[Any], schema: str, now: datetime
+) -> list[tuple[UUID, int, datetime]]:
+    """(task id, attempt, not_before) of each Pending attempt still in its backoff."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT id, attempt, not_before FROM {} WHERE status = 'Pending' AND not_before > %s"
+        ).format(_view(schema)),
+        (now,),
+    ).fetchall()
+    return [(task_id, int(attempt), due) for task_id, attempt, due in rows]
+
+
+def due_for_expiry(
+    conn: Connection[Any], schema: str, now: datetime, graced: datetime, limit: int
+) -> list[tuple[UUID, int]]:
+    """(task id, attempt) of unfinished tasks past their deadline, soonest first: Pending
+    ones at their deadline, InProgress ones once `graced` (now less the worker's grace)
+    has passed it too. Uses the view's partial index on unfinished tasks' deadlines."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT id, attempt FROM {} WHERE status IN ('Pending', 'InProgress')"
+            " AND deadline <= %(now)s AND (status = 'Pending' OR deadline <= %(graced)s)"
+            " ORDER BY deadline LIMIT %(limit)s"
+        ).format(_view(schema)),
+        {"now": now, "graced": graced, "limit": limit},
+    ).fetchall()
+    return [(task_id, int(attempt)) for task_id, attempt in rows]
+
+
+def next_deadlines(
+    conn: Connection[Any], schema: str, now: datetime, graced: datetime
+) -> list[tuple[str, datetime]]:
+    """(status, deadline) of the unfinished tasks due next and not yet due by the rule of
+    `due_for_expiry`: InProgress ones get their grace, so the next to come due is among
+    the first few."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT status, deadline FROM {} WHERE status IN ('Pending', 'InProgress')"
+            " AND deadline > %(graced)s AND (deadline > %(now)s OR status = 'InProgress')"
+            " ORDER BY deadline LIMIT 16"
+        ).format(_view(schema)),
+        {"now": now, "graced": graced},
+    ).fetchall()
+    return [(str(status), deadline) for status, deadline in rows]

@@ -1,11 +1,11 @@
 """The dispatcher: the outbox relay from the event log to the broker.
 
 Commands are derived from the log, never sent by the API directly, so a crash between a
-commit and a publish loses nothing: the dispatcher's position (in `projection_tracking`,
-as projection `dispatcher`) only moves after the broker confirmed the commands up to it,
-and after a restart it publishes again from there. A command published twice is
-harmless: the worker drops a command whose attempt is not the current one, or already
-started.
+commit and a publish loses nothing: the dispatcher's position (a follower's row in
+`projection_tracking`, see projections.tracking) only moves after the broker confirmed
+the commands up to it, and after a restart it publishes again from there. A command
+published twice is harmless: the worker drops a command whose attempt is not the current
+one, or already started.
 
 - `AttemptScheduled` due now → publish at once (woken by the ledger's NOTIFY, so a
   submitted task reaches a worker within milliseconds, not on a poll);
@@ -26,14 +26,14 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 
 from ledger import log as event_log
 from ledger.clock import Clock
 from ledger.log import read_changes
+from projections import leadership, task_status, tracking
 from workers.broker import Broker, RunAttempt
 from workers.metrics import WorkerMetrics
-from workers.singleton import acquire, keep_running
+from workers.singleton import keep_running
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,11 @@ class Dispatcher:
         )
 
     async def _run_once(self, stop: asyncio.Event) -> None:
-        key = f"taskledger.dispatcher.{self.schema}"
+        key = leadership.lock_key("dispatcher", self.schema)
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True
         ) as session:
-            if not await acquire(session, key, stop, self.standby_interval):
+            if not await leadership.wait_to_lead_async(session, key, stop, self.standby_interval):
                 return
             await session.execute(event_log.listen())
             with psycopg.connect(self.database_url, autocommit=True) as conn:
@@ -88,40 +88,13 @@ class Dispatcher:
 
     def _start(self, conn: psycopg.Connection[Any]) -> None:
         """Load the position and the timers of retries still waiting for their backoff."""
-        s = sql.Identifier(self.schema)
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {}.projection_tracking (projection, generation, position)"
-                " VALUES (%s, 0, 0) ON CONFLICT DO NOTHING"
-            ).format(s),
-            (NAME,),
-        )
-        row = conn.execute(
-            sql.SQL(
-                "SELECT position FROM {}.projection_tracking"
-                " WHERE projection = %s AND generation = 0"
-            ).format(s),
-            (NAME,),
-        ).fetchone()
-        saved = int(row[0]) if row else 0
+        saved = tracking.follower_position(conn, self.schema, NAME)
         self._published_before = saved
         # Timers come from the view; whatever the view has not applied yet is replayed
         # from the log (a due command published twice is harmless, a lost one is not).
-        view = conn.execute(
-            sql.SQL(
-                "SELECT t.position FROM {s}.projection_current c JOIN {s}.projection_tracking t"
-                " ON t.projection = c.projection AND t.generation = c.generation"
-                " WHERE c.projection = 'task_status'"
-            ).format(s=s)
-        ).fetchone()
-        self.position = min(saved, int(view[0]) if view else 0)
-        waiting = conn.execute(
-            sql.SQL(
-                "SELECT id, attempt, not_before FROM {}"
-                " WHERE status = 'Pending' AND not_before > %s"
-            ).format(sql.Identifier(self.schema, "task_status")),
-            (self.clock.now(),),
-        ).fetchall()
+        view = tracking.view_position(conn, self.schema, task_status.TaskStatusProjection.name)
+        self.position = min(saved, view)
+        waiting = task_status.waiting_retries(conn, self.schema, self.clock.now())
         self._timers = [(due, str(task_id), attempt) for task_id, attempt, due in waiting]
         heapq.heapify(self._timers)
 
@@ -174,18 +147,11 @@ class Dispatcher:
         for task_id in cancelled:
             await self.broker.broadcast_cancel(task_id)
         new_position = changes[-1].position
-        await asyncio.to_thread(self._save_position, conn, new_position)
+        await asyncio.to_thread(
+            tracking.save_follower_position, conn, self.schema, NAME, new_position
+        )
         self.position = new_position
         return len(changes)
-
-    def _save_position(self, conn: psycopg.Connection[Any], position: int) -> None:
-        conn.execute(
-            sql.SQL(
-                "UPDATE {}.projection_tracking SET position = %s, updated_at = now()"
-                " WHERE projection = %s AND generation = 0"
-            ).format(sql.Identifier(self.schema)),
-            (position, NAME),
-        )
 
     async def _publish_due(self) -> None:
         now = self.clock.now()

@@ -31,9 +31,10 @@ from psycopg import sql
 from ledger import AttemptError, Ledger
 from ledger.clock import Clock
 from ledger.errors import LedgerError, TransitionRefused
+from projections import leadership, task_status
 from projections.runner import PROJECTION_CHANNEL
 from workers.metrics import WorkerMetrics
-from workers.singleton import acquire, keep_running
+from workers.singleton import keep_running
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,6 @@ class Reaper:
         self.metrics = metrics or WorkerMetrics()
         self.min_interval = min_interval
         self.expiry_threads = expiry_threads
-        table = sql.Identifier(schema, "task_status")
-        # Both use the view's partial index on the deadline of unfinished tasks.
-        self._due_query = sql.SQL(
-            "SELECT id, attempt FROM {} WHERE status IN ('Pending', 'InProgress')"
-            " AND deadline <= %(now)s AND (status = 'Pending' OR deadline <= %(graced)s)"
-            " ORDER BY deadline LIMIT %(limit)s"
-        ).format(table)
-        # InProgress tasks get their grace, so the next to come due is among the first few.
-        self._upcoming_query = sql.SQL(
-            "SELECT status, deadline FROM {} WHERE status IN ('Pending', 'InProgress')"
-            " AND deadline > %(graced)s AND (deadline > %(now)s OR status = 'InProgress')"
-            " ORDER BY deadline LIMIT 16"
-        ).format(table)
 
     async def run(self, stop: asyncio.Event) -> None:
         await keep_running(
@@ -91,11 +79,11 @@ class Reaper:
         )
 
     async def _run_once(self, stop: asyncio.Event) -> None:
-        key = f"taskledger.reaper.{self.schema}"
+        key = leadership.lock_key("reaper", self.schema)
         async with await psycopg.AsyncConnection.connect(
             self.database_url, autocommit=True
         ) as session:
-            if not await acquire(session, key, stop, self.standby_interval):
+            if not await leadership.wait_to_lead_async(session, key, stop, self.standby_interval):
                 return
             await session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL)))
             self.is_leader.set()
@@ -121,9 +109,7 @@ class Reaper:
         """Expire what is due; return seconds until the next deadline (None: none known)."""
         now = self.clock.now()
         graced = now - timedelta(seconds=self.worker_grace)
-        due = conn.execute(
-            self._due_query, {"now": now, "graced": graced, "limit": self.batch_size}
-        ).fetchall()
+        due = task_status.due_for_expiry(conn, self.schema, now, graced, self.batch_size)
         self._take_lapsed_leases()
         if len(due) > 1:
             # Concurrent expiries share transactions (the ledger's group commit): a few
@@ -135,7 +121,7 @@ class Reaper:
             self._expire(*due[0])
         if len(due) == self.batch_size:
             return 0.0
-        upcoming = conn.execute(self._upcoming_query, {"now": now, "graced": graced}).fetchall()
+        upcoming = task_status.next_deadlines(conn, self.schema, now, graced)
         if not upcoming:
             return None
         grace = timedelta(seconds=self.worker_grace)

@@ -1,8 +1,8 @@
 """Roles of which one process per deployment is active: the dispatcher and the reaper.
 
-Each tries a PostgreSQL advisory lock on a session of its own every `standby_interval`;
-the holder works until its session ends (it died, or the database went away), and then
-the next standby takes over.
+Each runs turn after turn: a turn waits to lead (projections.leadership), works until its
+session ends (it died, or the database went away), and then stands down; the next
+standby takes over.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import psycopg
 
@@ -21,19 +20,6 @@ log = logging.getLogger(__name__)
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-
-
-async def acquire(
-    session: psycopg.AsyncConnection[Any], key: str, stop: asyncio.Event, interval: float
-) -> bool:
-    """Wait for the advisory lock `key` on `session`; False if stopped first."""
-    while not stop.is_set():
-        cur = await session.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
-        row = await cur.fetchone()
-        if row and row[0]:
-            return True
-        await sleep_or_stop(stop, interval)
-    return False
 
 
 async def keep_running(

@@ -22,8 +22,8 @@ from ledger import Ledger, ManualClock, Task, TaskLimits
 from projections import all_projections
 from projections.admin import rebuild
 from projections.base import ensure_installed
-from projections.queries import projection_position
-from projections.runner import leader_lock_key
+from projections.leadership import lock_key
+from projections.tracking import view_position
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -90,7 +90,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
 
 def position(database_url: str, schema: str, name: str) -> int:
     with psycopg.connect(database_url) as conn:
-        return projection_position(conn, schema, name)
+        return view_position(conn, schema, name)
 
 
 def snapshot(database_url: str, schema: str) -> tuple[list[Any], list[Any]]:
@@ -159,7 +159,7 @@ def install(database_url: str, schema: str) -> None:
 def leader(database_url: str, schema: str) -> str | None:
     """The application name of the session holding task_status's leader lock (only that
     lock: a process starting up briefly holds the schema-creation lock too)."""
-    key = leader_lock_key(schema, "task_status")
+    key = lock_key("projection", schema, "task_status")
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"

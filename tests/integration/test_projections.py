@@ -20,7 +20,7 @@ from ledger import log as event_log
 from ledger.errors import LedgerError
 from projections import AuditProjection, TaskStatusProjection, all_projections
 from projections.admin import rebuild, status
-from projections.base import PositionConflict, advance, ensure_installed
+from projections.base import ensure_installed
 from projections.queries import (
     InvalidCursor,
     audit_events,
@@ -29,6 +29,7 @@ from projections.queries import (
     wait_for_position,
 )
 from projections.runner import ProjectionRunner, apply_batch
+from projections.tracking import PositionConflict, advance
 
 pytestmark = pytest.mark.postgres
 
