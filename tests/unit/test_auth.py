@@ -15,8 +15,7 @@ from starlette.requests import Request
 from api import auth
 from api.auth import Authenticator, ConfiguredKey, Principal
 from api.errors import ApiProblem
-from ledger.application import KeyPrincipal
-from ledger.keys import Role
+from ledger.keys import KeyPrincipal, Role
 
 CONFIGURED = ConfiguredKey("acme", Role.SUBMIT, "configured-key-0123456789")
 STORED_KEY = "stored-key-0123456789"

@@ -19,10 +19,9 @@ from eventsourcing.domain import DomainEventProtocol
 from hypothesis import settings
 from hypothesis.stateful import invariant
 
-from ledger.application import event_payload
-from ledger.domain import Outcome
+from ledger.log import Change, event_payload
 from ledger.persistence import EventMapper, OrjsonTranscoder
-from projections.base import Change
+from ledger.values import Outcome
 from projections.task_status import COLUMNS, SUMMARY_CHARS, fold
 from tests.unit import test_task_state_machine as aggregate_machine
 
