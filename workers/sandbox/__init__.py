@@ -1,10 +1,12 @@
 """The sandbox untrusted programs run in (docs/sandbox.md).
 
-- `sandbox.py`: the `Sandbox` a worker runs programs in, slot by slot;
+- `sandbox.py`: the `Sandbox` a worker runs programs in, slot by slot; a `Program` is
+  what it runs (`Argv` or `PythonSource`);
 - `limits.py`: what a run may use; `layers.py`: the layers of isolation and their check;
 - `cgroups.py`, `seccomp.py`, `users.py`: the layers' own parts;
-- `zygote.py`: the worker's side of the zygote; `child/`: what runs on the sandbox's
-  interpreter (the zygote and the Python bootstrap), standard library only;
+- `zygote.py`: the worker's side of the zygote (`ZygoteClient`); `child/`: what runs on
+  the sandbox's interpreter (the zygote's `ZygoteServer` and the Python bootstrap),
+  standard library only;
 - `spawn.py`: the unisolated way to start a program, where isolation is not possible;
 - `capture.py`: reading a program's output up to a cap.
 """
@@ -15,8 +17,8 @@ from workers.sandbox.limits import LimitKind, Limits, MiB
 from workers.sandbox.sandbox import (
     Argv,
     Capabilities,
-    Command,
     Ended,
+    Program,
     PythonSource,
     Sandbox,
     Workspace,
@@ -28,12 +30,12 @@ __all__ = [
     "CLEAN_PATH",
     "Argv",
     "Capabilities",
-    "Command",
     "Ended",
     "Layer",
     "LimitKind",
     "Limits",
     "MiB",
+    "Program",
     "PythonSource",
     "Sandbox",
     "SandboxError",

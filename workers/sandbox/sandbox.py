@@ -53,7 +53,7 @@ from workers.sandbox.users import (
     uid_processes,
     wait_for_no_processes,
 )
-from workers.sandbox.zygote import Zygote, ZygoteLost, ZygoteRefused
+from workers.sandbox.zygote import ZygoteClient, ZygoteLost, ZygoteRefused
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class PythonSource:
     source: bytes
 
 
-Command = Argv | PythonSource
+Program = Argv | PythonSource  # what a sandbox runs
 
 
 @dataclass
@@ -159,9 +159,9 @@ class Sandbox:
         self._spawner = Spawner()
         # One zygote per slot: it sits in its slot's cgroups, so that its runs are born in
         # them (moving a process into a cgroup costs an RCU grace period: ~13 ms here).
-        self._zygotes: dict[int, Zygote] = {}
+        self._zygotes: dict[int, ZygoteClient] = {}
         self._zygote_locks: dict[int, asyncio.Lock] = {}
-        self._probing: dict[int, Zygote] = {}  # new zygotes, running their first program
+        self._probing: dict[int, ZygoteClient] = {}  # new zygotes, running their first program
         self._capabilities: Capabilities | None = None
         self._started = False
         self._starting: asyncio.Lock | None = None
@@ -247,7 +247,7 @@ class Sandbox:
                     *(self._start_zygote(slot) for slot in range(len(users))),
                     return_exceptions=True,
                 )
-                zygotes = [z for z in started if isinstance(z, Zygote)]
+                zygotes = [z for z in started if isinstance(z, ZygoteClient)]
                 if len(zygotes) < len(started):  # one slot without isolation: none runs
                     for zygote in zygotes:
                         await zygote.close()
@@ -271,10 +271,10 @@ class Sandbox:
             self._capabilities = dataclasses.replace(self._capabilities, refusal=refusal)
         self._log_capabilities()
 
-    async def _start_zygote(self, slot: int) -> Zygote:
+    async def _start_zygote(self, slot: int) -> ZygoteClient:
         """Start slot `slot`'s zygote, prepare the slot in it, run one program through it."""
         caps = self.capabilities
-        zygote = await Zygote.start(caps.python, {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"})
+        zygote = await ZygoteClient.start(caps.python, {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"})
         try:
             # A zygote replacing one that died keeps the run directories of runs that are
             # about to start.
@@ -317,7 +317,7 @@ class Sandbox:
             "seccomp": base64.b64encode(self._seccomp).decode() if self._seccomp else None,
         }
 
-    async def _live_zygote(self, slot: int) -> Zygote:
+    async def _live_zygote(self, slot: int) -> ZygoteClient:
         """The slot's zygote; a new one if the last died (its runs failed with it)."""
         zygote = self._zygotes.get(slot)
         if zygote is not None and zygote.alive:
@@ -445,7 +445,7 @@ class Sandbox:
     async def run(
         self,
         workspace: Workspace,
-        command: Command,
+        program: Program,
         *,
         stdin: bytes,
         deadline: float,
@@ -471,14 +471,14 @@ class Sandbox:
         report_r, report_w = os.pipe()
         # The child's descriptors, in the order it gets them (0, 1, 2, then Python's).
         child_fds = [_memfd("stdin", stdin), out_w, err_w]
-        if isinstance(command, PythonSource):
-            child_fds += [_memfd("code", command.source), report_w]
+        if isinstance(program, PythonSource):
+            child_fds += [_memfd("code", program.source), report_w]
         cgroup = self._cgroups.get(workspace.slot)
         before = cgroup.counters() if cgroup is not None else Counters()
         workspace.clean = False
         try:
             started = time.perf_counter()
-            process = await self._launch(workspace, command, child_fds, limits)
+            process = await self._launch(workspace, program, child_fds, limits)
         except BaseException:
             for fd in (out_r, err_r, report_r):
                 os.close(fd)
@@ -530,7 +530,7 @@ class Sandbox:
         )
 
     async def _launch(
-        self, workspace: Workspace, command: Command, child_fds: list[int], limits: Limits
+        self, workspace: Workspace, program: Program, child_fds: list[int], limits: Limits
     ) -> Process:
         user = self._user(workspace.slot)
         if self.capabilities.isolated:
@@ -540,20 +540,20 @@ class Sandbox:
                 "run_dir": workspace.path.name,
                 "env": workspace.env,
                 "limits": limits.rlimits(per_user=user is not None),
-                "argv": list(command.argv) if isinstance(command, Argv) else None,
+                "argv": list(program.argv) if isinstance(program, Argv) else None,
             }
             try:
                 return ZygoteProcess(self, workspace.slot, await zygote.run(request, child_fds))
             except (ZygoteLost, ZygoteRefused) as error:
                 raise SandboxError(f"the zygote could not start the run: {error}") from None
         source = None
-        if isinstance(command, PythonSource):
+        if isinstance(program, PythonSource):
             code_fd, report_fd = child_fds[3:]
             source = _memfd("bootstrap", BOOTSTRAP)
             argv = Spawner.python_argv(self.capabilities.python, source, code_fd, report_fd)
             child_fds = [*child_fds, source]
         else:
-            argv = list(command.argv)
+            argv = list(program.argv)
         try:
             process = await self._spawner.spawn(
                 argv, child_fds, env=workspace.env, cwd=workspace.path, limits=limits, user=user

@@ -114,7 +114,9 @@ class Run:
         self.status = status  # where the run's init writes the program's wait status
 
 
-class Zygote:
+class ZygoteServer:
+    """The zygote process's side: serves the worker's `ZygoteClient` over CONTROL_FD."""
+
     def __init__(self, control_fd: int) -> None:
         import selectors
         import signal
@@ -504,7 +506,7 @@ def _ids(request: dict[str, object]) -> dict[str, object]:
 
 def _main(argv: list[str]) -> None:
     if argv[1:2] == ["serve"] and len(argv) == 3:
-        Zygote(int(argv[2])).serve()
+        ZygoteServer(int(argv[2])).serve()
         return
     raise SystemExit(f"usage: zygote.py serve CONTROL_FD; got {argv[1:]}")
 
