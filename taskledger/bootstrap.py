@@ -29,9 +29,10 @@ from ledger.domain import TaskLimits
 from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.runner import ProjectionRunner
+from taskledger.brokers import broker_for
 from taskledger.embedded import EmbeddedPostgres
 from taskledger.settings import ConfigError, SandboxSettings, Settings
-from workers.broker import Broker, broker_for
+from workers.broker import Broker
 from workers.dispatcher import Dispatcher
 from workers.executors import build_executors
 from workers.metrics import WorkerMetrics
