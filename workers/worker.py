@@ -25,7 +25,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from importlib import metadata
 from uuid import UUID
@@ -43,7 +44,6 @@ from ledger.errors import (
     TransitionRefused,
 )
 from ledger.leases import WorkerInfo
-from taskledger.logs import log_context
 from workers.broker import Broker, Delivery
 from workers.executors.base import Executor, RunOutcome, RunRequest
 from workers.metrics import WorkerMetrics
@@ -64,6 +64,16 @@ class _Started:
     value = False
 
 
+# `log_context(**fields)`: a block whose log lines all carry `fields`. The composition root
+# hands in its own (`taskledger.logs`); the worker does not know how lines are written.
+LogContext = Callable[..., AbstractContextManager[None]]
+
+
+def no_log_context(**fields: object) -> AbstractContextManager[None]:
+    """Adds nothing (a worker built without the composition root, in a test)."""
+    return contextlib.nullcontext()
+
+
 class Worker:
     def __init__(
         self,
@@ -77,6 +87,7 @@ class Worker:
         grace_seconds: float = 30.0,
         heartbeat_seconds: float | None = None,
         metrics: WorkerMetrics | None = None,
+        log_context: LogContext = no_log_context,
     ) -> None:
         self.ledger = ledger
         self.broker = broker
@@ -107,6 +118,7 @@ class Worker:
         self._batcher: Batcher[Command, TaskState] = Batcher(ledger.execute_many)
         self.metrics = metrics or WorkerMetrics()
         self.metrics.worker_started(self.worker_id, concurrency, lambda: self.busy)
+        self.log_context = log_context
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain (see the module docstring)."""
@@ -200,7 +212,7 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         command = delivery.command
         context = {"task_id": str(command.task_id), "attempt": command.attempt}
-        with log_context(**context):  # the sandbox's lines, too, say which attempt
+        with self.log_context(**context):  # the sandbox's lines, too, say which attempt
             await self._handle_in_context(delivery, context)
 
     async def _handle_in_context(self, delivery: Delivery, context: dict[str, object]) -> None:
