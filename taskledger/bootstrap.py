@@ -29,9 +29,11 @@ from ledger.persistence import postgres_env
 from ledger.values import TaskLimits
 from projections import all_projections
 from projections.runner import ProjectionRunner
+from taskledger.brokers import broker_for
 from taskledger.embedded import EmbeddedPostgres
+from taskledger.logs import log_context
 from taskledger.settings import ConfigError, SandboxSettings, Settings
-from workers.broker import Broker, broker_for
+from workers.broker import Broker
 from workers.dispatcher import Dispatcher
 from workers.executors import build_executors
 from workers.metrics import WorkerMetrics
@@ -121,6 +123,7 @@ class Services:
             )
         options.setdefault("metrics", self.worker_metrics)
         options.setdefault("heartbeat_seconds", self.settings.heartbeat_seconds)
+        options.setdefault("log_context", log_context)
         return Worker(self.ledger, self.broker, executors, concurrency=concurrency, **options)
 
     def start_projections(self, names: list[str] | None = None, **options: Any) -> None:

@@ -2,7 +2,7 @@
 
 Two implementations: `rabbitmq.py` (aio-pika; durable, confirmed, shared by processes)
 and `memory.py` (in-process; the embedded default and unit tests). No AMQP type leaves
-`rabbitmq.py`.
+`rabbitmq.py`. The composition root chooses one from the URL (`taskledger/brokers.py`).
 """
 
 from __future__ import annotations
@@ -81,13 +81,3 @@ class Broker(ABC):
 
 class BrokerUnavailable(Exception):
     pass
-
-
-def broker_for(url: str, namespace: str = "taskledger") -> Broker:
-    if url.startswith("memory://"):
-        from workers.memory import MemoryBroker
-
-        return MemoryBroker()
-    from workers.rabbitmq import RabbitMQBroker
-
-    return RabbitMQBroker(url, namespace)

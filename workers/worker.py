@@ -14,6 +14,9 @@ broker restart or its consumer_timeout loses nothing.
 Shutdown (SIGTERM): stop taking commands, let running attempts finish for up to
 `grace_seconds`, then kill them and record them as worker_lost (retried by the normal
 rule); commands still waiting for a slot go back to the broker.
+
+Its parts: `consumer.py` takes commands and cancel notices from the broker,
+`lease_keeper.py` beats the heartbeat, `recorder.py` records outcomes.
 """
 
 from __future__ import annotations
@@ -25,26 +28,26 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Collection, Mapping
-from datetime import UTC, datetime
-from importlib import metadata
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
+from datetime import datetime
 from uuid import UUID
 
 from ledger import AttemptError, Decision, Ledger, Status, TaskState
 from ledger.batching import Batcher
 from ledger.errors import (
     AttemptAlreadyStarted,
-    AttemptLeaseLost,
     DeadlinePassed,
     LedgerUnavailable,
     TaskNotFound,
     TransitionRefused,
 )
-from ledger.leases import WorkerInfo
-from taskledger.logs import log_context
 from workers.broker import Broker, Delivery
+from workers.consumer import consume, follow_cancels
 from workers.executors.base import Executor, RunOutcome, RunRequest
+from workers.lease_keeper import LeaseKeeper
 from workers.metrics import WorkerMetrics
+from workers.recorder import OutcomeRecorder
 from workers.sandbox import SandboxError
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,16 @@ def default_worker_id() -> str:
     worker's leases and heartbeat row, so two workers with one id would renew each
     other's leases)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# `log_context(**fields)`: a block whose log lines all carry `fields`. The composition root
+# hands in its own (`taskledger.logs`); the worker does not know how lines are written.
+LogContext = Callable[..., AbstractContextManager[None]]
+
+
+def no_log_context(**fields: object) -> AbstractContextManager[None]:
+    """Adds nothing (a worker built without the composition root, in a test)."""
+    return contextlib.nullcontext()
 
 
 class Worker:
@@ -71,6 +84,7 @@ class Worker:
         grace_seconds: float = 30.0,
         heartbeat_seconds: float | None = None,
         metrics: WorkerMetrics | None = None,
+        log_context: LogContext = no_log_context,
     ) -> None:
         self.ledger = ledger
         self.broker = broker
@@ -83,15 +97,10 @@ class Worker:
         # Five heartbeats to a lease: a late one or two lose nothing.
         lease = ledger.leases.lease_seconds if ledger.leases is not None else 10.0
         self.heartbeat_seconds = heartbeat_seconds or lease / 5
-        self.started_at = datetime.now(UTC)
-        self._host, self._version = socket.gethostname(), _version()  # for the heartbeats
         self.busy = 0
         self.handled = 0
         # task id -> its cancel event and attempt
         self._running: dict[str, tuple[asyncio.Event, int]] = {}
-        # Attempts this worker started and has not settled: their leases are renewed.
-        self._held: dict[tuple[UUID, int], str] = {}  # (task, attempt) -> language
-        self._lease_lost: set[tuple[UUID, int]] = set()
         self._shutting_down = False
         self._slots: asyncio.Queue[int] = asyncio.Queue()
         for slot in range(concurrency):
@@ -103,6 +112,16 @@ class Worker:
         self._batcher: Batcher[Decision, TaskState] = Batcher(ledger.execute_many)
         self.metrics = metrics or WorkerMetrics()
         self.metrics.worker_started(self.worker_id, concurrency, lambda: self.busy)
+        self.outcomes = OutcomeRecorder(ledger, self._ledger, self.metrics)
+        self.log_context = log_context
+        self.lease_keeper = LeaseKeeper(
+            ledger.leases,
+            worker_id=self.worker_id,
+            slots=concurrency,
+            heartbeat_seconds=self.heartbeat_seconds,
+            busy=lambda: self.busy,
+            kill=self._kill,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain (see the module docstring)."""
@@ -120,9 +139,11 @@ class Worker:
                     extra={"language": executor.language},
                 )
         handlers: set[asyncio.Task[None]] = set()
-        cancels = asyncio.create_task(self._follow_cancels())
-        heartbeat = asyncio.create_task(self._keep_leases())
-        consumer = asyncio.create_task(self._consume(handlers))
+        cancels = asyncio.create_task(follow_cancels(self.broker, self._cancel))
+        heartbeat = asyncio.create_task(self.lease_keeper.keep())
+        consumer = asyncio.create_task(
+            consume(self.broker, self.prefetch, self._handle, handlers, self.worker_id)
+        )
         try:
             await stop.wait()
             consumer.cancel()
@@ -148,47 +169,24 @@ class Worker:
             await self._batcher.close()
             for executor in {id(e): e for e in self.executors.values()}.values():
                 await executor.close()
-            await self._beat(stopped=True)
+            await self.lease_keeper.beat(stopped=True)
         log.info("worker stopped", extra={"worker_id": self.worker_id, "handled": self.handled})
 
-    async def _consume(self, handlers: set[asyncio.Task[None]]) -> None:
-        """Take commands for as long as the worker runs: a broker out of reach at the
-        start, or a consumer it ends, is retried every second (a worker started while
-        RabbitMQ was down never consumed at all)."""
-        while True:
-            try:
-                async for delivery in self.broker.consume(prefetch=self.prefetch):
-                    task = asyncio.create_task(self._handle(delivery))
-                    handlers.add(task)
-                    task.add_done_callback(handlers.discard)
-                log.warning("the broker ended this worker's consumer; consuming again")
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - a worker must outlive its broker
-                log.warning(
-                    "cannot take commands from the broker; retrying in 1 s. Running "
-                    "attempts go on; check TASKLEDGER_BROKER_URL and RabbitMQ",
-                    extra={"worker_id": self.worker_id, "error": str(error)},
-                )
-            await asyncio.sleep(1)
+    def _cancel(self, task_id: UUID) -> None:
+        running = self._running.get(str(task_id))
+        if running is not None:
+            event, attempt = running
+            log.info(
+                "cancelling a running attempt",
+                extra={"task_id": str(task_id), "attempt": attempt},
+            )
+            event.set()
 
-    async def _follow_cancels(self) -> None:
-        while True:
-            try:
-                async for task_id in self.broker.cancels():
-                    running = self._running.get(str(task_id))
-                    if running is not None:
-                        event, attempt = running
-                        log.info(
-                            "cancelling a running attempt",
-                            extra={"task_id": str(task_id), "attempt": attempt},
-                        )
-                        event.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - keep listening whatever the broker did
-                log.warning("cancel listener failed; retrying", extra={"error": str(error)})
-                await asyncio.sleep(1)
+    def _kill(self, task_id: UUID, attempt: int) -> None:
+        """Kill the run of `attempt` of the task, if this worker runs it (lease lost)."""
+        running = self._running.get(str(task_id))
+        if running is not None and running[1] == attempt:
+            running[0].set()
 
     async def _ledger(self, command: Decision) -> TaskState:
         return await self._batcher.run(command)
@@ -196,7 +194,7 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         command = delivery.command
         context = {"task_id": str(command.task_id), "attempt": command.attempt}
-        with log_context(**context):  # the sandbox's lines, too, say which attempt
+        with self.log_context(**context):  # the sandbox's lines, too, say which attempt
             await self._handle_in_context(delivery, context)
 
     async def _handle_in_context(self, delivery: Delivery, context: dict[str, object]) -> None:
@@ -217,7 +215,7 @@ class Worker:
             if task is None:
                 return
             held = (task.id, task.attempt)
-            self._held[held] = task.language
+            self.lease_keeper.held[held] = task.language
             try:
                 outcome = await self._run(task, slot)
                 if outcome is None:  # shutting down, killed: the attempt is lost
@@ -231,17 +229,17 @@ class Worker:
                         ),
                         retryable=True,
                     )
-                if held in self._lease_lost:
+                if held in self.lease_keeper.lost:
                     log.warning(
                         "lease lost while running: the run was killed, nothing is recorded "
                         "(the leader records the attempt as worker_lost)",
                         extra=context,
                     )
                 else:
-                    await self._record(task, outcome)
+                    await self.outcomes.record(task, outcome)
             finally:
-                self._held.pop(held, None)
-                self._lease_lost.discard(held)
+                self.lease_keeper.held.pop(held, None)
+                self.lease_keeper.lost.discard(held)
             self.handled += 1
         except LedgerUnavailable as error:
             if acked:
@@ -318,7 +316,7 @@ class Worker:
                 extra={**context, "redelivered": delivery.redelivered},
             )
         except DeadlinePassed:
-            await self._settle(
+            await self.outcomes.settle(
                 self.ledger.expire_decision(task_id, attempt, detected_by="worker"), context
             )
         except (TransitionRefused, TaskNotFound) as refused:
@@ -357,135 +355,3 @@ class Worker:
         if outcome.kind == "cancelled" and self._shutting_down:
             return None
         return outcome
-
-    async def _record(self, task: TaskState, outcome: RunOutcome) -> None:
-        task_id, attempt = task.id, task.attempt
-        context = {"task_id": str(task_id), "attempt": attempt, "outcome": outcome.kind}
-        if outcome.kind == "completed":
-            assert outcome.result is not None
-            result = outcome.result
-            await self._settle(self.ledger.complete_decision(task_id, attempt, result), context)
-        elif outcome.kind == "failed":
-            assert outcome.error is not None
-            error = outcome.error
-            await self._settle(
-                self.ledger.fail_decision(task_id, attempt, error, retryable=outcome.retryable),
-                context,
-            )
-        elif outcome.kind == "expired":
-            await self._settle(
-                self.ledger.expire_decision(task_id, attempt, detected_by="worker"), context
-            )
-        # "cancelled": the TaskCancelled event is already there; nothing to add.
-        log.info("attempt finished", extra=context)
-
-    async def _settle(self, command: Decision, context: dict[str, object]) -> None:
-        """Record an outcome; if the rules refuse it, someone else recorded one first."""
-        try:
-            self.metrics.outcome_recorded(await self._ledger(command))
-        except AttemptLeaseLost as lost:
-            log.warning(
-                "outcome not recorded: this worker no longer holds the attempt's lease",
-                extra={**context, "reason": str(lost)},
-            )
-        except TransitionRefused as refused:
-            log.info(
-                "outcome not recorded: another came first",
-                extra={**context, "reason": str(refused)},
-            )
-
-    # -- leases -----------------------------------------------------------------------------
-
-    def _info(self) -> WorkerInfo:
-        running = [
-            {"task_id": str(task_id), "attempt": attempt, "language": language}
-            for (task_id, attempt), language in self._held.items()
-        ]
-        return WorkerInfo(
-            worker_id=self.worker_id,
-            host=self._host,
-            pid=os.getpid(),
-            version=self._version,
-            slots=self.concurrency,
-            busy=self.busy,
-            running=running,
-            started_at=self.started_at,
-        )
-
-    async def _beat(self, *, stopped: bool = False) -> set[tuple[UUID, int]] | None:
-        """One heartbeat: the leases still held, or None when the store did not answer."""
-        leases = self.ledger.leases
-        if leases is None:
-            return set(self._held)
-        info = self._info()
-        try:
-            when = datetime.now(UTC) if stopped else None
-            return await asyncio.to_thread(leases.heartbeat, info, stopped=when)
-        except Exception as error:  # noqa: BLE001 - the next beat tries again
-            log.warning(
-                "heartbeat failed: leases not renewed",
-                extra={"worker_id": self.worker_id, "error": str(error)},
-            )
-            return None
-
-    async def _keep_leases(self) -> None:
-        """Renew the leases of the running attempts; kill the runs whose lease is lost,
-        and every run once no renewal has got through for nearly a whole lease.
-
-        A beat that gets no answer (a partition, a store that stopped answering) counts
-        as a failed renewal after `heartbeat_seconds`, and no second beat is begun while
-        it hangs: the check that fences the runs must not wait on the call it judges (it
-        did, and a partitioned worker ran its programs on while the leader handed their
-        attempts to another worker). Renewals count from when their beat began, and the
-        runs are killed a heartbeat before the lease lapses by this clock, so they are
-        gone by the time the leader can take the lease."""
-        leases = self.ledger.leases
-        if leases is None:
-            return
-        loop = asyncio.get_running_loop()
-        renewed_at = loop.time()
-        fence_after = max(leases.lease_seconds - self.heartbeat_seconds, self.heartbeat_seconds)
-        beat: asyncio.Task[set[tuple[UUID, int]] | None] | None = None
-        began = renewed_at
-        asked: set[tuple[UUID, int]] = set()
-        try:
-            while True:
-                if beat is None:
-                    # What this beat renews: an attempt started while it hangs is not in
-                    # its answer, and must not be taken for lost when the answer comes.
-                    asked = set(self._held)
-                    beat, began = asyncio.create_task(self._beat()), loop.time()
-                done, _ = await asyncio.wait({beat}, timeout=self.heartbeat_seconds)
-                held = None
-                if done:
-                    held, beat = beat.result(), None
-                if held is not None:
-                    renewed_at = began
-                    lost = asked - held
-                elif loop.time() - renewed_at > fence_after:
-                    lost = set(self._held)  # cut off from the store: the leader takes them
-                else:
-                    lost = set()
-                for task_id, attempt in lost & set(self._held):
-                    if (task_id, attempt) in self._lease_lost:
-                        continue
-                    self._lease_lost.add((task_id, attempt))
-                    running = self._running.get(str(task_id))
-                    log.warning(
-                        "lease lost: killing the run",
-                        extra={"task_id": str(task_id), "attempt": attempt},
-                    )
-                    if running is not None and running[1] == attempt:
-                        running[0].set()
-                if done:
-                    await asyncio.sleep(self.heartbeat_seconds)
-        finally:
-            if beat is not None:
-                beat.cancel()
-
-
-def _version() -> str:
-    try:
-        return metadata.version("taskledger")
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -410,7 +410,7 @@ async def test_when_the_zygote_dies_runs_fail_retryably_and_a_new_one_serves(
         sleeper = request("import time\ntime.sleep(600)")
         running = asyncio.ensure_future(python.run(sleeper, asyncio.Event()))
         await wait_until(lambda: bool(slot_processes(sandbox)))
-        first = sandbox._zygotes[0]
+        first = sandbox._zygotes.serving[0]
         assert first is not None
         first.kill_now()
         outcome = await asyncio.wait_for(running, 15)
@@ -422,7 +422,7 @@ async def test_when_the_zygote_dies_runs_fail_retryably_and_a_new_one_serves(
         after = await run(python, request("import os\nprint(os.getpid())"))
         assert after.result is not None
         assert after.result.stdout == "1\n"  # pid 1 of its own namespace: isolated
-        assert sandbox._zygotes[0] is not first
+        assert sandbox._zygotes.serving[0] is not first
     finally:
         await sandbox.close()
 

@@ -114,7 +114,7 @@ async def main():
             deadline=asyncio.get_running_loop().time() + 600, cancelled=asyncio.Event()))
         while not uid_processes(uid):
             await asyncio.sleep(0.01)
-        print(workspace.path, uid, sandbox._zygotes[0].process.pid, flush=True)
+        print(workspace.path, uid, sandbox._zygotes.serving[0].process.pid, flush=True)
         await run
 
 asyncio.run(main())
@@ -177,7 +177,7 @@ async def test_each_slot_has_a_zygote_named_for_ps(tmp_path: Path) -> None:
     sandbox = Sandbox(2, work_dir=tmp_path / "work")
     try:
         await sandbox.start()
-        zygotes = sandbox._zygotes
+        zygotes = sandbox._zygotes.serving
         assert sorted(zygotes) == [0, 1]
         for slot, zygote in zygotes.items():
             pid = zygote.process.pid

@@ -24,7 +24,7 @@ from workers.sandbox.capture import OutputCapture
 from workers.sandbox.cgroups import Counters, SlotCgroup
 from workers.sandbox.child.bootstrap import parse_json
 from workers.sandbox.processes import limit_hit
-from workers.sandbox.sandbox import _memfd
+from workers.sandbox.programs import memfd
 
 LIMITS = Limits()
 
@@ -64,7 +64,7 @@ async def test_capture_under_the_cap_is_whole() -> None:
 
 
 def test_memfd_reads_from_the_start() -> None:
-    fd = _memfd("t", b'{"a": 1}')
+    fd = memfd("t", b'{"a": 1}')
     try:
         assert os.read(fd, 100) == b'{"a": 1}'
     finally:

@@ -1,4 +1,4 @@
-"""A worker's lease keeping (Worker._keep_leases) judged against a stand-in store whose
+"""A worker's lease keeping (LeaseKeeper.keep) judged against a stand-in store whose
 heartbeat the test holds: pure logic of what the worker kills and when."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def worker_over(leases: Leases) -> Worker:
 def running(worker: Worker) -> tuple[tuple[UUID, int], asyncio.Event]:
     held = (uuid.uuid4(), 1)
     cancel = asyncio.Event()
-    worker._held[held] = "python"
+    worker.lease_keeper.held[held] = "python"
     worker._running[str(held[0])] = (cancel, 1)
     return held, cancel
 
@@ -58,7 +58,7 @@ def running(worker: Worker) -> tuple[tuple[UUID, int], asyncio.Event]:
 async def test_a_run_started_while_a_beat_hangs_is_not_taken_for_lost() -> None:
     leases = Leases()
     worker = worker_over(leases)
-    keeping = asyncio.create_task(worker._keep_leases())
+    keeping = asyncio.create_task(worker.lease_keeper.keep())
     try:
         _, first = running(worker)
         while leases.beats < 2:

@@ -16,7 +16,6 @@ wrappers (`spawn.py`), which isolate far less.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -26,18 +25,16 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Literal
 
 from workers.sandbox import layers, setup
+from workers.sandbox.capabilities import Capabilities, log_capabilities, with_layer
 from workers.sandbox.capture import OutputCapture
 from workers.sandbox.cgroups import Counters, SlotCgroup
 from workers.sandbox.errors import SandboxError, SandboxUnavailable
-from workers.sandbox.layers import Layer
-from workers.sandbox.limits import LimitKind, Limits
+from workers.sandbox.limits import Limits
 from workers.sandbox.processes import (
     Process,
     SpawnedProcess,
@@ -45,6 +42,7 @@ from workers.sandbox.processes import (
     full_task_dir,
     limit_hit,
 )
+from workers.sandbox.programs import Argv, Ended, Program, PythonSource, Workspace, memfd
 from workers.sandbox.spawn import BOOTSTRAP, Spawner
 from workers.sandbox.users import (
     CLEAN_PATH,
@@ -53,81 +51,12 @@ from workers.sandbox.users import (
     uid_processes,
     wait_for_no_processes,
 )
-from workers.sandbox.zygote import Zygote, ZygoteLost, ZygoteRefused
+from workers.sandbox.zygote import ZygoteLost, ZygoteRefused
+from workers.sandbox.zygotes import SlotZygotes
 
 log = logging.getLogger(__name__)
 
 TASK_DIR = setup.TASK_DIR
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the sandbox found at `start`, and how it runs programs."""
-
-    root: bool
-    users: tuple[SlotUser, ...]  # one per slot when root, else empty
-    layers: tuple[Layer, ...]
-    python: str  # the interpreter Python programs run on
-    isolated: bool  # runs are forked by the zygote into their namespaces (else spawned)
-    refusal: str | None  # why programs are refused (a layer missing, no opt-in)
-
-    @property
-    def missing(self) -> list[Layer]:
-        return layers.missing(self.layers)
-
-    def active(self, name: str) -> bool:
-        return any(layer.name == name and layer.active for layer in self.layers)
-
-
-@dataclass(frozen=True)
-class Argv:
-    """Run an executable (found on the sandbox's clean PATH)."""
-
-    argv: Sequence[str]
-
-
-@dataclass(frozen=True)
-class PythonSource:
-    """Run Python source on the sandbox's interpreter through the bootstrap."""
-
-    source: bytes
-
-
-Command = Argv | PythonSource
-
-
-@dataclass
-class Ended:
-    """How one sandboxed process ended. `returncode` is negative for a signal (as in
-    subprocess) and None when it was killed for the deadline or a cancel. `limit` names
-    the limit the run hit when it failed at one."""
-
-    how: Literal["exited", "expired", "cancelled"]
-    returncode: int | None
-    stdout: bytes
-    stderr: bytes
-    truncated: bool
-    report: bytes  # the Python bootstrap's report line(s), empty otherwise
-    duration_ms: float
-    limit: LimitKind | None = None
-
-
-@dataclass
-class Workspace:
-    """A run's private directory (owned by the slot user, removed afterwards). `path` is
-    where the worker finds it; the program sees it as `inside`."""
-
-    slot: int
-    path: Path
-    inside: str
-    env: dict[str, str] = field(default_factory=dict)
-    clean: bool = True  # no process of the slot can be left (none ran, or it was killed)
-
-
-def loop_deadline(deadline: datetime) -> float:
-    """The event loop's clock reading at which `deadline` (aware UTC) passes."""
-    remaining = (deadline - datetime.now(UTC)).total_seconds()
-    return asyncio.get_running_loop().time() + remaining
 
 
 class Sandbox:
@@ -157,11 +86,7 @@ class Sandbox:
         self.isolate = isolate
         self.allow_unisolated = allow_unisolated or not isolate
         self._spawner = Spawner()
-        # One zygote per slot: it sits in its slot's cgroups, so that its runs are born in
-        # them (moving a process into a cgroup costs an RCU grace period: ~13 ms here).
-        self._zygotes: dict[int, Zygote] = {}
-        self._zygote_locks: dict[int, asyncio.Lock] = {}
-        self._probing: dict[int, Zygote] = {}  # new zygotes, running their first program
+        self._zygotes = SlotZygotes(self._slot_request, self._probe)  # one per slot
         self._capabilities: Capabilities | None = None
         self._started = False
         self._starting: asyncio.Lock | None = None
@@ -182,7 +107,7 @@ class Sandbox:
     async def start(self) -> Capabilities:
         """Check each layer, claim one user per slot, prepare the slots, log it once.
 
-        Idempotent: the executors call it before each run, so a sandbox nobody started
+        Idempotent, so that it may be called before each run: a sandbox nobody started
         starts on first use (in the event loop that uses it, as the zygote must)."""
         if self._started:
             return self.capabilities
@@ -208,28 +133,9 @@ class Sandbox:
         if root:
             claimed, self._locks = await claim_users(self.slots, self.lock_dir)
             users = tuple(claimed)
-        found: dict[str, Layer] = {}
-        found[layers.SLOT_USERS] = Layer(
-            layers.SLOT_USERS,
-            root,
-            f"{', '.join(u.name for u in users)}: one unprivileged user per slot"
-            if root
-            else f"not root (uid {os.geteuid()}): programs would run as this same user",
+        found, self._cgroups, self._seccomp = await setup.find_layers(
+            self._spawner, root, users, self.isolate, self.limits, network_problem
         )
-        if root and self.isolate:
-            found.update(await setup.probe_namespaces(self._spawner.tools["unshare"], self.limits))
-            self._cgroups, cgroup_layers = setup.make_cgroups(users, self.limits)
-            found.update(cgroup_layers)
-            self._seccomp, found[layers.SECCOMP] = setup.build_seccomp()
-        else:
-            why = "needs the isolated sandbox (root)" if self.isolate else "isolation is off"
-            for name in (*layers.NAMESPACES, *layers.CGROUP_LAYERS.values(), layers.SECCOMP):
-                found[name] = Layer(name, False, why)
-            found[layers.NETWORK_NS] = Layer(
-                layers.NETWORK_NS,
-                self._spawner.network,
-                "a new one per run (spawned)" if self._spawner.network else network_problem,
-            )
         self._capabilities = Capabilities(
             root=root,
             users=users,
@@ -243,22 +149,15 @@ class Sandbox:
             python, self._binds = await setup.choose_isolated_python()
             self._capabilities = dataclasses.replace(self._capabilities, python=python)
             try:
-                started = await asyncio.gather(
-                    *(self._start_zygote(slot) for slot in range(len(users))),
-                    return_exceptions=True,
-                )
-                zygotes = [z for z in started if isinstance(z, Zygote)]
-                if len(zygotes) < len(started):  # one slot without isolation: none runs
-                    for zygote in zygotes:
-                        await zygote.close()
-                    raise next(z for z in started if isinstance(z, BaseException))
-                self._zygotes = dict(enumerate(zygotes))
+                await self._zygotes.start(python, len(users))
             except SandboxError as error:
                 # Namespaces could be made, but not a root from them: run unisolated.
                 self._capabilities = dataclasses.replace(
                     self._capabilities,
                     isolated=False,
-                    layers=_with(self._capabilities.layers, layers.MOUNT_NS, False, str(error)),
+                    layers=with_layer(
+                        self._capabilities.layers, layers.MOUNT_NS, False, str(error)
+                    ),
                 )
         if not self._capabilities.isolated:
             for slot in range(len(users)):
@@ -269,79 +168,31 @@ class Sandbox:
         if missing and not self.allow_unisolated:
             refusal = layers.refusal(missing)
             self._capabilities = dataclasses.replace(self._capabilities, refusal=refusal)
-        self._log_capabilities()
+        log_capabilities(self.capabilities, self.limits, self.work_dir)
 
-    async def _start_zygote(self, slot: int) -> Zygote:
-        """Start slot `slot`'s zygote, prepare the slot in it, run one program through it."""
-        caps = self.capabilities
-        zygote = await Zygote.start(caps.python, {"PATH": CLEAN_PATH, "LANG": "C.UTF-8"})
-        try:
-            # A zygote replacing one that died keeps the run directories of runs that are
-            # about to start.
-            fresh = slot not in self._zygotes
-            request = {**self._slot_request(slot, caps.users[slot]), "fresh": fresh}
-            await zygote.prepare(request)
-            self._probing[slot] = zygote
-            async with self.workspace(slot) as workspace:
-                ended = await self.run(
-                    workspace,
-                    PythonSource(b"print(data)"),
-                    stdin=b"1",
-                    deadline=asyncio.get_running_loop().time() + 30,
-                    cancelled=asyncio.Event(),
-                )
-            if ended.returncode != 0 or ended.stdout != b"1\n":
-                stderr = ended.stderr.decode(errors="replace").strip()
-                raise SandboxError(f"a probe program {ended.how} {ended.returncode}: {stderr}")
-        except (ZygoteLost, ZygoteRefused, SandboxError) as error:
-            await zygote.close()
-            raise SandboxError(f"the zygote could not prepare the sandbox: {error}") from None
-        finally:
-            self._probing.pop(slot, None)
-        return zygote
+    async def _probe(self, slot: int) -> None:
+        """Run one program in `slot` (its new zygote's first); SandboxError if it failed."""
+        async with self.workspace(slot) as workspace:
+            ended = await self.run(
+                workspace,
+                PythonSource(b"print(data)"),
+                stdin=b"1",
+                deadline=asyncio.get_running_loop().time() + 30,
+                cancelled=asyncio.Event(),
+            )
+        if ended.returncode != 0 or ended.stdout != b"1\n":
+            stderr = ended.stderr.decode(errors="replace").strip()
+            raise SandboxError(f"a probe program {ended.how} {ended.returncode}: {stderr}")
 
-    def _slot_request(self, slot: int, user: SlotUser) -> dict[str, object]:
-        limits = self.limits
-        cgroup = self._cgroups.get(slot)
-        return {
-            "slot": slot,
-            "uid": user.uid,
-            "gid": user.gid,
-            "runs_dir": str(self.work_dir / user.name),
-            "stage_dir": str(self.work_dir / f".root-{user.name}"),
-            "tmp_bytes": limits.tmp_bytes,
-            "tmp_files": limits.tmp_files,
-            "binds": self._binds,
-            "etc": setup.etc_files(user),
-            "cgroup_procs": cgroup.procs_files if cgroup else [],
-            "seccomp": base64.b64encode(self._seccomp).decode() if self._seccomp else None,
-        }
-
-    async def _live_zygote(self, slot: int) -> Zygote:
-        """The slot's zygote; a new one if the last died (its runs failed with it)."""
-        zygote = self._zygotes.get(slot)
-        if zygote is not None and zygote.alive:
-            return zygote
-        lock = self._zygote_locks.setdefault(slot, asyncio.Lock())
-        async with lock:
-            zygote = self._zygotes.get(slot)
-            if zygote is None or not zygote.alive:
-                log.warning(
-                    "sandbox: starting a new zygote for slot %d (the last one died)",
-                    slot,
-                    extra={"slot": slot},
-                )
-                replacement = await self._start_zygote(slot)
-                if zygote is not None:
-                    await zygote.close()
-                self._zygotes[slot] = zygote = replacement
-            return zygote
+    def _slot_request(self, slot: int) -> dict[str, object]:
+        user, cgroup = self.capabilities.users[slot], self._cgroups.get(slot)
+        return setup.slot_request(
+            slot, user, self.work_dir, self.limits, cgroup, self._binds, self._seccomp
+        )
 
     async def close(self) -> None:
         """Kill whatever the slots still run and release the slot users and cgroups."""
-        zygotes, self._zygotes = self._zygotes, {}
-        for zygote in zygotes.values():
-            await zygote.close()  # it kills what it started
+        await self._zygotes.close()  # each kills what it started
         if self._capabilities is not None:
             for slot in range(self.slots):
                 await self.kill_slot(slot)
@@ -353,52 +204,6 @@ class Sandbox:
         self._locks.clear()
         self._capabilities = None  # a later start() claims users again
         self._started = False
-
-    def _log_capabilities(self) -> None:
-        caps = self.capabilities
-        how = (
-            "every run is forked by a warm zygote into its own namespaces"
-            if caps.isolated
-            else "programs are SPAWNED WITHOUT ISOLATION (util-linux wrappers)"
-        )
-        state = ", ".join(
-            f"{layer.name}: {'on' if layer.active else 'OFF'}" for layer in caps.layers
-        )
-        extra = {
-            "layers": {layer.name: layer.active for layer in caps.layers},
-            "isolated": caps.isolated,
-            "python": caps.python,
-            "slot_users": [u.name for u in caps.users],
-            "memory_bytes": self.limits.memory_bytes,
-            "processes": self.limits.processes,
-            "cpus": self.limits.cpus,
-            "tmp_bytes": self.limits.tmp_bytes,
-            "work_dir": str(self.work_dir),
-        }
-        if caps.refusal is not None:
-            log.error(
-                "sandbox: REFUSING python and csharp tasks: %s. Layers: %s",
-                caps.refusal,
-                state,
-                extra=extra,
-            )
-        elif caps.missing:
-            log.warning(
-                "sandbox: RUNNING UNTRUSTED CODE WITHOUT %s (allowed by [sandbox] "
-                "allow_unisolated): %s; python on %s",
-                ", ".join(layer.name for layer in caps.missing),
-                how,
-                caps.python,
-                extra=extra,
-            )
-        else:
-            log.info(
-                "sandbox ready: every layer is active (%s); %s; python on %s",
-                state,
-                how,
-                caps.python,
-                extra=extra,
-            )
 
     # -- running ----------------------------------------------------------------------
 
@@ -445,7 +250,7 @@ class Sandbox:
     async def run(
         self,
         workspace: Workspace,
-        command: Command,
+        program: Program,
         *,
         stdin: bytes,
         deadline: float,
@@ -470,15 +275,15 @@ class Sandbox:
         err_r, err_w = os.pipe()
         report_r, report_w = os.pipe()
         # The child's descriptors, in the order it gets them (0, 1, 2, then Python's).
-        child_fds = [_memfd("stdin", stdin), out_w, err_w]
-        if isinstance(command, PythonSource):
-            child_fds += [_memfd("code", command.source), report_w]
+        child_fds = [memfd("stdin", stdin), out_w, err_w]
+        if isinstance(program, PythonSource):
+            child_fds += [memfd("code", program.source), report_w]
         cgroup = self._cgroups.get(workspace.slot)
         before = cgroup.counters() if cgroup is not None else Counters()
         workspace.clean = False
         try:
             started = time.perf_counter()
-            process = await self._launch(workspace, command, child_fds, limits)
+            process = await self._launch(workspace, program, child_fds, limits)
         except BaseException:
             for fd in (out_r, err_r, report_r):
                 os.close(fd)
@@ -530,30 +335,30 @@ class Sandbox:
         )
 
     async def _launch(
-        self, workspace: Workspace, command: Command, child_fds: list[int], limits: Limits
+        self, workspace: Workspace, program: Program, child_fds: list[int], limits: Limits
     ) -> Process:
         user = self._user(workspace.slot)
         if self.capabilities.isolated:
-            zygote = self._probing.get(workspace.slot) or await self._live_zygote(workspace.slot)
+            zygote = await self._zygotes.for_run(workspace.slot)
             request: dict[str, object] = {
                 "slot": workspace.slot,
                 "run_dir": workspace.path.name,
                 "env": workspace.env,
                 "limits": limits.rlimits(per_user=user is not None),
-                "argv": list(command.argv) if isinstance(command, Argv) else None,
+                "argv": list(program.argv) if isinstance(program, Argv) else None,
             }
             try:
                 return ZygoteProcess(self, workspace.slot, await zygote.run(request, child_fds))
             except (ZygoteLost, ZygoteRefused) as error:
                 raise SandboxError(f"the zygote could not start the run: {error}") from None
         source = None
-        if isinstance(command, PythonSource):
+        if isinstance(program, PythonSource):
             code_fd, report_fd = child_fds[3:]
-            source = _memfd("bootstrap", BOOTSTRAP)
+            source = memfd("bootstrap", BOOTSTRAP)
             argv = Spawner.python_argv(self.capabilities.python, source, code_fd, report_fd)
             child_fds = [*child_fds, source]
         else:
-            argv = list(command.argv)
+            argv = list(program.argv)
         try:
             process = await self._spawner.spawn(
                 argv, child_fds, env=workspace.env, cwd=workspace.path, limits=limits, user=user
@@ -573,8 +378,8 @@ class Sandbox:
                 os.killpg(process_group, signal.SIGKILL)
         cgroup = self._cgroups.get(slot)
         if cgroup is not None:  # (its zygote lives there too)
-            zygote = self._zygotes.get(slot)
-            spare = {zygote.process.pid} if zygote is not None and zygote.alive else set()
+            zygote = self._zygotes.pid(slot)
+            spare = {zygote} if zygote is not None else set()
             await asyncio.to_thread(cgroup.kill, spare)
         user = self._user(slot)
         # No process of the user left means none can appear: only its own processes
@@ -591,16 +396,3 @@ class Sandbox:
     def slot_uid(self, slot: int) -> int | None:
         user = self._user(slot)
         return None if user is None else user.uid
-
-
-def _with(found: tuple[Layer, ...], name: str, active: bool, detail: str) -> tuple[Layer, ...]:
-    return tuple(Layer(name, active, detail) if layer.name == name else layer for layer in found)
-
-
-def _memfd(name: str, content: bytes) -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
-    view = memoryview(content)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd

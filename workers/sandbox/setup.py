@@ -1,8 +1,10 @@
 """What the sandbox does once, at start: check each layer, make the slots' cgroups and
-seccomp filter, choose the interpreter, sweep what a killed worker left."""
+seccomp filter, choose the interpreter, sweep what a killed worker left; and what a
+slot's zygote is to prepare."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sys
@@ -27,6 +29,44 @@ NAMESPACE_FLAGS = {
     layers.IPC_NS: "--ipc",
     layers.NETWORK_NS: "--net",
 }
+
+
+async def find_layers(
+    spawner: Spawner,
+    root: bool,
+    users: Sequence[SlotUser],
+    isolate: bool,
+    limits: Limits,
+    network_problem: str,
+) -> tuple[dict[str, Layer], dict[int, SlotCgroup], bytes | None]:
+    """Each layer, by name, as found here; isolated (root and `isolate`), also the slots'
+    cgroups (by slot number) and the compiled seccomp filter, made ready. `network_problem`:
+    why the spawner cannot make network namespaces ("" if it can)."""
+    found: dict[str, Layer] = {}
+    found[layers.SLOT_USERS] = Layer(
+        layers.SLOT_USERS,
+        root,
+        f"{', '.join(u.name for u in users)}: one unprivileged user per slot"
+        if root
+        else f"not root (uid {os.geteuid()}): programs would run as this same user",
+    )
+    made: dict[int, SlotCgroup] = {}
+    seccomp: bytes | None = None
+    if root and isolate:
+        found.update(await probe_namespaces(spawner.tools["unshare"], limits))
+        made, cgroup_layers = make_cgroups(users, limits)
+        found.update(cgroup_layers)
+        seccomp, found[layers.SECCOMP] = build_seccomp()
+    else:
+        why = "needs the isolated sandbox (root)" if isolate else "isolation is off"
+        for name in (*layers.NAMESPACES, *layers.CGROUP_LAYERS.values(), layers.SECCOMP):
+            found[name] = Layer(name, False, why)
+        found[layers.NETWORK_NS] = Layer(
+            layers.NETWORK_NS,
+            spawner.network,
+            "a new one per run (spawned)" if spawner.network else network_problem,
+        )
+    return found, made, seccomp
 
 
 async def probe_namespaces(unshare: str, limits: Limits) -> dict[str, Layer]:
@@ -193,4 +233,29 @@ def etc_files(user: SlotUser) -> dict[str, str]:
         "hosts": "127.0.0.1 localhost sandbox\n::1 localhost ip6-localhost\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
         "hostname": "sandbox\n",
+    }
+
+
+def slot_request(
+    slot: int,
+    user: SlotUser,
+    work_dir: Path,
+    limits: Limits,
+    cgroup: SlotCgroup | None,
+    binds: list[str],
+    seccomp: bytes | None,
+) -> dict[str, object]:
+    """What the slot's zygote is to prepare (`child/slots.py`)."""
+    return {
+        "slot": slot,
+        "uid": user.uid,
+        "gid": user.gid,
+        "runs_dir": str(work_dir / user.name),
+        "stage_dir": str(work_dir / f".root-{user.name}"),
+        "tmp_bytes": limits.tmp_bytes,
+        "tmp_files": limits.tmp_files,
+        "binds": binds,
+        "etc": etc_files(user),
+        "cgroup_procs": cgroup.procs_files if cgroup else [],
+        "seccomp": base64.b64encode(seccomp).decode() if seccomp else None,
     }

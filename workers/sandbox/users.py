@@ -60,7 +60,12 @@ async def claim_users(count: int, lock_dir: Path) -> tuple[list[SlotUser], list[
             lock.close()
             continue
         locks.append(lock)
-        users.append(await ensure_user(name, UID_BASE + n))
+        try:
+            users.append(await ensure_user(name, UID_BASE + n))
+        except BaseException:
+            for held in locks:  # the users claimed so far go back, as on any failure
+                held.close()
+            raise
     for held in locks:
         held.close()
     raise SandboxError(f"no free sandbox user among {USER_PREFIX}0..{MAX_USERS - 1}")

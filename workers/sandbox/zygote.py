@@ -46,7 +46,7 @@ class Exited:
 
 
 class ZygoteRun:
-    def __init__(self, zygote: Zygote, run_id: int) -> None:
+    def __init__(self, zygote: ZygoteClient, run_id: int) -> None:
         self.zygote = zygote
         self.id = run_id
         loop = asyncio.get_running_loop()
@@ -60,7 +60,9 @@ class ZygoteRun:
         await self.zygote.send({"op": "kill", "id": self.id}, ())
 
 
-class Zygote:
+class ZygoteClient:
+    """The worker's handle on one zygote process (`ZygoteServer` in `child/zygote.py`)."""
+
     def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
         self.process = process
         self.control = control
@@ -72,7 +74,7 @@ class Zygote:
         self._loop.add_reader(control.fileno(), self._on_readable)
 
     @classmethod
-    async def start(cls, python: str, env: Mapping[str, str]) -> Zygote:
+    async def start(cls, python: str, env: Mapping[str, str]) -> ZygoteClient:
         """Start `child/zygote.py` on `python` (as root: it builds the slots' sandboxes)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:

@@ -6,9 +6,9 @@ Standard library only. The worker starts it as
     python -I -S .../workers/sandbox/child/zygote.py serve CONTROL_FD
 
 (`-I -S`: neither the project nor a virtualenv is on its path; it loads its siblings
-`kernel.py`, `slots.py` and `bootstrap.py` from beside itself) and talks to it over
-CONTROL_FD, a SOCK_SEQPACKET socket: JSON requests, the run's descriptors attached
-(SCM_RIGHTS), JSON replies. Its process name is `tl-zygote` (`pgrep tl-zygote`).
+`kernel.py`, `slots.py`, `runner.py` and `bootstrap.py` from beside itself) and talks to
+it over CONTROL_FD, a SOCK_SEQPACKET socket: JSON requests, the run's descriptors
+attached (SCM_RIGHTS), JSON replies. Its process name is `tl-zygote` (`pgrep tl-zygote`).
 
 Once (`prepare`, see `slots.py`): the host tmpfs of the slot's run directories, its root as
 a mount namespace, its empty network namespace; then the zygote moves itself into the
@@ -16,14 +16,11 @@ slot's cgroups, so that every run is born there.
 
 Per run (`run`): the zygote unshares a PID namespace for its next child and forks. The
 child is pid 1 there: when it ends, the kernel kills everything else in the namespace, so
-nothing a run started outlives it. The child enters the slot's network and mount
-namespaces, makes private copies of the mount namespace and fresh IPC and UTS
-namespaces, mounts /tmp, /var/tmp and /dev/shm (tmpfs made here per run, so that the
-zygote can tell afterwards whether one filled up), /proc (its own processes only) and
-its run directory at /task; then it drops to the slot user without privileges, applies
-the limits and loads the seccomp filter. Python source then runs in that process, in the
-warm interpreter; an executable (mcs, mono) is spawned as pid 2, the child staying as
-its init.
+nothing a run started outlives it. The child (`runner.py`) enters the slot's sandbox,
+with tmpfs /tmp, /var/tmp and /dev/shm made here per run (so that the zygote can tell
+afterwards whether one filled up). Python source then runs in that process, in the warm
+interpreter; an executable (mcs, mono) is spawned as pid 2, the child staying as its
+init.
 
 The zygote is a child subreaper and buries whatever comes back to it. After a run's
 child ends it checks that the slot's cgroup holds nothing but itself (killing what it
@@ -35,23 +32,6 @@ from __future__ import annotations
 import os
 import sys
 from typing import TYPE_CHECKING, Any
-
-TMPFS_TARGETS = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108 - inside the run's root
-HOSTNAME = b"sandbox"
-# Signals whose default action ends a process (other than the uncatchable and the
-# synchronous faults, which the kernel delivers even to pid 1). SIGINT has Python's own.
-TERMINATING_SIGNALS = (
-    "SIGHUP",
-    "SIGQUIT",
-    "SIGABRT",
-    "SIGUSR1",
-    "SIGUSR2",
-    "SIGALRM",
-    "SIGTERM",
-    "SIGXCPU",
-    "SIGVTALRM",
-    "SIGPROF",
-)
 
 # Imported before the first fork, so that programs (and the bootstrap) find them warm.
 WARM_MODULES = [
@@ -85,7 +65,7 @@ print(json.dumps(f(3)), file=sys.stdout)
 
 
 def _siblings() -> tuple[Any, Any, Any]:
-    """bootstrap, kernel, slots: this directory's modules. Run as a script (`-I` leaves
+    """kernel, runner, slots: this directory's modules. Run as a script (`-I` leaves
     this directory off sys.path), they are loaded as a package of their own, whose
     modules import each other relatively."""
     import importlib
@@ -96,25 +76,27 @@ def _siblings() -> tuple[Any, Any, Any]:
     sys.modules[package.__name__] = package
     return tuple(  # type: ignore[return-value]
         importlib.import_module(f"{package.__name__}.{name}")
-        for name in ("bootstrap", "kernel", "slots")
+        for name in ("kernel", "runner", "slots")
     )
 
 
 if TYPE_CHECKING or __package__:
-    from workers.sandbox.child import bootstrap, kernel, slots
+    from workers.sandbox.child import kernel, runner, slots
 else:
-    bootstrap, kernel, slots = _siblings()
+    kernel, runner, slots = _siblings()
 
 
 class Run:
     def __init__(self, run_id: int, slot: slots.Slot, tmpfs: list[int], status: int) -> None:
         self.id = run_id
         self.slot = slot
-        self.tmpfs = tmpfs  # detached tmpfs mounts (descriptors) for TMPFS_TARGETS
+        self.tmpfs = tmpfs  # detached tmpfs mounts (descriptors) for runner.TMPFS_TARGETS
         self.status = status  # where the run's init writes the program's wait status
 
 
-class Zygote:
+class ZygoteServer:
+    """The zygote process's side: serves the worker's `ZygoteClient` over CONTROL_FD."""
+
     def __init__(self, control_fd: int) -> None:
         import selectors
         import signal
@@ -241,7 +223,7 @@ class Zygote:
         slot = self.slot
         if slot is None or slot.number != number:
             raise slots.Failure(f"slot {number} is not prepared")
-        tmpfs = [self.kernel.tmpfs(slot.tmp_options) for _ in TMPFS_TARGETS]
+        tmpfs = [self.kernel.tmpfs(slot.tmp_options) for _ in runner.TMPFS_TARGETS]
         status_r, status_w = os.pipe()
         try:
             # The next child is pid 1 of a new namespace; ours stays, and so must the
@@ -260,7 +242,9 @@ class Zygote:
             raise
         if pid == 0:
             try:
-                self._child(slot, request, fds, tmpfs, status_w)
+                runner.enter_and_run(
+                    self.kernel, self.lifeline, slot, request, fds, tmpfs, status_w
+                )
             except BaseException:  # noqa: BLE001 - say why on stderr; never return to the loop
                 import traceback
 
@@ -291,7 +275,7 @@ class Zygote:
             pid, status = self.ended.pop(0)
             run = self.runs.pop(pid)
             full = []
-            for target, fd in zip(TMPFS_TARGETS, run.tmpfs, strict=True):
+            for target, fd in zip(runner.TMPFS_TARGETS, run.tmpfs, strict=True):
                 try:
                     usage = os.fstatvfs(fd)
                     if usage.f_bavail == 0 or usage.f_favail == 0:
@@ -360,143 +344,6 @@ class Zygote:
             time.sleep(0.0005)
             self._bury()
 
-    def _child(
-        self,
-        slot: slots.Slot,
-        request: dict[str, object],
-        fds: list[int],
-        tmpfs: list[int],
-        status_w: int,
-    ) -> None:
-        """In the forked child, pid 1 of its own PID namespace: enter the sandbox, then
-        start the program and be its init. Never returns normally."""
-        import fcntl
-        import resource
-        import select
-        import signal
-
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        k = self.kernel
-        k.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.setsid()
-        with open("/proc/self/oom_score_adj", "w") as score:
-            score.write("500")  # at the memory limit (or the machine's), the run goes first
-        assert slot.net is not None
-        assert slot.mnt is not None
-        k.setns(slot.net, kernel.CLONE_NEWNET, "net")
-        k.setns(slot.mnt, kernel.CLONE_NEWNS, "mnt")  # now / is the slot's root
-        k.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWIPC | kernel.CLONE_NEWUTS, "mnt ipc uts")
-        k.sethostname(HOSTNAME)
-        for target, fd in zip(TMPFS_TARGETS, tmpfs, strict=True):
-            k.move_mount(fd, target)
-        k.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
-        name = request["run_dir"]
-        assert isinstance(name, str)
-        if not name or "/" in name or name.startswith("."):
-            raise slots.Failure(f"bad run directory name {name!r}")
-        k.mount(f"{slots.RUNS_DIR}/{name}", slots.TASK_DIR, None, kernel.MS_BIND)
-        flags = kernel.MS_REMOUNT | kernel.MS_BIND | kernel.MS_NOSUID | kernel.MS_NODEV
-        k.mount(None, slots.TASK_DIR, None, flags)
-        k.umount(slots.RUNS_DIR)  # the slot's other run directories are not this run's
-        os.chdir(slots.TASK_DIR)
-        os.setgroups([])
-        os.setresgid(slot.gid, slot.gid, slot.gid)
-        os.setresuid(slot.uid, slot.uid, slot.uid)
-        k.prctl(kernel.PR_SET_NO_NEW_PRIVS, 1)
-        k.prctl(kernel.PR_SET_DUMPABLE, 1)  # /proc/self is the program's, as after exec
-        k.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)  # (setuid cleared it)
-        if select.select([self.lifeline], [], [], 0)[0]:
-            return  # the zygote died before our death signal was armed again
-        # The run's descriptors and the status pipe, above any number they will go to.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
-        status = fcntl.fcntl(status_w, fcntl.F_DUPFD_CLOEXEC, 100)
-        limits = request["limits"]
-        env = request["env"]
-        argv = request["argv"]
-        assert isinstance(limits, dict)
-        assert isinstance(env, dict)
-        for limit, (soft, hard) in limits.items():
-            resource.setrlimit(getattr(resource, limit), (soft, hard))
-        if slot.seccomp is not None:
-            k.seccomp(slot.seccomp)  # for this process and all it starts
-        if isinstance(argv, list):
-            self._init(argv, env, high, status)
-        # Python: this process runs the program (pid 1 of the namespace).
-        for number, fd in enumerate(high):
-            os.dup2(fd, number)
-        os.closerange(len(high), status)
-        os.closerange(status + 1, 1 << 16)
-        os.environ.clear()
-        os.environ.update(env)
-        self._python(status)
-
-    def _init(self, argv: list[str], env: dict[str, str], fds: list[int], status: int) -> None:
-        """Start an executable as pid 2 and be its init (pid 1): bury whatever ends, and
-        end with the program, writing its wait status to `status` first. An executable is
-        not pid 1 itself: the kernel protects pid 1 from the signals it does not handle
-        (SIGXCPU at the CPU limit, SIGTERM sent to itself). posix_spawn (vfork and exec)
-        costs no copy of this process. When init ends, the kernel kills everything else
-        in the namespace."""
-        import signal
-
-        for number, fd in enumerate(fds):  # (posix_spawn's own dup2 checks the fd limit)
-            os.dup2(fd, number)
-        try:
-            # What Python ignores for itself, the program gets back.
-            default = (signal.SIGPIPE, signal.SIGXFSZ)
-            program = os.posix_spawn(argv[0], argv, env, setsigdef=default)
-        except OSError as error:
-            os.write(2, f"cannot run {argv[0]}: {error}\n".encode())
-            os._exit(127)
-        os.closerange(0, status)  # the output pipes are the program's alone
-        os.closerange(status + 1, 1 << 16)
-        while True:
-            try:
-                pid, wait_status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                os._exit(127)
-            if pid == program:
-                os.write(status, wait_status.to_bytes(4, "little", signed=True))
-                os._exit(0)
-
-    def _python(self, status_fd: int) -> None:
-        """Run the Python program in this process, pid 1 of the run's namespace.
-
-        The kernel protects pid 1 from signals it does not handle: a signal whose default
-        is to end the process (SIGTERM sent by the program to itself, SIGALRM, SIGXCPU at
-        the CPU limit) would do nothing. Handlers do what the default would, and tell the
-        zygote through `status_fd` that the program was killed by that signal. A fork
-        less per run than keeping an init beside the program; its orphans stay unburied
-        (they count against the process limit) until the run ends."""
-        import signal
-
-        def killed(signum: int, frame: object) -> None:
-            os.write(status_fd, signum.to_bytes(4, "little", signed=True))
-            os._exit(128 + signum)
-
-        for name in TERMINATING_SIGNALS:
-            signal.signal(getattr(signal, name), killed)
-        try:
-            status = bootstrap.run_python(3, 4)
-        except SystemExit as error:
-            status = bootstrap._exit_status(error)
-        # What the interpreter does at exit: join threads, run atexit, flush.
-        try:
-            threading = sys.modules.get("threading")
-            if threading is not None:
-                threading._shutdown()
-            import atexit
-
-            atexit._run_exitfuncs()
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    status = status or 120
-            os._exit(status)
-
 
 def _ids(request: dict[str, object]) -> dict[str, object]:
     return {key: request[key] for key in ("id", "slot") if key in request}
@@ -504,7 +351,7 @@ def _ids(request: dict[str, object]) -> dict[str, object]:
 
 def _main(argv: list[str]) -> None:
     if argv[1:2] == ["serve"] and len(argv) == 3:
-        Zygote(int(argv[2])).serve()
+        ZygoteServer(int(argv[2])).serve()
         return
     raise SystemExit(f"usage: zygote.py serve CONTROL_FD; got {argv[1:]}")
 
