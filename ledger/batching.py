@@ -54,13 +54,14 @@ class Batcher(Generic[In, Out]):
         return outcome
 
     async def close(self) -> None:
-        if self._round is not None:
-            self._round.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._round
+        """Cancel the calls still queued. The round under way is not cancelled: its thread
+        writes regardless, so it finishes and its callers get their outcomes."""
         for _, future in self._queue:
             future.cancel()
         self._queue.clear()
+        if self._round is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._round
 
     async def _rounds(self) -> None:
         while self._queue:

@@ -160,11 +160,6 @@ async def test_close_cancels_the_calls_still_waiting_for_a_round() -> None:
     first.cancel()  # see the next test
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Batcher.close() cancels the round under way after its thread finished, "
-    "and never gives that round's callers their outcomes; they wait forever",
-)
 async def test_close_gives_the_round_under_way_its_outcomes() -> None:
     backend = Backend(held=True)
     batcher = Batcher(backend)
