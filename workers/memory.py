@@ -10,18 +10,25 @@ from workers.broker import Broker, Delivery, RunAttempt
 
 
 class MemoryDelivery(Delivery):
-    def __init__(self, broker: MemoryBroker, command: RunAttempt, redelivered: bool) -> None:
+    def __init__(
+        self,
+        broker: MemoryBroker,
+        command: RunAttempt,
+        redelivered: bool,
+        credit: asyncio.Semaphore,
+    ) -> None:
         self.broker = broker
         self.command = command
         self.redelivered = redelivered
+        self.credit = credit  # its consumer's: settling frees room there, not elsewhere
         self.settled = False
 
     async def _settle(self) -> None:
         if self.settled:
             raise RuntimeError("delivery already settled")
         self.settled = True
-        self.broker._unsettled -= 1
-        self.broker._credit.release()
+        self.broker._unsettled.discard(self)
+        self.credit.release()
 
     async def ack(self) -> None:
         await self._settle()
@@ -38,8 +45,7 @@ class MemoryDelivery(Delivery):
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._queue: asyncio.Queue[tuple[RunAttempt, bool]] = asyncio.Queue()
-        self._credit = asyncio.Semaphore(0)
-        self._unsettled = 0
+        self._unsettled: set[MemoryDelivery] = set()
         self._cancel_listeners: list[asyncio.Queue[UUID]] = []
         self.dead_letters: list[RunAttempt] = []
 
@@ -48,13 +54,13 @@ class MemoryBroker(Broker):
             self._queue.put_nowait((command, False))
 
     async def consume(self, prefetch: int) -> AsyncIterator[Delivery]:
-        credit = asyncio.Semaphore(prefetch)
-        self._credit = credit
+        credit = asyncio.Semaphore(prefetch)  # per consumer, as RabbitMQ's basic.qos
         while True:
             await credit.acquire()
             command, redelivered = await self._queue.get()
-            self._unsettled += 1
-            yield MemoryDelivery(self, command, redelivered)
+            delivery = MemoryDelivery(self, command, redelivered, credit)
+            self._unsettled.add(delivery)
+            yield delivery
 
     async def broadcast_cancel(self, task_id: UUID) -> None:
         for listener in self._cancel_listeners:
@@ -76,4 +82,9 @@ class MemoryBroker(Broker):
         return None
 
     async def close(self) -> None:
-        return None
+        """Give back what is held unsettled, marked redelivered, as RabbitMQ does when a
+        client's connection closes (a late settle then raises)."""
+        for delivery in list(self._unsettled):
+            delivery.settled = True
+            self._queue.put_nowait((delivery.command, True))
+        self._unsettled.clear()

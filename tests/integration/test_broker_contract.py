@@ -59,18 +59,6 @@ class Brokers:
 KINDS = ["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
 
 
-def diverges_on_memory(reason: str) -> pytest.MarkDecorator:
-    """Run the test on both brokers, expecting the in-process one to fail it (`reason`)."""
-    return pytest.mark.parametrize(
-        "brokers",
-        [
-            pytest.param("memory", marks=pytest.mark.xfail(strict=True, reason=reason)),
-            pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
-        ],
-        indirect=True,
-    )
-
-
 @pytest_asyncio.fixture(params=KINDS)
 async def brokers(request: pytest.FixtureRequest) -> AsyncIterator[Brokers]:
     if request.param == "memory":
@@ -429,10 +417,6 @@ async def test_a_delivery_can_be_settled_after_its_consumer_stopped(brokers: Bro
         await again.ack()
 
 
-@diverges_on_memory(
-    "MemoryBroker.close() does nothing and a MemoryDelivery dropped unsettled is never "
-    "given back: the in-process broker cannot notice a consumer that went away"
-)
 async def test_a_command_held_by_a_client_that_goes_away_is_redelivered(
     brokers: Brokers,
 ) -> None:
@@ -474,10 +458,6 @@ async def test_prefetch_counts_requeued_deliveries_as_settled(brokers: Brokers) 
         await (await consumer.take()).ack()
 
 
-@diverges_on_memory(
-    "MemoryBroker keeps one credit semaphore for the whole broker (the latest consume() "
-    "call's): settling one consumer's delivery gives the credit to another consumer"
-)
 async def test_prefetch_is_counted_per_consumer(brokers: Brokers) -> None:
     first_command, second_command, third_command = commands(3)
     publisher = brokers.connect()

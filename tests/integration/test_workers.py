@@ -360,7 +360,7 @@ async def test_the_command_is_acknowledged_once_the_attempt_starts(
     async with running(dispatcher.run, worker.run):
         task_id = submit(live_ledger, "hang", ttl_seconds=60)
         await asyncio.wait_for(executor.started.wait(), 30)
-        assert broker._unsettled == 0, "the delivery is settled while the program runs"
+        assert not broker._unsettled, "the delivery is settled while the program runs"
         await asyncio.to_thread(live_ledger.cancel, task_id, by="test")
 
 
