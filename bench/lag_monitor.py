@@ -36,7 +36,7 @@ from psycopg import sql
 from bench.cpu import BENCH_APPLICATION
 from bench.processes import ManagedProcess
 from ledger.log import EVENTS_CHANNEL, EVENTS_TABLE
-from projections.runner import PROJECTION_CHANNEL
+from projections.tracking import PROJECTION_CHANNEL
 
 POLL = 0.05  # seconds without a notification before a snapshot anyway
 DRAIN = 0.0005  # after a wake-up, collect notifications arriving this soon (one snapshot)

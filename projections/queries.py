@@ -21,8 +21,7 @@ from psycopg import Connection, sql
 from psycopg.rows import dict_row
 
 from projections import audit, task_status
-from projections.runner import PROJECTION_CHANNEL
-from projections.tracking import view_position
+from projections.tracking import listen_to_views, view_position
 
 
 class InvalidCursor(ValueError):
@@ -191,7 +190,7 @@ def wait_for_position(
     """
     deadline = time.monotonic() + timeout
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL)))
+        conn.execute(listen_to_views())
         while True:
             if view_position(conn, schema, name) >= position:
                 return True

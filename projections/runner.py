@@ -35,8 +35,6 @@ from projections.tracking import Generation
 
 log = logging.getLogger(__name__)
 
-PROJECTION_CHANNEL = "taskledger_projections"
-
 
 def extend_to_transaction_end(
     conn: Connection[Any], schema: str, changes: list[Change]
@@ -91,10 +89,7 @@ def apply_batch(
                 projection.apply(cur, sql.Identifier(schema, gen.table), task_changes)
         new_position = changes[-1].position
         tracking.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
-        conn.execute(
-            "SELECT pg_notify(%s, %s)",
-            (PROJECTION_CHANNEL, f"{schema}:{projection.name}:{new_position}"),
-        )
+        tracking.notify_progress(conn, schema, projection.name, new_position)
     return Generation(projection.name, gen.generation, new_position), len(changes)
 
 

@@ -11,6 +11,18 @@ from typing import Any
 
 from psycopg import Connection, sql
 
+# NOTIFYed with "<schema>:<view>:<position>" in the transaction of each applied batch.
+PROJECTION_CHANNEL = "taskledger_projections"
+
+
+def listen_to_views() -> sql.Composed:
+    """The statement that subscribes a connection to the views' progress notifications."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL))
+
+
+def notify_progress(conn: Connection[Any], schema: str, name: str, position: int) -> None:
+    conn.execute("SELECT pg_notify(%s, %s)", (PROJECTION_CHANNEL, f"{schema}:{name}:{position}"))
+
 
 def catalog_ddl(schema: str) -> list[sql.Composed]:
     s = sql.Identifier(schema)

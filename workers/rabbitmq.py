@@ -93,8 +93,9 @@ class RabbitMQBroker(Broker):
         await self._connect()
         assert self._publish_channel is not None
         exchange = self._publish_channel.default_exchange
-        # Pipelined confirms: send all, then wait for every confirm (FACTS: ~5x faster
-        # than awaiting each one).
+        # Pipelined confirms: send all, then wait for every confirm. Persistent messages
+        # went ~7,500/s so against ~1,500/s awaiting each confirm (RabbitMQ 3.10, aio-pika
+        # 10, batches of 100-1,000; 2026-11).
         await asyncio.gather(
             *(
                 exchange.publish(

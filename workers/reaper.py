@@ -26,13 +26,11 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 
 from ledger import AttemptError, Ledger
 from ledger.clock import Clock
 from ledger.errors import LedgerError, TransitionRefused
-from projections import leadership, task_status
-from projections.runner import PROJECTION_CHANNEL
+from projections import leadership, task_status, tracking
 from workers.metrics import WorkerMetrics
 from workers.singleton import keep_running
 
@@ -85,7 +83,7 @@ class Reaper:
         ) as session:
             if not await leadership.wait_to_lead_async(session, key, stop, self.standby_interval):
                 return
-            await session.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL)))
+            await session.execute(tracking.listen_to_views())
             self.is_leader.set()
             log.info("reaper active")
             loop = asyncio.get_running_loop()
