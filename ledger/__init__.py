@@ -10,9 +10,10 @@ Imports nothing of taskledger's other packages. Modules:
 """
 
 from ledger.clock import Clock, ManualClock, SystemClock
+from ledger.decisions import Decision
 from ledger.domain import Task
 from ledger.retry import RetryPolicy
-from ledger.service import Decision, Ledger, SubmitRequest
+from ledger.service import Ledger, SubmitRequest
 from ledger.state import HistoryEntry, Submission, TaskState
 from ledger.values import AttemptError, AttemptResult, Status, TaskLimits
 
