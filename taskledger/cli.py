@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from ledger.errors import LedgerError
 from projections import all_projections
-from projections.admin import rebuild, status
-from taskledger.bootstrap import Services, bootstrap, sandbox_limits
+from taskledger import commands
 from taskledger.logs import configure_logging
-from taskledger.settings import ConfigError, Settings, env_name, load_settings
-from taskledger.shutdown import ShutdownBound
-from workers.metrics import serving
-
-log = logging.getLogger("taskledger")
+from taskledger.settings import ConfigError
 
 
 def _positive(text: str) -> int:
@@ -150,23 +139,6 @@ def _config_option_everywhere(parser: argparse.ArgumentParser) -> None:
                 _config_option_everywhere(command)
 
 
-def _settings(args: argparse.Namespace, **flags: object) -> Settings:
-    """The settings: these command-line values over the environment over the TOML file."""
-    return load_settings(flags, config_file=args.config)
-
-
-def _log_as(role: str, settings: Settings) -> None:
-    """JSON lines to stdout and `<log_dir>/<role>-YYYY-MM-DD.log`, from the start."""
-    try:
-        settings.log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(
-            f"{settings.origin('log_dir')}: cannot create {settings.log_dir}: "
-            f"{error.strerror or error}"
-        ) from None
-    configure_logging(settings.log_level.upper(), role=role, log_dir=settings.log_dir)
-
-
 def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", help="interface to listen on (TASKLEDGER_HOST; default 127.0.0.1)"
@@ -176,287 +148,17 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _serve_flags(args: argparse.Namespace) -> dict[str, object]:
-    names = ("host", "port", "ssl_certfile", "ssl_keyfile")
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
-
-
-def _serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
-    import uvicorn
-
-    settings = services.settings
-    tls = settings.tls_files()  # a missing or wrong file stops us before anything starts
-    roles = services.singleton_roles()
-    if dev:
-        # On a laptop (not root, no cgroups) dev still runs programs, with a loud warning
-        # from the sandbox, unless [sandbox] allow_unisolated says otherwise.
-        worker = services.worker(concurrency=args.concurrency, unisolated_by_default=True)
-        roles.append(worker.run)
-    app = services.api_app(background=roles)
-    if not getattr(args, "no_projections", False):
-        services.start_projections()
-    url = f"{'https' if tls else 'http'}://{settings.host}:{settings.port}"
-    if dev and services.settings.api_keys is None:
-        key = services.dev_api_key()
-        print(
-            f"taskledger is running at {url} (Swagger UI: {url}/swagger)\n"
-            f"API key (admin of tenant 'default', kept in "
-            f"{services.settings.data_dir / 'dev-api-key'}):\n  {key}\n"
-            f"Try: curl -H 'Authorization: ApiKey {key}' {url}/api/stats",
-            file=sys.stderr,
-            flush=True,
-        )
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        ssl_certfile=tls[0] if tls else None,
-        ssl_keyfile=tls[1] if tls else None,
-    )
-    bound = _shutdown_bound("dev" if dev else "api", services)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            bound.begin()
-            super().handle_exit(sig, frame)
-
-    server = Server(config)
-    # Once shut down, uvicorn hands the signal that stopped it back to the handler it found:
-    # the default one would kill the process before the services close (the projections,
-    # the embedded PostgreSQL). This one asks the server to stop and lets run() return.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
-    log.info("serving the API", extra={"url": url})
-    server.run()
-    return 0
-
-
-def _run_worker(args: argparse.Namespace) -> int:
-    settings = _settings(args, metrics_port=args.metrics_port)
-    if args.check_sandbox:
-        return _check_sandbox(settings, args.concurrency)
-    if settings.broker_url.startswith("memory://"):
-        raise ConfigError(
-            f"{settings.origin('broker_url')}: memory:// only works inside one process "
-            "(taskledger dev); a separate worker needs amqp://user:password@host:port/"
-        )
-    bound_seconds = settings.shutdown_seconds
-    grace = max(0.0, bound_seconds - 3) if args.grace is None else args.grace
-    if not 0 <= grace < bound_seconds:
-        raise ConfigError(
-            f"--grace {grace:g} must be at least 0 and less than "
-            f"{settings.origin('shutdown_seconds')} ({bound_seconds:g} s): the attempts it "
-            "kills need time to be recorded"
-        )
-    _log_as("worker", settings)
-    with bootstrap(settings) as services, serving(services.registry, settings.metrics_port):
-        worker = services.worker(
-            concurrency=args.concurrency, prefetch=args.prefetch, grace_seconds=grace
-        )
-        bound = _shutdown_bound("worker", services)
-
-        def stopping(stop: asyncio.Event) -> None:
-            bound.begin()
-            stop.set()
-
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stopping, stop)
-            try:
-                await worker.run(stop)
-            finally:
-                await services.broker.close()
-
-        asyncio.run(main())
-    return 0
-
-
-def _check_sandbox(settings: Settings, slots: int) -> int:
-    """`taskledger worker --check-sandbox`: the layers as a table; 1 if one is missing."""
-    from workers.sandbox import Sandbox
-    from workers.sandbox.layers import table
-
-    configure_logging(settings.log_level.upper())
-    sandbox = Sandbox(slots, sandbox_limits(settings.sandbox))
-
-    async def check() -> int:
-        try:
-            caps = await sandbox.start()
-            print(table(caps.layers))
-            mode = "isolated (zygote)" if caps.isolated else "UNISOLATED (spawned)"
-            print(f"\nprograms run {mode}; python: {caps.python}; slots: {slots}")
-            missing = caps.missing
-            if missing:
-                names = ", ".join(layer.name for layer in missing)
-                print(
-                    f"MISSING: {names}. A worker here refuses python and csharp tasks unless "
-                    "[sandbox] allow_unisolated = true (see docs/sandbox.md)."
-                )
-            return 1 if missing else 0
-        finally:
-            await sandbox.close()
-
-    return asyncio.run(check())
-
-
-def _run_keys(args: argparse.Namespace) -> int:
-    with bootstrap(_settings(args)) as services:
-        if args.action == "create":
-            principal, token = services.ledger.keys.issue(
-                tenant=args.tenant, role=args.role, issued_by="taskledger keys", label=args.label
-            )
-            print(token)
-            print(
-                f"key id {principal.key_id}: {principal.role} for tenant {principal.tenant}. "
-                "Keep the key: it is not stored and cannot be shown again.",
-                file=sys.stderr,
-            )
-            return 0
-        services.ledger.keys.revoke(args.key_id, by="taskledger keys")
-        print(f"revoked key {args.key_id}", file=sys.stderr)
-        return 0
-
-
-def _stop_on_signals(bound: ShutdownBound) -> threading.Event:
-    stop = threading.Event()
-
-    def stopping(*_: object) -> None:
-        bound.begin()
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stopping)
-    return stop
-
-
-def _shutdown_bound(role: str, services: Services) -> ShutdownBound:
-    """The bound on this process's stop; its last words stop the embedded server."""
-    embedded = services.embedded
-    return ShutdownBound(
-        role, services.settings.shutdown_seconds, embedded.stop if embedded else None
-    )
-
-
-def _run_dev(args: argparse.Namespace) -> int:
-    settings = _settings(args, **_serve_flags(args))
-    settings.tls_files()
-    _log_as("dev", settings)
-    with bootstrap(settings) as services:
-        return _serve(services, args, dev=True)
-
-
-def _run_api(args: argparse.Namespace) -> int:
-    settings = _settings(args, **_serve_flags(args))
-    settings.tls_files()  # before the database: a bad certificate fails fast, by its name
-    _log_as("api", settings)
-    with bootstrap(settings) as services:
-        return _serve(services, args, dev=False)
-
-
-def _run_projections(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    if args.action == "run":
-        _log_as("projections", settings)
-    with bootstrap(settings) as services:
-        if args.action == "status":
-            return _print_status(services)
-        if args.action == "rebuild":
-            report = rebuild(services.database_url, services.schema, all_projections()[args.name])
-            print(
-                f"rebuilt {report.name}: generation {report.old_generation} -> "
-                f"{report.new_generation}, {report.events} events in {report.seconds:.2f} s "
-                f"({report.events_per_second:,.0f} events/s)"
-            )
-            return 0
-        stop = _stop_on_signals(_shutdown_bound("projections", services))
-        services.start_projections(args.only, batch_size=args.batch_size)
-        stop.wait()
-        return 0
-
-
-def _print_status(services: Services) -> int:
-    import psycopg
-
-    from projections.base import ensure_installed
-
-    with psycopg.connect(services.database_url, autocommit=True) as conn:
-        for projection in all_projections().values():
-            ensure_installed(conn, services.schema, projection)
-        rows = status(conn, services.schema)
-    print(
-        f"{'projection':<14} {'generation':>10} {'position':>10} {'head':>10} {'lag':>8}  updated"
-    )
-    for row in rows:
-        print(
-            f"{row.name:<14} {row.generation:>10} {row.position:>10} {row.head:>10} "
-            f"{row.lag:>8}  {row.updated_at.isoformat(timespec='seconds')}"
-        )
-    return 0
-
-
-def _run_config(args: argparse.Namespace) -> int:
-    """The effective settings as TOML (a valid --config file but for the masked secrets),
-    each with its source; unset ones as comments. `--json`: one object of the same."""
-    settings = _settings(args)
-    shown = settings.masked()
-    if args.json:
-        described = {
-            name: {
-                "value": value,
-                "source": settings.source(name),
-                "variable": env_name(name),
-            }
-            for name, value in shown.items()
-        }
-        config_file = str(settings.config_file) if settings.config_file else None
-        print(json.dumps({"config_file": config_file, "settings": described}, indent=2))
-        return 0
-    print(
-        "# taskledger settings; strongest first: flag > environment (TASKLEDGER_*) > "
-        f"file ({settings.config_file or 'none'}) > default"
-    )
-    section = ""
-    # Top-level settings first: in TOML, whatever follows a [section] header is in it.
-    for name, value in sorted(shown.items(), key=lambda item: "." in item[0]):
-        where, _, key = name.rpartition(".")
-        if where != section:
-            print(f"\n[{where}]")
-            section = where
-        source = settings.source(name)
-        if value is None:
-            print(f"# {key} is unset ({UNSET.get(name, 'no default')})  # {source}")
-        else:
-            literal = json.dumps(value, ensure_ascii=False)  # a TOML string, number, bool
-            print(f"{key} = {literal}  # {source}")
-    return 0
-
-
-# What an unset setting means, for `taskledger config`.
-UNSET = {
-    "database_url": "embedded PostgreSQL in the data directory",
-    "api_keys": "`taskledger dev` generates one",
-    "ssl_certfile": "plain HTTP",
-    "ssl_keyfile": "plain HTTP",
-    "metrics_port": "no worker metrics server",
-    "sandbox.allow_unisolated": "`taskledger dev` allows it, with a warning; workers refuse",
-}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
     try:
         runners = {
-            "dev": _run_dev,
-            "api": _run_api,
-            "keys": _run_keys,
-            "worker": _run_worker,
-            "projections": _run_projections,
-            "config": _run_config,
+            "dev": commands.run_dev,
+            "api": commands.run_api,
+            "keys": commands.run_keys,
+            "worker": commands.run_worker,
+            "projections": commands.run_projections,
+            "config": commands.run_config,
         }
         return runners[args.command](args)
     except ConfigError as error:

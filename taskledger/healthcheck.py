@@ -21,7 +21,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from taskledger.cli import _parser, _serve_flags
+from taskledger.cli import _parser
+from taskledger.commands import serve_flags
 from taskledger.settings import ConfigError, load_settings
 
 TIMEOUT_SECONDS = 3.0  # within the HEALTHCHECK's --timeout=5s, with the imports' time
@@ -32,7 +33,7 @@ def probe_url(argv: Sequence[str]) -> str | None:
     """The URL that answers while `taskledger ARGV` is alive, or None if it serves none."""
     args = _parser().parse_args(list(argv))
     if args.command in ("api", "dev"):
-        settings = load_settings(_serve_flags(args), config_file=args.config)
+        settings = load_settings(serve_flags(args), config_file=args.config)
         scheme = "https" if settings.ssl_certfile is not None else "http"
         host = "127.0.0.1" if settings.host == EVERY_INTERFACE else settings.host
         return f"{scheme}://{host}:{settings.port}/healthz"
