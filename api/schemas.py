@@ -221,5 +221,7 @@ class Problem(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="degraded: only the broker fails; tasks are still accepted (200)"
+    )
     checks: dict[str, str] = Field(default_factory=dict)
