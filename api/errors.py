@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api.schemas import Problem
 from ledger.errors import (
     ContentionExhausted,
     IdempotencyConflict,
@@ -89,7 +90,9 @@ def problem_response(
     request_id = getattr(request.state, "request_id", None) if request is not None else None
     if request_id:
         body["request_id"] = request_id
-    return Response(orjson.dumps(body), status, headers=headers, media_type=PROBLEM_JSON)
+    # Through its model, as every body; the fields it was not given are absent, not null.
+    problem = Problem.model_validate(body).model_dump(exclude_unset=True)
+    return Response(orjson.dumps(problem), status, headers=headers, media_type=PROBLEM_JSON)
 
 
 def validation_errors(error: ValidationError) -> list[dict[str, str]]:

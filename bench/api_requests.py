@@ -823,8 +823,12 @@ CPU_RULES: list[Rule] = [
     ),
     ("ledger domain and event mapping", _in("/work/main/ledger/", "eventsourcing/")),
     ("API key check", _in("api/auth.py")),
+    # Before the request body's rule: a response's model is pydantic too.
+    (
+        "response JSON (its pydantic model, orjson)",
+        _named("model_response", "json_response", "task_response", "task_content"),
+    ),
     ("request body (pydantic)", lambda f: "pydantic" in f.file or f.name == "read_json"),
-    ("response JSON (task_body, orjson)", _named("json_response", "task_response", "task_body")),
     (
         "thread hand-off (anyio, queues, locks)",
         _in("anyio/", "/threading.py", "/queue.py", "concurrent/futures/"),
