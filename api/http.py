@@ -16,6 +16,7 @@ from starlette.responses import Response
 from api.auth import CHALLENGE, Principal
 from api.context import ApiContext
 from api.errors import ApiProblem
+from api.schemas import dump_json
 from ledger.keys import Role
 
 M = TypeVar("M", bound=BaseModel)
@@ -58,10 +59,8 @@ def model_response(
         body = model.model_validate(content, from_attributes=from_attributes)
     except ValidationError as error:
         raise ResponseMismatch(f"the {model.__name__} body does not fit its model") from error
-    # model_dump, then orjson: faster than pydantic's own to_json on these bodies (their
-    # datetimes above all), and times are written as they always were (UTC as "Z").
     return Response(
-        orjson.dumps(body.model_dump(exclude_unset=exclude_unset), option=orjson.OPT_UTC_Z),
+        dump_json(body, exclude_unset=exclude_unset),
         status,
         headers=headers,
         media_type="application/json",

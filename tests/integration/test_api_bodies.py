@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import typing
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
+from pydantic import BaseModel
 
-from api.openapi import build_openapi
-from api.schemas import TaskSummaryOut
+from api.openapi import OPERATIONS, build_openapi
+from api.schemas import Problem, TaskList, TaskOut, TaskSummaryOut, Workers
 from ledger import AttemptError, AttemptResult
 from ledger.leases import WorkerInfo
 from projections.task_status import COLUMNS
@@ -86,6 +88,42 @@ def test_closing_a_schema_refuses_an_undocumented_field() -> None:
     missing = httpx.Response(200, json={"checks": {}}, request=request)
     with pytest.raises(AssertionError, match="status"):
         document.check(missing, "/healthz")
+
+
+def response_models() -> set[type[BaseModel]]:
+    """Every model a response body is made of, nested ones included."""
+    found: set[type[BaseModel]] = set()
+
+    def visit(annotation: Any) -> None:
+        model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if model and annotation not in found:
+            found.add(annotation)
+            for field in annotation.model_fields.values():
+                visit(field.annotation)
+        for argument in typing.get_args(annotation):
+            visit(argument)
+
+    for operation in OPERATIONS:
+        visit(operation.response)
+    visit(Problem)
+    return found
+
+
+def test_response_models_write_their_fields_as_they_are() -> None:
+    """dump_json writes a model's fields with orjson, not with pydantic's serializer: a
+    model that changed how a field is written would not be written as its schema says."""
+    models = response_models()
+    assert {TaskOut, TaskList, Workers, Problem} <= models
+    for model in models:
+        decorators = model.__pydantic_decorators__
+        assert not decorators.field_serializers, model
+        assert not decorators.model_serializers, model
+        assert not model.model_computed_fields, model
+        assert model.model_config.get("extra") != "allow", model  # extras are not fields
+        for name, field in model.model_fields.items():
+            assert field.alias in (None, name), (model, name)
+            assert field.serialization_alias in (None, name), (model, name)
+            assert not field.exclude, (model, name)
 
 
 def test_list_items_are_columns_of_the_task_view() -> None:
