@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 import psycopg
 from eventsourcing import persistence as store
 from pydantic import ValidationError
@@ -16,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api.schemas import Problem, dump_json
 from ledger.errors import (
     ContentionExhausted,
     IdempotencyConflict,
@@ -89,7 +89,9 @@ def problem_response(
     request_id = getattr(request.state, "request_id", None) if request is not None else None
     if request_id:
         body["request_id"] = request_id
-    return Response(orjson.dumps(body), status, headers=headers, media_type=PROBLEM_JSON)
+    # Through its model, as every body; the fields it was not given are absent, not null.
+    problem = dump_json(Problem.model_validate(body), exclude_unset=True)
+    return Response(problem, status, headers=headers, media_type=PROBLEM_JSON)
 
 
 def validation_errors(error: ValidationError) -> list[dict[str, str]]:

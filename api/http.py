@@ -9,13 +9,14 @@ from uuid import UUID
 
 import anyio.to_thread
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.auth import CHALLENGE, Principal
 from api.context import ApiContext
 from api.errors import ApiProblem
+from api.schemas import dump_json
 from ledger.keys import Role
 
 M = TypeVar("M", bound=BaseModel)
@@ -25,8 +26,41 @@ JSON_TYPES = ("application/json", "application/merge-patch+json")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON document as it is (the OpenAPI document); bodies go through `model_response`."""
     return Response(
         orjson.dumps(body, option=orjson.OPT_UTC_Z),
+        status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+class ResponseMismatch(Exception):
+    """A response body that its model refuses: the code and the OpenAPI document differ."""
+
+
+def model_response(
+    model: type[BaseModel],
+    content: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    *,
+    from_attributes: bool = False,
+    exclude_unset: bool = False,
+) -> Response:
+    """`content` as the response model `model`, the schema the OpenAPI document gives for it:
+    its fields and nothing else. `exclude_unset` leaves out the optional fields `content`
+    does not give (absent, not null).
+
+    Content that does not fit the model is our bug, so a 500 (with the mismatch in the
+    log), not a 422 telling the client to fix its request.
+    """
+    try:
+        body = model.model_validate(content, from_attributes=from_attributes)
+    except ValidationError as error:
+        raise ResponseMismatch(f"the {model.__name__} body does not fit its model") from error
+    return Response(
+        dump_json(body, exclude_unset=exclude_unset),
         status,
         headers=headers,
         media_type="application/json",

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Language = Literal["python", "csharp", "echo"]
@@ -221,5 +222,35 @@ class Problem(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="degraded: only the broker fails; tasks are still accepted (200)"
+    )
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+def dump_json(body: BaseModel, *, exclude_unset: bool = False) -> bytes:
+    """`body` as JSON: its model's fields as validated, nested models too, written by orjson
+    (times in UTC as "Z"). `exclude_unset`: the fields the body was not given are absent.
+
+    Not model_dump() nor pydantic's to_json: both go value by value through every dict
+    and list inside a field typed Any (a task's `data`, up to 256 KiB), 4 to 5 times
+    slower than orjson for a task with 200 KB of data; orjson writes them as they are, and
+    is faster on a task and on a 100-item page as well. Hence the response models must not
+    change how a field is written (no serializers, aliases, excluded or computed fields):
+    tests/integration/test_api_bodies.py holds them to it.
+    """
+    return orjson.dumps(
+        body, default=_set_fields if exclude_unset else _fields, option=orjson.OPT_UTC_Z
+    )
+
+
+def _fields(value: object) -> dict[str, Any]:
+    if isinstance(value, BaseModel):
+        return value.__dict__
+    raise TypeError(f"{type(value).__name__} is not a JSON type")
+
+
+def _set_fields(value: object) -> dict[str, Any]:
+    if isinstance(value, BaseModel):
+        return {k: v for k, v in value.__dict__.items() if k in value.model_fields_set}
+    raise TypeError(f"{type(value).__name__} is not a JSON type")

@@ -20,10 +20,11 @@ from api.http import (
     context,
     in_thread,
     int_param,
-    json_response,
+    model_response,
     reject_unknown_params,
     time_param,
 )
+from api.schemas import AuditList, Health, Stats, Workers
 from ledger.keys import Role
 from ledger.log import read_changes
 from projections import all_projections
@@ -93,20 +94,9 @@ async def audit(request: Request) -> Response:
             )
 
     page = await in_thread(request, query)
-    items = [
-        {
-            "position": row["position"],
-            "task_id": row["task_id"],
-            "type": row["type"],
-            "attempt": row["attempt"],
-            "worker_id": row["worker_id"],
-            "at": row["at"],
-            "version": row["version"],
-            "data": row["payload"],
-        }
-        for row in page.items
-    ]
-    return json_response({"items": items, "next_cursor": page.next_cursor})
+    # The view keeps an event's own fields as `payload`; the API calls them `data`.
+    items = [{**row, "data": row["payload"]} for row in page.items]
+    return model_response(AuditList, {"items": items, "next_cursor": page.next_cursor})
 
 
 @dataclass(frozen=True)
@@ -146,7 +136,7 @@ async def stats(request: Request) -> Response:
             "projections": {r.name: {"position": r.position, "lag_events": r.events} for r in lags},
         }
 
-    return json_response(await in_thread(request, query))
+    return model_response(Stats, await in_thread(request, query))
 
 
 # Workers silent for longer than this are no longer listed.
@@ -159,7 +149,7 @@ async def workers(request: Request) -> Response:
     reject_unknown_params(request, set())
     leases = context(request).ledger.leases
     if leases is None:
-        return json_response({"workers": []})
+        return model_response(Workers, {"workers": []})
     rows = await in_thread(request, lambda: leases.workers(WORKERS_REMEMBERED_SECONDS))
     listed = []
     for row in rows:
@@ -186,11 +176,12 @@ async def workers(request: Request) -> Response:
         if principal.role is Role.ADMIN:
             item["attempts"] = row["running"]
         listed.append(item)
-    return json_response({"workers": listed})
+    # Without an admin key `attempts` is absent, not null: the key may not see them.
+    return model_response(Workers, {"workers": listed}, exclude_unset=True)
 
 
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok", "checks": {}})
+    return model_response(Health, {"status": "ok", "checks": {}})
 
 
 async def readyz(request: Request) -> Response:
@@ -246,7 +237,7 @@ async def readyz(request: Request) -> Response:
         status, code = "unavailable", 503
     else:
         status, code = ("degraded" if failing else "ok"), 200
-    return json_response({"status": status, "checks": checks}, code)
+    return model_response(Health, {"status": status, "checks": checks}, code)
 
 
 async def metrics(request: Request) -> Response:

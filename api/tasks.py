@@ -18,13 +18,22 @@ from api.http import (
     float_param,
     in_thread,
     int_param,
-    json_response,
+    model_response,
     read_json,
     reject_unknown_params,
     task_id_param,
     time_param,
 )
-from api.schemas import CancelRequest, RetryRequest, TaskCreate, TaskPatch
+from api.schemas import (
+    CancelRequest,
+    History,
+    RetryRequest,
+    TaskCreate,
+    TaskList,
+    TaskOut,
+    TaskPatch,
+    TaskSummaryOut,
+)
 from ledger import Status, TaskState
 from ledger.keys import Role
 from ledger.service import SubmitRequest
@@ -34,7 +43,9 @@ STATUSES = tuple(str(s) for s in Status)
 LANGUAGES = ("python", "csharp", "echo")
 
 
-def task_body(task: TaskState) -> dict[str, Any]:
+def task_content(task: TaskState) -> dict[str, Any]:
+    """What a `TaskOut` says of the task: its result only once it completed, the error of
+    its last attempt only while it has not."""
     result = task.result
     error = task.error
     return {
@@ -73,7 +84,9 @@ def task_body(task: TaskState) -> dict[str, Any]:
 def task_response(
     task: TaskState, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return json_response(task_body(task), status, {"ETag": f'"{task.version}"', **(headers or {})})
+    return model_response(
+        TaskOut, task_content(task), status, {"ETag": f'"{task.version}"', **(headers or {})}
+    )
 
 
 def _expected_version(request: Request) -> int | None:
@@ -184,30 +197,15 @@ async def list_tasks_route(request: Request) -> Response:
                 created_before=created_before,
                 limit=limit,
                 cursor=cursor,
+                columns=_LISTED_COLUMNS,
             )
 
     page = await in_thread(request, query)
-    items = [{k: row[k] for k in _SUMMARY_FIELDS} | {"id": row["id"]} for row in page.items]
-    return json_response({"items": items, "next_cursor": page.next_cursor})
+    return model_response(TaskList, {"items": page.items, "next_cursor": page.next_cursor})
 
 
-_SUMMARY_FIELDS = (
-    "description",
-    "language",
-    "status",
-    "attempt",
-    "max_attempts",
-    "ttl_seconds",
-    "deadline",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "finished_at",
-    "worker_id",
-    "summary",
-    "error_kind",
-    "version",
-)
+# The list reads from the view what its items show, no more.
+_LISTED_COLUMNS = tuple(TaskSummaryOut.model_fields)
 
 
 async def patch_task(request: Request) -> Response:
@@ -275,5 +273,4 @@ async def task_history(request: Request) -> Response:
     task_id = task_id_param(request)
     ctx = context(request)
     entries = await in_thread(request, lambda: ctx.ledger.history(task_id, tenant=principal.scope))
-    items = [{"version": e.version, "type": e.type, "at": e.at, "data": e.data} for e in entries]
-    return json_response({"items": items})
+    return model_response(History, {"items": entries}, from_attributes=True)

@@ -85,8 +85,13 @@ def list_tasks(
     created_before: datetime | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    columns: Sequence[str] = task_status.COLUMNS,
 ) -> Page:
-    """Tasks newest first. `tenant=None` lists every tenant's (admins only)."""
+    """Tasks newest first. `tenant=None` lists every tenant's (admins only).
+
+    `columns`: what to read of each row (by default all of them); `created_at` and `id`
+    are always read, as the cursor is made of them.
+    """
     where: list[sql.Composable] = []
     params: list[Any] = []
     if tenant is not None:
@@ -115,7 +120,7 @@ def list_tasks(
     return _page(
         conn,
         sql.Identifier(schema, task_status.TaskStatusProjection.name),
-        task_status.COLUMNS,
+        tuple(dict.fromkeys((*columns, "created_at", "id"))),
         where,
         params,
         sql.SQL("created_at DESC, id DESC"),

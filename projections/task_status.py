@@ -14,28 +14,31 @@ from projections.base import Projection
 
 SUMMARY_CHARS = 200
 
-COLUMNS = (
-    "id",
-    "tenant",
-    "description",
-    "language",
-    "status",
-    "attempt",
-    "max_attempts",
-    "ttl_seconds",
-    "scheduled_at",
-    "deadline",
-    "not_before",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "finished_at",
-    "worker_id",
-    "summary",
-    "error_kind",
-    "version",
-    "position",
-)
+# The view's columns and their SQL types, in table order: the table, its upsert and every
+# read of it take their names from here.
+COLUMN_TYPES = {
+    "id": "uuid PRIMARY KEY",
+    "tenant": "text NOT NULL",
+    "description": "text NOT NULL",
+    "language": "text NOT NULL",
+    "status": "text NOT NULL",
+    "attempt": "int NOT NULL",
+    "max_attempts": "int NOT NULL",
+    "ttl_seconds": "double precision NOT NULL",
+    "scheduled_at": "timestamptz",
+    "deadline": "timestamptz",
+    "not_before": "timestamptz",
+    "created_at": "timestamptz NOT NULL",
+    "updated_at": "timestamptz NOT NULL",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "worker_id": "text",
+    "summary": "text",
+    "error_kind": "text",
+    "version": "int NOT NULL",
+    "position": "bigint NOT NULL",
+}
+COLUMNS = tuple(COLUMN_TYPES)
 
 _OUTCOME_STATUS = {
     "AttemptCompleted": "Completed",
@@ -113,29 +116,13 @@ class TaskStatusProjection(Projection):
 
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
         cur.execute(
-            sql.SQL(
-                "CREATE TABLE {} ("
-                " id uuid PRIMARY KEY,"
-                " tenant text NOT NULL,"
-                " description text NOT NULL,"
-                " language text NOT NULL,"
-                " status text NOT NULL,"
-                " attempt int NOT NULL,"
-                " max_attempts int NOT NULL,"
-                " ttl_seconds double precision NOT NULL,"
-                " scheduled_at timestamptz,"
-                " deadline timestamptz,"
-                " not_before timestamptz,"
-                " created_at timestamptz NOT NULL,"
-                " updated_at timestamptz NOT NULL,"
-                " started_at timestamptz,"
-                " finished_at timestamptz,"
-                " worker_id text,"
-                " summary text,"
-                " error_kind text,"
-                " version int NOT NULL,"
-                " position bigint NOT NULL)"
-            ).format(table)
+            sql.SQL("CREATE TABLE {} ({})").format(
+                table,
+                sql.SQL(", ").join(
+                    sql.SQL("{} " + column_type).format(sql.Identifier(name))
+                    for name, column_type in COLUMN_TYPES.items()
+                ),
+            )
         )
         base = table.as_string().replace('"', "").replace(".", "_")
         for suffix, columns, where in (
