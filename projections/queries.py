@@ -111,9 +111,11 @@ def list_tasks(
         params.append(created_before)
     if cursor is not None:
         created_at, task_id = _decode_cursor(cursor, 2)
+        if not (isinstance(created_at, str) and isinstance(task_id, str)):
+            raise InvalidCursor("cursor is not one this service issued")
         try:
             key = (datetime.fromisoformat(created_at), UUID(task_id))
-        except (TypeError, ValueError):
+        except ValueError:
             raise InvalidCursor("cursor is not one this service issued") from None
         where.append(sql.SQL("(created_at, id) < (%s, %s)"))
         params.extend(key)
@@ -169,7 +171,7 @@ def audit_events(
         params.append(until)
     if cursor is not None:
         (position,) = _decode_cursor(cursor, 1)
-        if not isinstance(position, int):
+        if type(position) is not int:  # a bool is an int to isinstance
             raise InvalidCursor("cursor is not one this service issued")
         where.append(sql.SQL("position < %s"))
         params.append(position)
