@@ -100,14 +100,17 @@ async def audit(request: Request) -> Response:
 
 
 @dataclass(frozen=True)
-class ProjectionLag:
+class ViewLag:
+    """How far a view is behind the log (for /readyz, /api/stats and the metrics; the
+    wire shape is api.schemas.ProjectionLag)."""
+
     name: str
     position: int
     events: int  # events in the log after its position (an upper bound: holes)
     seconds: float  # age of the oldest of them (0 when caught up)
 
 
-def projection_lags(ctx: ApiContext, conn: Connection[Any]) -> list[ProjectionLag]:
+def projection_lags(ctx: ApiContext, conn: Connection[Any]) -> list[ViewLag]:
     """Each live projection's lag, also set on the metrics' gauges."""
     now = ctx.ledger.clock.now()
     lags = []
@@ -118,7 +121,7 @@ def projection_lags(ctx: ApiContext, conn: Connection[Any]) -> list[ProjectionLa
             if oldest:
                 seconds = max(0.0, (now - oldest[0].at).total_seconds())
         ctx.metrics.set_projection_lag(row.name, row.lag, seconds)
-        lags.append(ProjectionLag(row.name, row.position, row.lag, seconds))
+        lags.append(ViewLag(row.name, row.position, row.lag, seconds))
     return lags
 
 
