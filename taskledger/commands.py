@@ -14,8 +14,9 @@ from types import FrameType
 from projections import all_projections
 from projections.admin import rebuild, status
 from taskledger.bootstrap import Services, bootstrap, sandbox_limits
+from taskledger.loading import load_settings
 from taskledger.logs import configure_logging
-from taskledger.settings import ConfigError, Settings, env_name, load_settings
+from taskledger.settings import ConfigError, Settings, env_name
 from taskledger.shutdown import ShutdownBound
 from workers.metrics import serving
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from taskledger.cli import _parser
 from taskledger.commands import serve_flags
-from taskledger.settings import ConfigError, load_settings
+from taskledger.loading import load_settings
+from taskledger.settings import ConfigError
 
 TIMEOUT_SECONDS = 3.0  # within the HEALTHCHECK's --timeout=5s, with the imports' time
 EVERY_INTERFACE = "0.0.0.0"  # noqa: S104 - an address to translate, not one we bind

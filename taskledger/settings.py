@@ -8,14 +8,10 @@ allowed. Nothing outside the composition root reads the environment.
 
 from __future__ import annotations
 
-import difflib
-import os
 import ssl
-import tomllib
-from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -25,14 +21,11 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -102,8 +95,9 @@ class SandboxSettings(BaseModel):
     )
 
 
-# The TOML source of the settings being loaded (set by load_settings for one construction).
-_toml_source: ContextVar[TomlConfigSettingsSource | None] = ContextVar(
+# The TOML source of the settings being loaded (set by taskledger.loading.load_settings for
+# one construction).
+toml_source: ContextVar[TomlConfigSettingsSource | None] = ContextVar(
     "taskledger_toml_source", default=None
 )
 
@@ -177,7 +171,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Flags (passed as init arguments) > environment > TOML file > defaults.
         # No .env file and no secrets directory: one place to look, in that order.
-        toml = _toml_source.get()
+        toml = toml_source.get()
         return (init_settings, env_settings) + ((toml,) if toml is not None else ())
 
     @field_validator("database_url")
@@ -255,7 +249,7 @@ class Settings(BaseSettings):
 
     def origin(self, name: str) -> str:
         """The setting as the operator wrote it: `--port`, `TASKLEDGER_PORT`, `port` in FILE."""
-        return _origin(name, self.source(name), self._config_file)
+        return origin_of(name, self.source(name), self._config_file)
 
     def masked(self) -> dict[str, Shown]:
         """Every setting by name as an operator may see it: secrets hidden, None when unset.
@@ -313,7 +307,7 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _origin(name: str, source: Source, config_file: Path | None) -> str:
+def origin_of(name: str, source: Source, config_file: Path | None) -> str:
     if source == "flag":
         return flag_name(name)
     if source == "file":
@@ -337,100 +331,3 @@ def mask_url(url: str) -> str:
     if not sep or "@" not in rest or not colon:
         return url
     return f"{scheme}://{user}:***@{rest.rpartition('@')[2]}"
-
-
-def load_settings(
-    flags: Mapping[str, object] | None = None, config_file: str | Path | None = None
-) -> Settings:
-    """Read the configuration once; a bad value fails with where it came from.
-
-    `flags`: values given on the command line, by setting name (None = not given).
-    `config_file`: the TOML file of `--config`; without it, TASKLEDGER_CONFIG names one.
-    """
-    given: dict[str, Any] = {k: v for k, v in (flags or {}).items() if v is not None}
-    for name in given:
-        if name not in Settings.model_fields:
-            raise TypeError(f"no setting {name!r}")
-    path = _config_path(config_file)
-    toml = _read_toml(path) if path is not None else None
-    environment = EnvSettingsSource(Settings)()
-    sources: dict[str, Source] = {}
-    for name in Settings.model_fields:
-        if name in given:
-            sources[name] = "flag"
-        elif name in environment:
-            sources[name] = "env"
-        elif toml is not None and name in toml.toml_data:
-            sources[name] = "file"
-    for section in SECTIONS:  # each setting of a section by itself: env over file
-        from_env = environment.get(section)
-        from_file = toml.toml_data.get(section) if toml is not None else None
-        for key in _section_keys(section):
-            if isinstance(from_env, dict) and key in from_env:
-                sources[f"{section}.{key}"] = "env"
-            elif isinstance(from_file, dict) and key in from_file:
-                sources[f"{section}.{key}"] = "file"
-    token = _toml_source.set(toml)
-    try:
-        settings = Settings(**given)
-    except ValidationError as error:
-        problems = [_explain(e, sources, path) for e in error.errors()]
-        raise ConfigError("; ".join(problems)) from None
-    finally:
-        _toml_source.reset(token)
-    settings._sources = sources
-    settings._config_file = path
-    return settings
-
-
-def _config_path(config_file: str | Path | None) -> Path | None:
-    if config_file is not None and str(config_file):
-        return Path(config_file)
-    from_environment = os.environ.get(CONFIG_VARIABLE, "")
-    return Path(from_environment) if from_environment else None
-
-
-def _read_toml(path: Path) -> TomlConfigSettingsSource:
-    try:
-        path.open("rb").close()  # the source skips a missing file silently; we do not
-        toml = TomlConfigSettingsSource(Settings, toml_file=path)
-    except OSError as error:
-        raise ConfigError(
-            f"configuration file {path}: cannot read it: {error.strerror or error}"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"configuration file {path}: not valid TOML: {error}") from None
-    known = list(Settings.model_fields)
-    for key in toml.toml_data:
-        if key not in Settings.model_fields:
-            close = difflib.get_close_matches(key.lower().removeprefix("taskledger_"), known, 1)
-            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
-            raise ConfigError(f"unknown key `{key}` in {path} ({hint})")
-    return toml
-
-
-def _section_keys(section: str) -> list[str]:
-    """The settings of a section (a TOML table, TASKLEDGER_<SECTION>__<KEY>)."""
-    model = Settings.model_fields[section].annotation
-    assert isinstance(model, type)
-    assert issubclass(model, BaseModel)
-    return list(model.model_fields)
-
-
-def _explain(error: ErrorDetails, sources: Mapping[str, Source], path: Path | None) -> str:
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if not error["loc"]:
-        return message
-    name = str(error["loc"][0])
-    if name in SECTIONS and len(error["loc"]) > 1:
-        name = f"{name}.{error['loc'][1]}"
-        if error["type"] == "extra_forbidden":
-            known = ", ".join(_section_keys(name.split(".")[0]))
-            message = f"no such setting (known: {known})"
-    where = _origin(name, sources.get(name, sources.get(name.split(".")[0], "default")), path)
-    value = error.get("input")
-    if name in SECRET_FIELDS or isinstance(value, dict | list):
-        return f"{where}: {message}"
-    if name in URL_FIELDS and isinstance(value, str):
-        value = mask_url(value)
-    return f"{where}: {message} (got {value!r})"

@@ -29,7 +29,8 @@ from taskledger import settings as settings_module
 from taskledger.cli import _parser
 from taskledger.healthcheck import container_command, probe_url
 from taskledger.healthcheck import main as healthcheck_main
-from taskledger.settings import ConfigError, Settings, load_settings
+from taskledger.loading import load_settings
+from taskledger.settings import ConfigError, Settings
 from workers.sandbox.users import USER_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,8 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taskledger.settings import LOG_LEVELS, ConfigError, Settings, load_settings, mask_url
+from taskledger.loading import load_settings
+from taskledger.settings import LOG_LEVELS, ConfigError, Settings, mask_url
 
 KEY = "acme:admin:k-0123456789abcdef"
 
