@@ -43,6 +43,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 from psycopg_pool import PoolTimeout
 
+from ledger import chain
 from ledger.errors import LedgerError
 from ledger.leases import LeaseBook, ddl
 
@@ -124,6 +125,10 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Every event's digest and chain are written by the insert itself (ledger.chain).
+        self.insert_events_statement = chain.insert_statement(
+            self.datastore.schema, self.events_table_name, self.stored_event_type_name
+        )
         # The calls under way: thread -> (its connection, when it began). See
         # break_stalled. Every connection the store hands out is watched, from the pool's
         # check of it (a query too, which a frozen server never answers) to its return.
@@ -166,9 +171,17 @@ class LedgerRecorder(PostgresApplicationRecorder):
 
     def create_table(self) -> None:
         super().create_table()
+        schema, table = self.datastore.schema, self.events_table_name
         with self.datastore.get_connection() as conn:
-            for statement in ddl(self.datastore.schema):
+            for statement in [*ddl(schema), *chain.ddl(schema, table)]:
                 conn.execute(statement)
+            chained = chain.backfill(conn, schema, table)
+        if chained:
+            log.warning(
+                "chained %d events stored before the hash chain existed",
+                chained,
+                extra={"events": chained},
+            )
 
     def insert_events(
         self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any

@@ -230,3 +230,14 @@ def next_deadlines(
         {"now": now, "graced": graced},
     ).fetchall()
     return [(str(status), deadline) for status, deadline in rows]
+
+
+def versions(conn: Connection[Any], schema: str) -> dict[UUID, int] | None:
+    """Each task's version as the view last applied it; None when the view is not installed
+    (ledger verification checks the log against it)."""
+    view = conn.execute("SELECT to_regclass(%s)", (f"{schema}.{TaskStatusProjection.name}",))
+    row = view.fetchone()
+    if row is None or row[0] is None:
+        return None
+    rows = conn.execute(sql.SQL("SELECT id, version FROM {}").format(_view(schema))).fetchall()
+    return {task_id: int(version) for task_id, version in rows}

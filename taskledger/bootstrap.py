@@ -30,6 +30,7 @@ from ledger.values import TaskLimits
 from projections import all_projections
 from projections.runner import ProjectionRunner
 from taskledger.brokers import broker_for
+from taskledger.checkpoints import Checkpointer
 from taskledger.embedded import EmbeddedPostgres
 from taskledger.logs import log_context
 from taskledger.settings import ConfigError, SandboxSettings, Settings
@@ -99,12 +100,21 @@ class Services:
         return self._broker
 
     def singleton_roles(self) -> list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]:
-        """The dispatcher and the reaper (each elects its leader across processes)."""
+        """The dispatcher, the reaper and the checkpointer (each elects its leader across
+        processes; the checkpointer only with checkpoint_minutes > 0)."""
         clock = self.ledger.clock
         metrics = self.worker_metrics
         dispatcher = Dispatcher(self.database_url, self.schema, self.broker, clock, metrics=metrics)
         reaper = Reaper(self.database_url, self.schema, self.ledger, clock, metrics=metrics)
-        return [dispatcher.run, reaper.run]
+        roles: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = [
+            dispatcher.run,
+            reaper.run,
+        ]
+        minutes = self.settings.checkpoint_minutes
+        if minutes > 0:
+            key = self.settings.signing_key()
+            roles.append(Checkpointer(self.database_url, self.schema, key, minutes).run)
+        return roles
 
     def worker(
         self, concurrency: int, *, unisolated_by_default: bool = False, **options: Any

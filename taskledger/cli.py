@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from collections.abc import Sequence
 
 from ledger.errors import LedgerError
@@ -125,8 +126,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--only", action="append", choices=sorted(all_projections()))
     run.add_argument("--batch-size", type=int, default=2_000, help="events per transaction")
+    ledger = commands.add_parser(
+        "ledger", help="the hash chain over the log: verify, checkpoint"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = ledger.add_parser(
+        "verify",
+        help="walk the log and check its hash chain; exit 0 if intact, 1 naming the first "
+        "broken position",
+    )
+    verify.add_argument("--task", type=_task_id, help="check only this task's events")
+    verify.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="a line of `taskledger ledger checkpoint`: also prove the log still holds it",
+    )
+    ledger.add_parser(
+        "checkpoint",
+        help="print the log's head as one JSON line (position, chain, time, HMAC under "
+        "TASKLEDGER_LEDGER_SIGNING_KEY): keep it elsewhere",
+    )
     _config_option_everywhere(parser)
     return parser
+
+
+def _task_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a task id (a UUID): {text!r}") from None
 
 
 def _config_option_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "worker": commands.run_worker,
             "projections": commands.run_projections,
             "config": commands.run_config,
+            "ledger": commands.run_ledger,
         }
         return runners[args.command](args)
     except ConfigError as error:

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 from projections import all_projections
@@ -263,6 +264,63 @@ def print_status(services: Services) -> int:
     return 0
 
 
+def run_ledger(args: argparse.Namespace) -> int:
+    """`taskledger ledger verify|checkpoint`: exit 0 intact, 1 broken (named), 2 unusable
+    checkpoint file."""
+    import psycopg
+
+    from ledger import verification
+    from projections import task_status
+
+    settings = settings_for(args)
+    key = settings.signing_key()
+    with bootstrap(settings) as services, psycopg.connect(services.database_url) as conn:
+        if args.action == "checkpoint":
+            print(verification.checkpoint(conn, services.schema, key).as_json().decode())
+            if key is None:
+                print(
+                    "unsigned: set TASKLEDGER_LEDGER_SIGNING_KEY to sign checkpoints",
+                    file=sys.stderr,
+                )
+            return 0
+        anchor = None
+        if args.checkpoint is not None:
+            try:
+                anchor = verification.Checkpoint.parse(Path(args.checkpoint).read_bytes())
+            except (OSError, verification.CheckpointError) as error:
+                print(f"taskledger: checkpoint {args.checkpoint}: {error}", file=sys.stderr)
+                return 2
+            untrusted = anchor.check_signature(key)
+            if untrusted is not None:
+                print(f"LEDGER NOT VERIFIED: checkpoint {args.checkpoint}: {untrusted}")
+                return 1
+        expected = None if args.task else task_status.versions(conn, services.schema)
+        conn.commit()
+        report = verification.verify(
+            conn, services.schema, task=args.task, checkpoint=anchor, expected_versions=expected
+        )
+    scope = f"task {args.task}" if args.task else "the log"
+    if report.ok:
+        print(
+            f"ledger intact: {scope}, {report.events:,} events of {report.tasks:,} tasks up to "
+            f"position {report.head_position}; head chain {report.head_chain.hex()}"
+            + (f"; checkpoint at position {anchor.position} held" if anchor else "")
+        )
+    else:
+        first, *others = report.problems
+        print(f"LEDGER BROKEN: {first.describe()}")
+        for other in others:
+            print(f"  also: {other.describe()}")
+    if expected is None and not args.task:
+        print("(no task_status view here: the tasks' last versions were not checked)")
+    print(
+        f"checked {report.events:,} events in {report.seconds:.2f} s "
+        f"({report.events_per_second:,.0f} events/s)",
+        file=sys.stderr,
+    )
+    return 0 if report.ok else 1
+
+
 def run_config(args: argparse.Namespace) -> int:
     """The effective settings as TOML (a valid --config file but for the masked secrets),
     each with its source; unset ones as comments. `--json`: one object of the same."""
@@ -307,5 +365,6 @@ UNSET = {
     "ssl_certfile": "plain HTTP",
     "ssl_keyfile": "plain HTTP",
     "metrics_port": "no worker metrics server",
+    "ledger_signing_key": "ledger checkpoints are not signed",
     "sandbox.allow_unisolated": "`taskledger dev` allows it, with a warning; workers refuse",
 }

@@ -36,7 +36,7 @@ from api.auth import parse_configured_keys
 ENV_PREFIX = "TASKLEDGER_"
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-SECRET_FIELDS = frozenset({"api_keys"})
+SECRET_FIELDS = frozenset({"api_keys", "ledger_signing_key"})
 SECTIONS = ("sandbox",)  # settings that are TOML tables of their own
 URL_FIELDS = frozenset({"database_url", "broker_url"})
 
@@ -153,11 +153,28 @@ class Settings(BaseSettings):
         description="after SIGTERM a process has stopped within this long, even with a "
         "stuck call (it then exits with status 70)",
     )
+    ledger_signing_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key that signs ledger checkpoints (taskledger ledger checkpoint); "
+        "unset = unsigned",
+    )
+    checkpoint_minutes: float = Field(
+        default=60.0,
+        ge=0,
+        le=10_080,
+        description="the api's leader logs a ledger checkpoint this often, for log shipping "
+        "to anchor the chain off the host (0 = never)",
+    )
     sandbox: SandboxSettings = Field(
         default_factory=SandboxSettings, description="the [sandbox] section"
     )
 
     _sources: dict[str, Source] = PrivateAttr(default_factory=dict)
+
+    def signing_key(self) -> bytes | None:
+        key = self.ledger_signing_key
+        return key.get_secret_value().encode() if key is not None else None
+
     _config_file: Path | None = PrivateAttr(default=None)
 
     @classmethod

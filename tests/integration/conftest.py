@@ -35,6 +35,7 @@ from workers.sandbox import Sandbox
 # `taskledger dev` runs on by default. Each costs 10-50 s more there (on 2 cores).
 BOTH_BACKENDS = {
     "test_ledger_postgres",  # events, group commit, large saves, ambiguous commits
+    "test_chain",  # the hash chain the insert computes, and verifying it under attack
     "test_projections",  # views: live, batched, exactly once, rebuilt, queried
     "test_leases",  # lease rows in the events' transaction, a real race
     "test_concurrency",  # first writer wins, threads and processes
