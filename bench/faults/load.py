@@ -32,7 +32,7 @@ QUICK = Kind("quick", "print(data['n'] * 2)", 60, 3, "Completed")
 LONG = Kind("long (5 s)", "import time\ntime.sleep(5)\nprint('done')", 60, 3, "Completed")
 FAILING = Kind("failing", "raise SystemExit('fails on purpose')", 60, 2, "Failed")
 EXPIRING = Kind("expiring (ttl 4 s, runs 30 s)", "import time\ntime.sleep(30)", 4, 2, "Expired")
-# Longer than the private RabbitMQ's consumer_timeout (bench/services.py), and than
+# Longer than the private RabbitMQ's consumer_timeout (bench/faults/servers.py), and than
 # a lease: each fault strikes while it runs (on the worker a worker fault picks).
 PAST_CONSUMER_TIMEOUT = Kind(
     "past consumer_timeout (25 s)",
@@ -41,7 +41,6 @@ PAST_CONSUMER_TIMEOUT = Kind(
     3,
     "Completed",
 )
-KINDS = (QUICK, LONG, FAILING, EXPIRING, PAST_CONSUMER_TIMEOUT)
 # Per 20 tasks: 10 quick, 4 long, 3 failing, 3 expiring; and one past consumer_timeout.
 PATTERN = [QUICK, LONG, QUICK, FAILING, QUICK, EXPIRING, QUICK, LONG] * 2 + [
     QUICK,

@@ -1,10 +1,6 @@
-"""What one round's tasks went through, from the event store and the programs' own reports.
-
-Everything here is read after the fact: the tasks' events (straight from the suite's
-PostgreSQL, the ledger's table), the runs the programs reported (bench/faults/runs.py),
-the submissions and their answers, and the suite's record of what it did when (which
-worker it killed, when a worker or every worker was cut off from the store).
-"""
+"""The verdict on one round, after the fact: from the tasks' events (read straight from
+the ledger's table), the runs the programs reported (bench/faults/runs.py), the
+submissions' answers and what the suite did when (`Window`)."""
 
 from __future__ import annotations
 
@@ -186,7 +182,6 @@ class RoundResult:
     submitted: int = 0
     accepted: int = 0
     refused_5xx: int = 0
-    refused_4xx: int = 0
     unanswered: int = 0
     stored_though_5xx: int = 0
     stored_though_unanswered: int = 0
@@ -203,8 +198,6 @@ class RoundResult:
     max_run_past_deadline: float | None = None  # seconds: a run's last sign of life - deadline
     recovery: float | None = None  # seconds: until every live worker completed a probe
     recovered: dict[str, float] = field(default_factory=dict)  # worker -> seconds
-    fault_seconds: float = 0.0
-    refused_after_end: float | None = None  # the last refusal's answer, after the fault
     ends: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> n
     notes: list[str] = field(default_factory=list)
 
@@ -217,8 +210,8 @@ def judge(
     windows: Sequence[Window],
     worker_label: Callable[[str], str],
     lease: float,
-) -> list[TaskReport]:
-    """Fill `result` from what the round left; the task reports, for the raw results."""
+) -> None:
+    """Fill `result` from what the round left."""
     by_token = {s.token: s for s in submissions}
     reports = [replay(task_id, evs, worker_label) for task_id, evs in events.items()]
     stored = {r.token: r for r in reports}
@@ -236,8 +229,6 @@ def judge(
         elif s.status >= 500:
             result.refused_5xx += 1
             result.stored_though_5xx += s.token in stored
-        else:
-            result.refused_4xx += 1
     missing = [s for s in submissions if s.accepted and s.token not in stored]
     if missing:
         result.notes.append(f"{len(missing)} accepted submissions are not in the store")
@@ -303,7 +294,6 @@ def judge(
     result.max_lateness = max(late) if late else None
     result.max_run_past_deadline = max(alive_late) if alive_late else None
     result.ends = {kind: dict(counts) for kind, counts in sorted(ends.items())}
-    return reports
 
 
 def _clock(at: float) -> str:
