@@ -1,29 +1,10 @@
 """taskledger against Celery, in the same run, on this machine.
 
-``python -m bench [--quick] [--rounds N] [--scenarios a,b]``. Both systems are started as
-their users run them, against the local PostgreSQL and RabbitMQ, each with fresh state of
-its own (bench/systems/): taskledger's ``api`` and ``worker --concurrency 2`` processes,
-every task through the HTTP API; one ``celery worker --pool prefork --concurrency 2``
-(bench/celery_app.py), RabbitMQ broker, PostgreSQL result backend, ``acks_late``.
-
-In each of ``--rounds`` rounds every scenario runs for both systems in turn, the order
-alternating between rounds; the table (bench/goals.py) gives per metric the median over
-the rounds and their range, the ratio taskledger/Celery, the goal of issue 7 and whether
-it is met. Scenarios (``--scenarios``; sizes are options; docs/performance.md says what
-each figure means):
-
-1. ``noop``: no-op tasks submitted as fast as the client can: tasks/s to the last
-   recorded end, CPU per task (bench/cpu.py); taskledger's live projection lag on a
-   second, watched pass (bench/lag_monitor.py);
-2. ``rtt``: sequential submit-and-wait round trips; p50/p90/p99 (taskledger's by leg);
-3. ``python``: ``print(sum(range(1000)))``, taskledger's sandbox against Celery running
-   ``subprocess.run([sys.executable, "-I", "-c", code])``: tasks/s, run and overhead;
-4. ``csharp``: round trips of one cached program and of distinct ones (compiled first),
-   against a bare ``mono hello.exe`` timed in the same round;
-5. ``ttl``: tasks looping forever with a 1 s limit: lateness of the recorded end, on a
-   worker (both), then all at once with and without a worker (taskledger);
-6. ``projections``: rebuild of each view (taskledger only: Celery keeps no history).
-
+``python -m bench [--quick] [--rounds N] [--scenarios a,b]``: both systems started as their
+users run them (bench/systems/), each with fresh state of its own; in each round every
+scenario runs for both in turn, the order alternating between rounds. The table
+(bench/goals.py) gives per metric the median over the rounds, the ratio taskledger/Celery,
+the goal and whether it is met; docs/performance.md says what each scenario measures.
 Everything is stopped at the end, also on failure, Ctrl-C or SIGTERM; a scenario that
 fails is reported under the table, what died is restarted and the run goes on (exit 1).
 """
@@ -50,14 +31,13 @@ from urllib.parse import urlsplit
 
 from bench.cpu import measured
 from bench.goals import CELERY, TASKLEDGER, Record, table
-from bench.history import time_rebuild, write_history
 from bench.report import Run, eprint, parser
 from bench.services import BROKER_URL, dbname, reachable, temporary_database
 from bench.stats import percentile
 from bench.systems import NOOP_CODE, Batch, Expiry, System
 
 NAME = "compare"
-SCENARIOS = ("noop", "rtt", "python", "csharp", "ttl", "projections")
+SCENARIOS = ("noop", "rtt", "python", "csharp", "ttl")
 TTL_SECONDS = 1.0
 HELLO_CS = 'class Hello { static void Main() { System.Console.WriteLine("hello"); } }\n'
 
@@ -72,10 +52,9 @@ class Sizes:
     mono_runs: int = 20
     ttl_tasks: int = 200
     ttl_on_worker: int = 20
-    rebuild_events: int = 100_000
 
 
-QUICK = Sizes(300, 30, 100, 10, 2, 10, 40, 4, 20_000)
+QUICK = Sizes(300, 30, 100, 10, 2, 10, 40, 4)
 
 
 @dataclass
@@ -85,7 +64,6 @@ class Context:
     systems: dict[str, System]
     hello_exe: Path | None = None
     own_python_ms: float = 0.0
-    rebuild: tuple[str, int] | None = None  # the history's database and its events
 
     def order(self, round_: int) -> list[System]:
         systems = list(self.systems.values())
@@ -247,23 +225,9 @@ def scenario_ttl(ctx: Context, round_: int) -> None:
 
     taskledger = ctx.systems[TASKLEDGER]
     assert isinstance(taskledger, Taskledger)
-    for workers, key in ((True, "burst"), (False, "reaper")):
-        with ctx.attempt(round_, f"ttl {key}", TASKLEDGER):
-            expiries = taskledger.expire_burst(ctx.sizes.ttl_tasks, TTL_SECONDS, workers=workers)
-            _lateness(ctx, round_, key, TASKLEDGER, expiries, ctx.sizes.ttl_tasks)
-            if workers:
-                by_worker = sum(1 for e in expiries if e.detected_by == "worker")
-                ctx.put(round_, TASKLEDGER, ttl_burst_by_worker=by_worker)
-
-
-def scenario_projections(ctx: Context, round_: int) -> None:
-    from projections import all_projections
-
-    assert ctx.rebuild is not None
-    url, events = ctx.rebuild
-    for name in all_projections():
-        with ctx.attempt(round_, f"rebuild {name}", TASKLEDGER):
-            ctx.put(round_, TASKLEDGER, **{f"rebuild_{name}": time_rebuild(url, name, events)})
+    with ctx.attempt(round_, "ttl reaper", TASKLEDGER):
+        expiries = taskledger.expire_by_reaper(ctx.sizes.ttl_tasks, TTL_SECONDS)
+        _lateness(ctx, round_, "reaper", TASKLEDGER, expiries, ctx.sizes.ttl_tasks)
 
 
 RUNNERS: dict[str, Callable[[Context, int], None]] = {
@@ -272,7 +236,6 @@ RUNNERS: dict[str, Callable[[Context, int], None]] = {
     "python": scenario_python,
     "csharp": scenario_csharp,
     "ttl": scenario_ttl,
-    "projections": scenario_projections,
 }
 
 
@@ -328,8 +291,6 @@ def main(argv: Sequence[str]) -> int:
         raise SystemExit(f"{NAME}: Celery is not installed: pip install -e '.[bench]'")
     from bench.systems.celery import CelerySystem
     from bench.systems.taskledger import Taskledger
-    from ledger import Ledger
-    from ledger.persistence import postgres_env
 
     run = Run(NAME, argv)
     ctx = Context(args.sizes, Record(args.rounds), {}, own_python_ms=own_run_ms(NOOP_CODE))
@@ -351,16 +312,6 @@ def main(argv: Sequence[str]) -> int:
                 ctx.hello_exe = workdir / "hello.exe"
                 command = ["mcs", f"-out:{ctx.hello_exe}", str(workdir / "hello.cs")]
                 subprocess.run(command, capture_output=True, timeout=120, check=True)
-            if "projections" in args.scenarios:
-                url = stack.enter_context(
-                    temporary_database(args.database_url, "taskledger_bench_rebuild_")
-                )
-                ledger = Ledger(postgres_env(url, schema="public"))
-                try:
-                    history = write_history(ledger, url, args.sizes.rebuild_events, eprint)
-                finally:
-                    ledger.close()
-                ctx.rebuild = (url, history.events)
             taskledger = Taskledger(
                 tl_url,
                 args.broker_url,

@@ -1,9 +1,6 @@
-"""The systems the comparison runs: the same small interface for taskledger and Celery.
-
-Each system starts its own processes against the services of the run (a fresh database,
-a namespace of its own in RabbitMQ), runs one scenario per call and returns raw figures;
-``bench.compare`` alternates the systems, summarises and judges.
-"""
+"""The systems the comparison runs, behind one small interface: each starts its own
+processes with fresh state of its own, runs one scenario per call and returns raw
+figures; bench/compare.py alternates, summarises and judges."""
 
 from __future__ import annotations
 
@@ -51,7 +48,6 @@ class Expiry:
     """One task past its time limit: how late the system recorded its end."""
 
     lateness_ms: float | None  # recorded end - deadline (None: it did not expire)
-    detected_by: str  # "worker", "reaper", or the system's own word
     status: str
 
 
