@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 from bench.cpu import measured
 from bench.goals import CELERY, TASKLEDGER, Record, table
 from bench.report import Run, eprint, parser
-from bench.services import BROKER_URL, dbname, reachable, temporary_database
-from bench.stats import percentile
+from bench.report import percentile as p
+from bench.services import dbname, reachable, temporary_database
 from bench.systems import NOOP_CODE, Batch, Expiry, System
 
 NAME = "compare"
@@ -97,10 +97,6 @@ class Context:
         if batch.completed != batch.tasks:
             problem = f"only {batch.completed} of {batch.tasks} tasks completed ({batch.notes})"
             self.fail(round_, scenario, system, problem)
-
-
-def p(values: Sequence[float], fraction: float) -> float | None:
-    return percentile(values, fraction)
 
 
 def scenario_noop(ctx: Context, round_: int) -> None:
@@ -252,8 +248,7 @@ def own_run_ms(code: str) -> float:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p_ = parser(NAME, __doc__)
-    p_.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick 1)")
+    p_ = parser(NAME, __doc__, broker=True)
     p_.add_argument("--scenarios", default=",".join(SCENARIOS), help="a subset of the default")
     p_.add_argument("--concurrency", type=int, default=2, help="taskledger worker --concurrency")
     p_.add_argument("--celery-concurrency", type=int, default=2, help="celery worker --concurrency")
@@ -266,14 +261,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="taskledger's projections in a process of their own (`taskledger api"
         " --no-projections` + `taskledger projections run`) instead of inside the api",
     )
-    p_.add_argument("--broker-url", default=BROKER_URL, help="the RabbitMQ of both systems")
     for f in fields(Sizes):
         default, quick = getattr(Sizes(), f.name), getattr(QUICK, f.name)
         p_.add_argument(
             "--" + f.name.replace("_", "-"), type=int, help=f"{default:,} ({quick:,} --quick)"
         )
     args = p_.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = 1 if args.quick else args.rounds
     args.scenarios = [s for s in SCENARIOS if s in args.scenarios.split(",")]
     sizes = QUICK if args.quick else Sizes()
     args.sizes = replace(

@@ -8,8 +8,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench.report import markdown_table
-from bench.stats import median, over_rounds
+from bench.report import markdown_table, median, over_rounds
 
 TASKLEDGER = "taskledger"
 CELERY = "Celery"

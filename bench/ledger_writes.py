@@ -33,9 +33,18 @@ from eventsourcing.utils import Environment, EnvType
 from psycopg import sql
 
 from bench.cpu import CpuMeter
-from bench.report import Run, eprint, markdown_table, num, parser
+from bench.report import (
+    Run,
+    eprint,
+    markdown_table,
+    median,
+    ms,
+    num,
+    over_rounds,
+    parser,
+    percentile,
+)
 from bench.services import temporary_database
-from bench.stats import median, ms, over_rounds, percentile
 from ledger import AttemptResult, Ledger, SystemClock
 from ledger.persistence import postgres_env
 
@@ -166,7 +175,6 @@ def main(argv: Sequence[str]) -> int:
     p = parser(NAME, __doc__)
     p.add_argument("--writers", default="1,8", help="writer thread counts (default 1,8)")
     p.add_argument("--seconds", type=float, default=5.0, help="per row, all rounds (5)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each row (1)")
     args = p.parse_args(argv)
     writer_counts = [int(x) for x in args.writers.split(",")]

@@ -34,9 +34,8 @@ from eventsourcing.projection import Projection as LibraryProjection
 from eventsourcing.projection import ProjectionRunner as LibraryRunner
 from psycopg import sql
 
-from bench.report import Run, eprint, markdown_table, parser
+from bench.report import Run, eprint, markdown_table, median, over_rounds, parser
 from bench.services import temporary_database
-from bench.stats import median, over_rounds
 from ledger import AttemptError, AttemptResult, Ledger, RetryPolicy, Task, TaskLimits
 from ledger.log import EVENTS_TABLE
 from ledger.persistence import postgres_env
@@ -204,7 +203,6 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--events", type=int, default=100_000, help="events to rebuild (100,000)")
     p.add_argument("--baseline-events", type=int, default=10_000, help="of those, the library's")
     p.add_argument("--output-bytes", type=int, default=3, help="each completed attempt's stdout")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (3)")
     args = p.parse_args(argv)
     if args.quick:
         args.events, args.baseline_events, args.rounds = 5_000, 500, 1

@@ -305,7 +305,7 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = parser(NAME, __doc__, database=False)
+    p = parser(NAME, __doc__, database=False, rounds=False)
     p.add_argument("--faults", default=",".join(FAULTS), help=f"in this order: {', '.join(FAULTS)}")
     p.add_argument("--tasks", type=int, default=60, help="tasks a round (default 60)")
     p.add_argument("--keep", action="store_true", help="keep the servers' and processes' files")

@@ -20,7 +20,7 @@ import psycopg
 
 from bench.cpu import BENCH_APPLICATION
 from bench.processes import REPOSITORY, ManagedProcess, tool
-from bench.stats import ms
+from bench.report import ms
 from bench.systems import Batch, Expiry, RoundTrip
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")

@@ -22,8 +22,8 @@ from bench.cpu import BENCH_APPLICATION
 from bench.http import RawConnection, request
 from bench.lag_monitor import LagMonitor
 from bench.processes import HOST, ManagedProcess, free_port, taskledger_env, tool, wait_ready
+from bench.report import ms
 from bench.services import delete_queues
-from bench.stats import ms
 from bench.systems import LOOP_CODE, Batch, Expiry, RoundTrip
 
 TERMINAL = ("Completed", "Failed", "Expired", "Cancelled")
