@@ -17,8 +17,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from dataclasses import asdict
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 
@@ -41,9 +41,7 @@ T = TypeVar("T")
 Inject = Callable[[Deployment, Role, list[Window]], str]
 
 
-@dataclass(frozen=True)
-class Fault:
-    name: str
+class Fault(NamedTuple):
     description: str
     spread: float  # seconds over which the last third of the load is submitted
     inject: Inject
@@ -117,35 +115,28 @@ def _partition(d: Deployment, worker: Role, windows: list[Window]) -> str:
 
 
 FAULTS = {
-    f.name: f
-    for f in (
-        Fault("worker-kill", "a worker SIGKILLed", 2, _kill_worker),
-        Fault("leader-kill", "the api leader SIGKILLed", 2, _kill_leader),
-        Fault("rabbitmq-restart", "RabbitMQ stopped and started", 10, _restart_rabbitmq),
-        Fault("pg-restart-fast", "PostgreSQL restarted (-m fast)", 2, _restart_postgres("fast")),
-        Fault(
-            "pg-restart-immediate",
-            "PostgreSQL restarted (-m immediate)",
-            2,
-            _restart_postgres("immediate"),
-        ),
-        Fault("pg-down-60s", "PostgreSQL down 60 s", DOWN_SECONDS, _postgres_down),
-        Fault(
-            "worker-partition",
-            "a worker partitioned from PostgreSQL",
-            PARTITION_SECONDS,
-            _partition,
-        ),
-    )
+    "worker-kill": Fault("a worker SIGKILLed", 2, _kill_worker),
+    "leader-kill": Fault("the api leader SIGKILLed", 2, _kill_leader),
+    "rabbitmq-restart": Fault("RabbitMQ stopped and started", 10, _restart_rabbitmq),
+    "pg-restart-fast": Fault("PostgreSQL restarted (-m fast)", 2, _restart_postgres("fast")),
+    "pg-restart-immediate": Fault(
+        "PostgreSQL restarted (-m immediate)", 2, _restart_postgres("immediate")
+    ),
+    "pg-down-60s": Fault("PostgreSQL down 60 s", DOWN_SECONDS, _postgres_down),
+    "worker-partition": Fault(
+        "a worker partitioned from PostgreSQL", PARTITION_SECONDS, _partition
+    ),
 }
 
 
-class Loop:
-    """An asyncio event loop on a thread of its own, for the HTTP load: the faults and
-    every process start stay on the main thread (a process's death signal follows the
+class Suite:
+    """The rounds. The HTTP load runs on an asyncio loop on a thread of its own; the faults
+    and every process start stay on the main thread (a process's death signal follows the
     thread that started it: bench/processes.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deployment: Deployment, tasks: int) -> None:
+        self.d = deployment
+        self.tasks = tasks
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="faults-http")
         self._thread.start()
@@ -160,13 +151,6 @@ class Loop:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-
-class Suite:
-    def __init__(self, deployment: Deployment, tasks: int) -> None:
-        self.d = deployment
-        self.tasks = tasks
-        self.loop = Loop()
 
     def live(self) -> list[tuple[str, str]]:
         return [(a.label, a.url) for a in self.d.live_apis()]
@@ -194,20 +178,18 @@ class Suite:
         client = Client(self.d.key)
         windows: list[Window] = []
         try:
-            self.loop.call(client.submit_all(first, self.live()))
+            self.call(client.submit_all(first, self.live()))
             # The longest program (the plan's first task) runs when the fault strikes.
             worker = self._runner_of(submissions[0].token)
             time.sleep(BEFORE_FAULT)
             during = submissions[len(first) :]
-            spread = self.loop.submit(client.submit_spread(during, self.live, fault.spread))
+            spread = self.submit(client.submit_spread(during, self.live, fault.spread))
             what = fault.inject(self.d, worker, windows)
             ended = time.time()
             eprint(f"  {name}: {what}")
             result.notes.append(what)
             alive = {w.label for w in self.d.workers if w.alive()}
-            result.recovered = self.loop.call(
-                client.probe(self.live, ended, alive, self.d.worker_label)
-            )
+            result.recovered = self.call(client.probe(self.live, ended, alive, self.d.worker_label))
             if alive <= set(result.recovered):
                 result.recovery = max(result.recovered.values())
             else:
@@ -215,7 +197,7 @@ class Suite:
                 result.notes.append(f"no probe completed on {missed}")
             spread.result()
         finally:
-            self.loop.call(client.close())
+            self.call(client.close())
         events = self._wait_ended(name, submissions, ended)
         runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{name}/")]
         judge(result, submissions, events, runs, windows, self.d.worker_label, LEASE_SECONDS)
@@ -356,7 +338,7 @@ def main(argv: Sequence[str]) -> int:
     finally:
         with signals_deferred():
             if suite is not None:
-                suite.loop.close()
+                suite.close()
             deployment.close()
             if args.keep:
                 eprint(f"{NAME}: kept {base}")

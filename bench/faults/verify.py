@@ -18,11 +18,16 @@ from bench.faults.load import Submission
 from bench.faults.runs import Run
 
 TOPIC = "ledger.domain:Task."
-OUTCOMES = ("AttemptCompleted", "AttemptFailed", "TaskExpired", "TaskCancelled")
+# outcome event -> the status it leaves (unless a retry is scheduled in the same save)
+ENDS = {
+    "AttemptCompleted": "Completed",
+    "AttemptFailed": "Failed",
+    "TaskExpired": "Expired",
+    "TaskCancelled": "Cancelled",
+}
 # A worker that loses its lease kills the run at its next heartbeat (2 s by default); a run
 # seen alive longer than this after its attempt was recorded worker_lost was not fenced.
 FENCE_SLACK = 3.0
-TERMINAL = ("Completed", "Failed", "Expired", "Cancelled")
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,11 @@ class Attempt:
 
     @property
     def lost(self) -> bool:
-        return any(
-            e.type == "AttemptFailed" and e.data["error"]["kind"] == "worker_lost"
-            for e in self.outcomes
-        )
+        return any(_worker_lost(e) for e in self.outcomes)
+
+
+def _worker_lost(outcome: Event) -> bool:
+    return outcome.type == "AttemptFailed" and outcome.data["error"]["kind"] == "worker_lost"
 
 
 @dataclass
@@ -94,7 +100,7 @@ class TaskReport:
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in ENDS.values()
 
     @property
     def lateness(self) -> float | None:
@@ -126,18 +132,13 @@ def replay(
             report.status = "InProgress"
             attempt.worker = worker_label(str(event.data["worker_id"]))
             attempt.started_at = event.at
-        elif event.type in OUTCOMES:
+        elif event.type in ENDS:
             assert attempt is not None
             attempt.outcomes.append(event)
             retried = following is not None and following.type == "AttemptScheduled"
             if event.type == "AttemptFailed" and retried:
                 continue  # a retry was scheduled in the same save: not an end
-            report.status = {
-                "AttemptCompleted": "Completed",
-                "AttemptFailed": "Failed",
-                "TaskExpired": "Expired",
-                "TaskCancelled": "Cancelled",
-            }[event.type]
+            report.status = ENDS[event.type]
             report.ended.append(event)
     return report
 
@@ -263,9 +264,7 @@ def judge(
                     f" {', '.join(_clock(r.at) for r in attempt.runs)}"
                 )
             for outcome in attempt.outcomes:
-                if outcome.type == "AttemptFailed" and outcome.data["error"]["kind"] == (
-                    "worker_lost"
-                ):
+                if _worker_lost(outcome):
                     result.worker_lost += 1
                     for run in attempt.runs:
                         if run.last_seen > outcome.at + FENCE_SLACK:
