@@ -118,10 +118,13 @@ def scenario_noop(ctx: Context, round_: int) -> None:
                 noop_cpu_ms=1000 * sum(cpu.values()) / n,
             )
             for name, values in batch.lag_ms.items():
-                lag = {f"lag_{name}_p50": p(values, 0.5), f"lag_{name}_p99": p(values, 0.99)}
+                lag = {
+                    f"noop_lag_{name}_p50": p(values, 0.5),
+                    f"noop_lag_{name}_p99": p(values, 0.99),
+                }
                 ctx.put(round_, system.name, **lag)
             if batch.lag_resolution_ms is not None:  # the lag monitor's median sample gap
-                ctx.put(round_, system.name, lag_resolution_ms=batch.lag_resolution_ms)
+                ctx.put(round_, system.name, noop_lag_resolution_ms=batch.lag_resolution_ms)
 
 
 def scenario_rtt(ctx: Context, round_: int) -> None:
@@ -290,15 +293,11 @@ def main(argv: Sequence[str]) -> int:
     ctx = Context(args.sizes, Record(args.rounds), {}, own_python_ms=own_run_ms(NOOP_CODE))
     try:
         with contextlib.ExitStack() as stack:
-            tl_url = stack.enter_context(
-                temporary_database(args.database_url, "taskledger_bench_tl_")
+            tl_url, celery_url = (
+                stack.enter_context(temporary_database(args.database_url, f"taskledger_bench_{s}_"))
+                for s in ("tl", "celery")
             )
-            celery_url = stack.enter_context(
-                temporary_database(args.database_url, "taskledger_bench_celery_")
-            )
-            workdir = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="taskledger-compare-"))
-            )
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-compare-")))
             header = run.header(tl_url)
             eprint(f"{NAME}: databases {dbname(tl_url)}, {dbname(celery_url)}; workdir {workdir}")
             if "csharp" in args.scenarios and shutil.which("mono") and shutil.which("mcs"):
@@ -335,19 +334,9 @@ def main(argv: Sequence[str]) -> int:
         eprint(f"{NAME}: interrupted; every process stopped, the databases dropped")
         return 130
     rendered, rows = table(ctx.record, args.scenarios)
-    print(
-        "\n\n".join(
-            [
-                "## taskledger vs Celery"
-                + (" (QUICK: a smoke run, not a measurement)" * args.quick),
-                header,
-                _setup(args, systems),
-                rendered,
-                "\n".join(_notes(ctx, rows)),
-                run.footer(),
-            ]
-        )
-    )
+    title = "## taskledger vs Celery" + " (QUICK: a smoke run, not a measurement)" * args.quick
+    notes = "\n".join(_notes(ctx, rows))
+    print("\n\n".join([title, header, _setup(args, systems), rendered, notes, run.footer()]))
     run.keep(
         {
             "settings": {k: v for k, v in vars(args).items() if k != "sizes"}

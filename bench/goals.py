@@ -52,7 +52,6 @@ SCENARIO_LABELS = {
     "python": "3. python",
     "csharp": "4. C#",
     "ttl": "5. TTL",
-    "lag": "1. no-op",
 }
 NO_START = "n/a: records no start"
 REAPER = "n/a: nothing expires without a worker"
@@ -62,9 +61,11 @@ METRICS = [
     Metric("noop.rate", "throughput, tasks/s", Goal("ratio_min", 3)),
     Metric("noop.submit_rate", "submit rate of the client, tasks/s"),
     Metric("noop.cpu_ms", "CPU per task, ms (all cores, see below)"),
-    Metric("lag.task_status_p50", f"{LAG} task_status p50, ms", celery_na="n/a: no views"),
-    Metric("lag.task_status_p99", f"{LAG} task_status p99, ms", Goal("max", 50), "n/a: no views"),
-    Metric("lag.audit_p99", f"{LAG} audit p99, ms", Goal("max", 50), "n/a: no audit trail"),
+    Metric("noop.lag_task_status_p50", f"{LAG} task_status p50, ms", celery_na="n/a: no views"),
+    Metric(
+        "noop.lag_task_status_p99", f"{LAG} task_status p99, ms", Goal("max", 50), "n/a: no views"
+    ),
+    Metric("noop.lag_audit_p99", f"{LAG} audit p99, ms", Goal("max", 50), "n/a: no audit trail"),
     Metric("rtt.p50", "p50, ms", Goal("ratio_max", 0.5)),
     Metric("rtt.p90", "p90, ms"),
     Metric("rtt.p99", "p99, ms"),
@@ -127,16 +128,10 @@ def judge(metric: Metric, tl: float | None, celery: float | None, record: Record
             return "no Celery figure"
         ratio = tl / celery
         if goal.kind == "ratio_min":
-            return (
-                "yes"
-                if ratio >= goal.bound
-                else f"NO: x{ratio:.2f}, needs {goal.bound / ratio:.2f}x more"
-            )
-        return (
-            "yes"
-            if ratio <= goal.bound
-            else f"NO: x{ratio:.2f}, {ratio / goal.bound:.2f}x too slow"
-        )
+            more = f"NO: x{ratio:.2f}, needs {goal.bound / ratio:.2f}x more"
+            return "yes" if ratio >= goal.bound else more
+        slower = f"NO: x{ratio:.2f}, {ratio / goal.bound:.2f}x too slow"
+        return "yes" if ratio <= goal.bound else slower
     if goal.kind == "baseline_max":
         base = median(record.get(goal.baseline, TASKLEDGER))
         if not base:
@@ -148,31 +143,16 @@ def judge(metric: Metric, tl: float | None, celery: float | None, record: Record
 
 def table(record: Record, scenarios: Sequence[str]) -> tuple[str, list[list[str]]]:
     """The markdown table of the metrics of `scenarios`; and its rows."""
-    wanted = tuple(f"{s}." for s in scenarios) + (("lag.",) if "noop" in scenarios else ())
     rows = []
-    for metric in METRICS:
-        if not metric.key.startswith(wanted):
+    for m in METRICS:
+        if not m.key.startswith(tuple(f"{s}." for s in scenarios)):
             continue
-        tl_values, celery_values = (
-            record.get(metric.key, TASKLEDGER),
-            record.get(metric.key, CELERY),
-        )
-        tl, celery = median(tl_values), median(celery_values)
-        failed = [
-            f"FAILED ({record.rounds - len(v)} of {record.rounds} rounds)"
-            for v in (tl_values, celery_values)
-        ]
-        rows.append(
-            [
-                metric.scenario,
-                metric.label,
-                over_rounds(tl_values, metric.digits) if tl_values else failed[0],
-                metric.celery_na
-                or (over_rounds(celery_values, metric.digits) if celery_values else failed[1]),
-                f"{tl / celery:.2f}" if tl is not None and celery and not metric.shared else "-",
-                metric.goal.text() if metric.goal else "",
-                judge(metric, tl, celery, record),
-            ]
-        )
+        values = [record.get(m.key, system) for system in (TASKLEDGER, CELERY)]
+        tl, celery = median(values[0]), median(values[1])
+        failed = f"FAILED (all {record.rounds} rounds)"
+        cells = [over_rounds(v, m.digits) if v else failed for v in values]
+        ratio = f"{tl / celery:.2f}" if tl is not None and celery and not m.shared else "-"
+        goal, met = (m.goal.text() if m.goal else ""), judge(m, tl, celery, record)
+        rows.append([m.scenario, m.label, cells[0], m.celery_na or cells[1], ratio, goal, met])
     headers = ["scenario", "metric", "taskledger", "Celery", "taskledger/Celery", "goal", "met?"]
     return markdown_table(headers, rows), rows

@@ -55,37 +55,16 @@ class System(Protocol):
     name: str
     database_url: str  # the database this system writes to
 
-    def processes(self) -> dict[str, int]:
-        """Its running processes: role -> pid (each counted with its children)."""
-        ...
-
-    def start(self) -> None:
-        """Start the processes; return once a first task has made the round trip."""
-        ...
-
-    def ensure_running(self) -> list[str]:
-        """Restart whatever process died (after a failed scenario); what was restarted."""
-        ...
-
+    def processes(self) -> dict[str, int]: ...  # role -> pid, each counted with its children
+    def start(self) -> None: ...  # returns once a first task has made the round trip
+    def ensure_running(self) -> list[str]: ...  # restarts what died; what it restarted
     def close(self) -> None: ...
-
-    def facts(self) -> dict[str, Any]:
-        """How this system is run (processes, concurrency, versions), for the report."""
-        ...
-
+    def facts(self) -> dict[str, Any]: ...  # how it runs (processes, versions), for the report
     def noop_batch(self, tasks: int) -> Batch: ...
-
-    def live_lag(self, tasks: int, batch: Batch) -> None:
-        """Fill `batch.lag_*` from the same load again, watched (systems with views)."""
-        ...
-
+    def live_lag(self, tasks: int, batch: Batch) -> None: ...  # the load again, watched
     def round_trips(self, count: int) -> list[RoundTrip]: ...
-
     def python_batch(self, tasks: int, code: str) -> Batch: ...
-
     def csharp_round_trips(self, sources: Sequence[str]) -> list[RoundTrip]: ...
-
-    def expire_on_worker(self, tasks: int, ttl_seconds: float) -> list[Expiry]:
-        """Tasks that loop forever, never more at once than the worker runs: each one is
-        running on a worker when its limit passes."""
-        ...
+    # Loops with a time limit, never more at once than the worker runs: each is running
+    # on a worker when its limit passes.
+    def expire_on_worker(self, tasks: int, ttl_seconds: float) -> list[Expiry]: ...
