@@ -118,10 +118,7 @@ def scenario_noop(ctx: Context, round_: int) -> None:
                 noop_cpu_ms=1000 * sum(cpu.values()) / n,
             )
             for name, values in batch.lag_ms.items():
-                lag = {
-                    f"noop_lag_{name}_p50": p(values, 0.5),
-                    f"noop_lag_{name}_p99": p(values, 0.99),
-                }
+                lag = {f"noop_lag_{name}_p{q}": p(values, q / 100) for q in (50, 99)}
                 ctx.put(round_, system.name, **lag)
             if batch.lag_resolution_ms is not None:  # the lag monitor's median sample gap
                 ctx.put(round_, system.name, noop_lag_resolution_ms=batch.lag_resolution_ms)
@@ -183,12 +180,8 @@ def scenario_csharp(ctx: Context, round_: int) -> None:
         with ctx.attempt(round_, "csharp", system.name):
             system.csharp_round_trips([HELLO_CS])  # the cache holds it from now on
             warm = system.csharp_round_trips([HELLO_CS] * ctx.sizes.csharp_warm)
-            cold = system.csharp_round_trips(
-                [
-                    HELLO_CS.replace("hello", f"hello {token}{system.name}{n}")
-                    for n in range(ctx.sizes.csharp_cold)
-                ]
-            )
+            distinct = [f"hello {token}{system.name}{n}" for n in range(ctx.sizes.csharp_cold)]
+            cold = system.csharp_round_trips([HELLO_CS.replace("hello", d) for d in distinct])
             if not all(t.ok for t in warm + cold):
                 ctx.fail(round_, "csharp", system.name, "some runs did not complete")
             figures = {}
