@@ -3,16 +3,11 @@ real ``taskledger api`` process, beside ``GET /healthz`` (no key, no database) a
 ceiling of this client and server.
 
 ``python -m bench api_requests [--concurrency 32] [--seconds 10] [--rounds 3] [--quick]
-[--broker-url memory://]``. The API runs as an operator would start it, over a fresh
-database (dropped at the end) and, with RabbitMQ, queues named after a schema of its own
-(deleted at the end); with no workers, tasks stay Pending. Each scenario runs in
-``--rounds`` interleaved rounds of ``--seconds``, after ``--warmup`` seconds, closed loop:
-``--concurrency`` keep-alive connections, one request in flight each, from the raw client
-(bench/http.py), so that the server is what is measured. ``get`` reads ``--ids`` tasks
-created beforehand. Any status but the expected one, and any transport failure, counts as
-an error. CPU, in % of one core: the client (this process), the server, the database's
-PostgreSQL backends, RabbitMQ and everything else. At the end every 201 must be a
-TaskSubmitted in the log.
+[--broker-url memory://]``. A fresh database and queues of its own; no workers, so tasks
+stay Pending. Each scenario runs in interleaved rounds, closed loop: ``--concurrency``
+keep-alive connections of the raw client (bench/http.py), one request in flight each.
+Any other status or a transport failure is an error; at the end every 201 must be a
+TaskSubmitted in the log. CPU in % of one core per consumer (bench/cpu.py).
 """
 
 from __future__ import annotations
@@ -31,12 +26,21 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from bench.cpu import CpuMeter, percent_of_a_core
+from bench.cpu import CpuMeter
 from bench.http import ProtocolError, RawConnection, request
 from bench.processes import HOST, ManagedProcess, free_port, taskledger_env, tool, wait_ready
-from bench.report import Run, eprint, markdown_table, num, parser
-from bench.services import BROKER_URL, delete_queues, reachable, temporary_database
-from bench.stats import median, ms, over_rounds, quantiles
+from bench.report import (
+    Run,
+    eprint,
+    markdown_table,
+    median,
+    ms,
+    num,
+    over_rounds,
+    parser,
+    percentile,
+)
+from bench.services import delete_queues, reachable, temporary_database
 from ledger.log import EVENTS_TABLE
 
 NAME = "api_requests"
@@ -48,6 +52,7 @@ SCENARIOS = {
     "get": (200, "GET /api/tasks/{id}"),
 }
 FAILURES = (OSError, EOFError, ProtocolError, ValueError, TimeoutError)
+CPU = ("client", "server", "PostgreSQL", "RabbitMQ", "other")
 
 
 class Tally:
@@ -87,24 +92,16 @@ async def drive(
     return time.perf_counter() - started
 
 
-async def create_tasks(port: int, key: str, count: int, connections: int) -> list[str]:
-    """`count` tasks through the API; their ids."""
-    ids: list[str] = []
-
-    async def lane(n: int) -> None:
-        conn = RawConnection(port)
-        try:
-            for _ in range(n):
-                status, task = await conn.call("POST", "/api/tasks", key, {"language": "echo"})
-                if status != 201:
-                    raise RuntimeError(f"POST /api/tasks answered {status}: {task}")
-                ids.append(str(task["id"]))
-        finally:
-            conn.drop()
-
-    lanes = min(connections, count)
-    await asyncio.gather(*(lane(count // lanes + (i < count % lanes)) for i in range(lanes)))
-    return ids
+async def create_tasks(port: int, key: str, count: int) -> list[str]:
+    """`count` tasks through the API, one connection; their ids."""
+    conn = RawConnection(port)
+    try:
+        answers = [
+            await conn.call("POST", "/api/tasks", key, {"language": "echo"}) for _ in range(count)
+        ]
+    finally:
+        conn.drop()
+    return [str(task["id"]) for status, task in answers if status == 201]
 
 
 def submitted(url: str, schema: str) -> int:
@@ -115,12 +112,10 @@ def submitted(url: str, schema: str) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = parser(NAME, __doc__)
-    p.add_argument("--broker-url", default=BROKER_URL, help="amqp://… or memory://")
+    p = parser(NAME, __doc__, broker=True)
     p.add_argument("--concurrency", type=int, default=32, help="connections (32)")
     p.add_argument("--seconds", type=float, default=10.0, help="per scenario and round (10)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before each (2)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="a subset of the default")
     p.add_argument("--ids", type=int, default=1_000, help="tasks the get scenario reads (1000)")
     args = p.parse_args(argv)
@@ -148,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
             eprint(f"  taskledger api ready in {wait_ready(server, f'http://{HOST}:{port}'):.1f} s")
             meter = CpuMeter({"server": server.pid}, url)
             with asyncio.Runner() as loop:
-                ids = loop.run(create_tasks(port, key, args.ids, args.concurrency))
+                ids = loop.run(create_tasks(port, key, args.ids))
                 created += len(ids)
                 wires = {
                     "healthz": [request("GET", "/healthz")],
@@ -166,12 +161,11 @@ def main(argv: Sequence[str]) -> int:
                         took = loop.run(
                             drive(port, wires[name], args.concurrency, args.seconds, tally)
                         )
-                        cpu = percent_of_a_core(CpuMeter.spent(before, meter.mark()), took)
+                        cpu = CpuMeter.spent(before, meter.mark())
                         created += tally.statuses[201]
                         phases.setdefault(name, []).append((took, tally, cpu))
                         eprint(
-                            f"  round {round_ + 1} {name}: {len(tally.latencies) / took:,.0f}"
-                            f" req/s; CPU % " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+                            f"  round {round_ + 1} {name}: {len(tally.latencies) / took:,.0f} req/s"
                         )
             stored = submitted(url, schema)
         finally:
@@ -186,30 +180,21 @@ def main(argv: Sequence[str]) -> int:
     for name, rounds in phases.items():
         expected, label = SCENARIOS[name]
         rates = [len(t.latencies) / s for s, t, _ in rounds]
-        q = quantiles([x for _, t, _ in rounds for x in t.latencies])
+        latencies = [x for _, t, _ in rounds for x in t.latencies]
+        q = {k: percentile(latencies, f) for k, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
         errors = sum(n for _, t, _ in rounds for s, n in t.statuses.items() if s != expected)
         errors += sum(n for _, t, _ in rounds for n in t.failures.values())
-        cpu = {k: statistics.median(c.get(k, 0.0) for *_, c in rounds) for k in rounds[0][2]}
-        server_ms = sum(s * c["server"] / 100 for s, _, c in rounds) / sum(
-            len(t.latencies) for _, t, _ in rounds
-        )
+        cpu = {k: statistics.median(100 * c.get(k, 0.0) / s for s, _, c in rounds) for k in CPU}
+        requests = sum(len(t.latencies) for _, t, _ in rounds)
+        server_ms = ms(sum(c["server"] for *_, c in rounds) / requests) if requests else None
         rate = median(rates)
         raw.append(
             {"scenario": name, "rates": rates, "quantiles": q, "errors": errors, "cpu_pct": cpu}
         )
         table.append(
-            [
-                label,
-                over_rounds(rates, 0),
-                "-" if not ceiling or not rate else f"{rate / ceiling:.2f}",
-            ]
+            [label, over_rounds(rates, 0), f"{rate / ceiling:.2f}" if ceiling and rate else "-"]
             + [num(ms(q[k] or 0.0)) for k in ("p50", "p90", "p99")]
-            + [str(errors)]
-            + [
-                f"{cpu.get(k) or 0:.0f}%"
-                for k in ("client", "server", "PostgreSQL", "RabbitMQ", "other")
-            ]
-            + [num(ms(server_ms))]
+            + [str(errors), *(f"{cpu[k]:.0f}%" for k in CPU), num(server_ms)]
         )
     notes = []
     if stored != created:
@@ -220,14 +205,7 @@ def main(argv: Sequence[str]) -> int:
     if stopped.how != "SIGTERM" or stopped.leftovers_killed:
         notes.append(f"The server's stop: {stopped}.")
     headers = ["scenario", "req/s", "vs healthz", "p50 ms", "p90 ms", "p99 ms", "errors"]
-    headers += [
-        "client CPU",
-        "server CPU",
-        "PG CPU",
-        "RabbitMQ CPU",
-        "other CPU",
-        "server CPU ms/req",
-    ]
+    headers += [f"{k} CPU" for k in CPU] + ["server CPU ms/req"]
     print(
         f"# {NAME}: {header}\n\n`taskledger api`, broker {'RabbitMQ' if amqp else 'memory://'};"
         f" {args.concurrency} connections, one request in flight each, {args.seconds:g} s per"

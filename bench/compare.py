@@ -1,29 +1,10 @@
 """taskledger against Celery, in the same run, on this machine.
 
-``python -m bench [--quick] [--rounds N] [--scenarios a,b]``. Both systems are started as
-their users run them, against the local PostgreSQL and RabbitMQ, each with fresh state of
-its own (bench/systems/): taskledger's ``api`` and ``worker --concurrency 2`` processes,
-every task through the HTTP API; one ``celery worker --pool prefork --concurrency 2``
-(bench/celery_app.py), RabbitMQ broker, PostgreSQL result backend, ``acks_late``.
-
-In each of ``--rounds`` rounds every scenario runs for both systems in turn, the order
-alternating between rounds; the table (bench/goals.py) gives per metric the median over
-the rounds and their range, the ratio taskledger/Celery, the goal of issue 7 and whether
-it is met. Scenarios (``--scenarios``; sizes are options; docs/performance.md says what
-each figure means):
-
-1. ``noop``: no-op tasks submitted as fast as the client can: tasks/s to the last
-   recorded end, CPU per task (bench/cpu.py); taskledger's live projection lag on a
-   second, watched pass (bench/lag_monitor.py);
-2. ``rtt``: sequential submit-and-wait round trips; p50/p90/p99 (taskledger's by leg);
-3. ``python``: ``print(sum(range(1000)))``, taskledger's sandbox against Celery running
-   ``subprocess.run([sys.executable, "-I", "-c", code])``: tasks/s, run and overhead;
-4. ``csharp``: round trips of one cached program and of distinct ones (compiled first),
-   against a bare ``mono hello.exe`` timed in the same round;
-5. ``ttl``: tasks looping forever with a 1 s limit: lateness of the recorded end, on a
-   worker (both), then all at once with and without a worker (taskledger);
-6. ``projections``: rebuild of each view (taskledger only: Celery keeps no history).
-
+``python -m bench [--quick] [--rounds N] [--scenarios a,b]``: both systems started as their
+users run them (bench/systems/), each with fresh state of its own; in each round every
+scenario runs for both in turn, the order alternating between rounds. The table
+(bench/goals.py) gives per metric the median over the rounds, the ratio taskledger/Celery,
+the goal and whether it is met; docs/performance.md says what each scenario measures.
 Everything is stopped at the end, also on failure, Ctrl-C or SIGTERM; a scenario that
 fails is reported under the table, what died is restarted and the run goes on (exit 1).
 """
@@ -50,14 +31,13 @@ from urllib.parse import urlsplit
 
 from bench.cpu import measured
 from bench.goals import CELERY, TASKLEDGER, Record, table
-from bench.history import time_rebuild, write_history
 from bench.report import Run, eprint, parser
-from bench.services import BROKER_URL, dbname, reachable, temporary_database
-from bench.stats import percentile
+from bench.report import percentile as p
+from bench.services import dbname, reachable, temporary_database
 from bench.systems import NOOP_CODE, Batch, Expiry, System
 
 NAME = "compare"
-SCENARIOS = ("noop", "rtt", "python", "csharp", "ttl", "projections")
+SCENARIOS = ("noop", "rtt", "python", "csharp", "ttl")
 TTL_SECONDS = 1.0
 HELLO_CS = 'class Hello { static void Main() { System.Console.WriteLine("hello"); } }\n'
 
@@ -72,10 +52,9 @@ class Sizes:
     mono_runs: int = 20
     ttl_tasks: int = 200
     ttl_on_worker: int = 20
-    rebuild_events: int = 100_000
 
 
-QUICK = Sizes(300, 30, 100, 10, 2, 10, 40, 4, 20_000)
+QUICK = Sizes(300, 30, 100, 10, 2, 10, 40, 4)
 
 
 @dataclass
@@ -85,7 +64,6 @@ class Context:
     systems: dict[str, System]
     hello_exe: Path | None = None
     own_python_ms: float = 0.0
-    rebuild: tuple[str, int] | None = None  # the history's database and its events
 
     def order(self, round_: int) -> list[System]:
         systems = list(self.systems.values())
@@ -121,10 +99,6 @@ class Context:
             self.fail(round_, scenario, system, problem)
 
 
-def p(values: Sequence[float], fraction: float) -> float | None:
-    return percentile(values, fraction)
-
-
 def scenario_noop(ctx: Context, round_: int) -> None:
     n = ctx.sizes.noop_tasks
     for system in ctx.order(round_):
@@ -144,10 +118,10 @@ def scenario_noop(ctx: Context, round_: int) -> None:
                 noop_cpu_ms=1000 * sum(cpu.values()) / n,
             )
             for name, values in batch.lag_ms.items():
-                lag = {f"lag_{name}_p50": p(values, 0.5), f"lag_{name}_p99": p(values, 0.99)}
+                lag = {f"noop_lag_{name}_p{q}": p(values, q / 100) for q in (50, 99)}
                 ctx.put(round_, system.name, **lag)
             if batch.lag_resolution_ms is not None:  # the lag monitor's median sample gap
-                ctx.put(round_, system.name, lag_resolution_ms=batch.lag_resolution_ms)
+                ctx.put(round_, system.name, noop_lag_resolution_ms=batch.lag_resolution_ms)
 
 
 def scenario_rtt(ctx: Context, round_: int) -> None:
@@ -206,12 +180,8 @@ def scenario_csharp(ctx: Context, round_: int) -> None:
         with ctx.attempt(round_, "csharp", system.name):
             system.csharp_round_trips([HELLO_CS])  # the cache holds it from now on
             warm = system.csharp_round_trips([HELLO_CS] * ctx.sizes.csharp_warm)
-            cold = system.csharp_round_trips(
-                [
-                    HELLO_CS.replace("hello", f"hello {token}{system.name}{n}")
-                    for n in range(ctx.sizes.csharp_cold)
-                ]
-            )
+            distinct = [f"hello {token}{system.name}{n}" for n in range(ctx.sizes.csharp_cold)]
+            cold = system.csharp_round_trips([HELLO_CS.replace("hello", d) for d in distinct])
             if not all(t.ok for t in warm + cold):
                 ctx.fail(round_, "csharp", system.name, "some runs did not complete")
             figures = {}
@@ -247,23 +217,9 @@ def scenario_ttl(ctx: Context, round_: int) -> None:
 
     taskledger = ctx.systems[TASKLEDGER]
     assert isinstance(taskledger, Taskledger)
-    for workers, key in ((True, "burst"), (False, "reaper")):
-        with ctx.attempt(round_, f"ttl {key}", TASKLEDGER):
-            expiries = taskledger.expire_burst(ctx.sizes.ttl_tasks, TTL_SECONDS, workers=workers)
-            _lateness(ctx, round_, key, TASKLEDGER, expiries, ctx.sizes.ttl_tasks)
-            if workers:
-                by_worker = sum(1 for e in expiries if e.detected_by == "worker")
-                ctx.put(round_, TASKLEDGER, ttl_burst_by_worker=by_worker)
-
-
-def scenario_projections(ctx: Context, round_: int) -> None:
-    from projections import all_projections
-
-    assert ctx.rebuild is not None
-    url, events = ctx.rebuild
-    for name in all_projections():
-        with ctx.attempt(round_, f"rebuild {name}", TASKLEDGER):
-            ctx.put(round_, TASKLEDGER, **{f"rebuild_{name}": time_rebuild(url, name, events)})
+    with ctx.attempt(round_, "ttl reaper", TASKLEDGER):
+        expiries = taskledger.expire_by_reaper(ctx.sizes.ttl_tasks, TTL_SECONDS)
+        _lateness(ctx, round_, "reaper", TASKLEDGER, expiries, ctx.sizes.ttl_tasks)
 
 
 RUNNERS: dict[str, Callable[[Context, int], None]] = {
@@ -272,7 +228,6 @@ RUNNERS: dict[str, Callable[[Context, int], None]] = {
     "python": scenario_python,
     "csharp": scenario_csharp,
     "ttl": scenario_ttl,
-    "projections": scenario_projections,
 }
 
 
@@ -289,8 +244,7 @@ def own_run_ms(code: str) -> float:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p_ = parser(NAME, __doc__)
-    p_.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick 1)")
+    p_ = parser(NAME, __doc__, broker=True)
     p_.add_argument("--scenarios", default=",".join(SCENARIOS), help="a subset of the default")
     p_.add_argument("--concurrency", type=int, default=2, help="taskledger worker --concurrency")
     p_.add_argument("--celery-concurrency", type=int, default=2, help="celery worker --concurrency")
@@ -303,14 +257,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="taskledger's projections in a process of their own (`taskledger api"
         " --no-projections` + `taskledger projections run`) instead of inside the api",
     )
-    p_.add_argument("--broker-url", default=BROKER_URL, help="the RabbitMQ of both systems")
     for f in fields(Sizes):
         default, quick = getattr(Sizes(), f.name), getattr(QUICK, f.name)
         p_.add_argument(
             "--" + f.name.replace("_", "-"), type=int, help=f"{default:,} ({quick:,} --quick)"
         )
     args = p_.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = 1 if args.quick else args.rounds
     args.scenarios = [s for s in SCENARIOS if s in args.scenarios.split(",")]
     sizes = QUICK if args.quick else Sizes()
     args.sizes = replace(
@@ -328,22 +281,16 @@ def main(argv: Sequence[str]) -> int:
         raise SystemExit(f"{NAME}: Celery is not installed: pip install -e '.[bench]'")
     from bench.systems.celery import CelerySystem
     from bench.systems.taskledger import Taskledger
-    from ledger import Ledger
-    from ledger.persistence import postgres_env
 
     run = Run(NAME, argv)
     ctx = Context(args.sizes, Record(args.rounds), {}, own_python_ms=own_run_ms(NOOP_CODE))
     try:
         with contextlib.ExitStack() as stack:
-            tl_url = stack.enter_context(
-                temporary_database(args.database_url, "taskledger_bench_tl_")
+            tl_url, celery_url = (
+                stack.enter_context(temporary_database(args.database_url, f"taskledger_bench_{s}_"))
+                for s in ("tl", "celery")
             )
-            celery_url = stack.enter_context(
-                temporary_database(args.database_url, "taskledger_bench_celery_")
-            )
-            workdir = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="taskledger-compare-"))
-            )
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-compare-")))
             header = run.header(tl_url)
             eprint(f"{NAME}: databases {dbname(tl_url)}, {dbname(celery_url)}; workdir {workdir}")
             if "csharp" in args.scenarios and shutil.which("mono") and shutil.which("mcs"):
@@ -351,16 +298,6 @@ def main(argv: Sequence[str]) -> int:
                 ctx.hello_exe = workdir / "hello.exe"
                 command = ["mcs", f"-out:{ctx.hello_exe}", str(workdir / "hello.cs")]
                 subprocess.run(command, capture_output=True, timeout=120, check=True)
-            if "projections" in args.scenarios:
-                url = stack.enter_context(
-                    temporary_database(args.database_url, "taskledger_bench_rebuild_")
-                )
-                ledger = Ledger(postgres_env(url, schema="public"))
-                try:
-                    history = write_history(ledger, url, args.sizes.rebuild_events, eprint)
-                finally:
-                    ledger.close()
-                ctx.rebuild = (url, history.events)
             taskledger = Taskledger(
                 tl_url,
                 args.broker_url,
@@ -390,19 +327,9 @@ def main(argv: Sequence[str]) -> int:
         eprint(f"{NAME}: interrupted; every process stopped, the databases dropped")
         return 130
     rendered, rows = table(ctx.record, args.scenarios)
-    print(
-        "\n\n".join(
-            [
-                "## taskledger vs Celery"
-                + (" (QUICK: a smoke run, not a measurement)" * args.quick),
-                header,
-                _setup(args, systems),
-                rendered,
-                "\n".join(_notes(ctx, rows)),
-                run.footer(),
-            ]
-        )
-    )
+    title = "## taskledger vs Celery" + " (QUICK: a smoke run, not a measurement)" * args.quick
+    notes = "\n".join(_notes(ctx, rows))
+    print("\n\n".join([title, header, _setup(args, systems), rendered, notes, run.footer()]))
     run.keep(
         {
             "settings": {k: v for k, v in vars(args).items() if k != "sizes"}

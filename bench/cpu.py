@@ -1,18 +1,10 @@
-"""CPU seconds spent during a measurement, consumer by consumer.
-
-- a process given by pid is counted with its whole tree (live descendants, and the
-  children it already reaped: a Celery pool's forked workers, a sandbox's programs);
-- PostgreSQL, given a database URL: the backends connected to that database (sampled at
-  each mark; a backend that ends in between loses what it spent since the first mark,
-  which pooled, long-lived connections rarely do; the benchmark's own connections, named
-  `BENCH_APPLICATION`, are left out). Without one: every ``postgres`` process on the host,
-  ended backends included (the postmaster's reaped-children times), whoever they serve;
-- RabbitMQ: its ``beam.smp`` processes, whoever they serve;
-- the client: this process;
-- other: the host's busy time (/proc/stat) less all of the above, i.e. noise.
-
-On a machine whose 2 cores everything shares, the sum is what bounds throughput.
-"""
+"""CPU seconds spent during a measurement, consumer by consumer: a process given by pid
+with its whole tree (live descendants, and the children it already reaped: a Celery
+pool's workers, a sandbox's programs); the PostgreSQL backends connected to the given
+database, sampled at each mark, the benchmark's own (named `BENCH_APPLICATION`) left out;
+RabbitMQ's ``beam.smp``, whoever it serves; the client (this process); and "other": the
+host's busy time less all of those, i.e. noise. On a machine whose 2 cores everything
+shares, the sum is what bounds throughput."""
 
 from __future__ import annotations
 
@@ -25,9 +17,7 @@ from dataclasses import dataclass
 import psutil
 import psycopg
 
-# The application_name of the benchmark's own database connections (its polls, the lag
-# monitor): their backends are not counted as the system's.
-BENCH_APPLICATION = "taskledger-bench"
+BENCH_APPLICATION = "taskledger-bench"  # application_name of the benchmark's connections
 
 
 def _own(process: psutil.Process) -> float:
@@ -65,16 +55,6 @@ def _backends(database_url: str) -> dict[int, float]:
     return result
 
 
-def host_postgres() -> float:
-    """CPU seconds so far of this host's `postgres` processes, ended backends included."""
-    total = 0.0
-    for process in psutil.process_iter(["name"]):
-        if (process.info["name"] or "").startswith("postgres"):
-            with contextlib.suppress(psutil.Error):
-                total += _own(process)
-    return total
-
-
 def host_busy() -> float:
     """CPU seconds the whole host has been busy (all cores), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -85,16 +65,15 @@ def host_busy() -> float:
 
 @dataclass
 class Mark:
-    at: float
     processes: dict[str, float]
-    postgres: dict[int, float]  # backend pid -> seconds; pid 0: the host's, all of them
+    postgres: dict[int, float]  # backend pid -> seconds
     rabbitmq: float
     client: float
     host: float
 
 
 class CpuMeter:
-    def __init__(self, processes: dict[str, int], database_url: str | None = None) -> None:
+    def __init__(self, processes: dict[str, int], database_url: str) -> None:
         self.processes = processes  # role -> pid
         self.database_url = database_url
         self.brokers = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
@@ -105,9 +84,8 @@ class CpuMeter:
             with contextlib.suppress(psutil.Error):
                 rabbit += _own(broker)
         return Mark(
-            at=time.perf_counter(),
             processes={role: tree_cpu(pid) for role, pid in self.processes.items()},
-            postgres=_backends(self.database_url) if self.database_url else {0: host_postgres()},
+            postgres=_backends(self.database_url),
             rabbitmq=rabbit,
             client=time.process_time(),
             host=host_busy(),
@@ -129,14 +107,8 @@ class CpuMeter:
         return spent | {"other": max(0.0, after.host - before.host - sum(spent.values()))}
 
 
-def percent_of_a_core(spent: dict[str, float], seconds: float) -> dict[str, float]:
-    return {k: round(100 * v / seconds, 1) for k, v in spent.items()} if seconds else {}
-
-
 @contextlib.contextmanager
-def measured(
-    processes: dict[str, int], database_url: str | None = None
-) -> Iterator[dict[str, float]]:
+def measured(processes: dict[str, int], database_url: str) -> Iterator[dict[str, float]]:
     """CPU seconds per consumer while the block runs (the dict is filled in at its end)."""
     meter = CpuMeter(processes, database_url)
     spent: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """A minimal HTTP/1.1 client on asyncio streams: hand-written request bytes, one
-keep-alive connection per `RawConnection`, one request at a time, Content-Length or
-chunked responses. About the least CPU a Python client can spend per request, so that the
-server is what a benchmark measures."""
+keep-alive connection per `RawConnection`, one request at a time, Content-Length responses
+(the API streams none). About the least CPU a Python client can spend per request, so
+that the server is what a benchmark measures."""
 
 from __future__ import annotations
 
@@ -27,36 +27,22 @@ def request(method: str, path: str, *, key: str | None = None, body: bytes | Non
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
 
 
-def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
-    """Status, Content-Length, chunked?, close after? of a response head."""
+def _parse_head(head: bytes) -> tuple[int, int | None, bool]:
+    """Status, Content-Length and close after? of a response head."""
     lines = head.split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     if not version.startswith(b"HTTP/1.") or len(rest) < 3 or not rest[:3].isdigit():
         raise ProtocolError(f"bad status line {lines[0][:80]!r}")
     length: int | None = None
-    chunked = False
     close = version == b"HTTP/1.0"
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"content-length":
             length = int(value)
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value.lower()
         elif name == b"connection":
             close = b"close" in value.lower()
-    return int(rest[:3]), length, chunked, close
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    body = bytearray()
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                pass
-            return bytes(body)
-        body += (await reader.readexactly(size + 2))[:-2]
+    return int(rest[:3]), length, close
 
 
 class RawConnection:
@@ -74,13 +60,10 @@ class RawConnection:
         reader, writer = self._reader, self._writer
         try:
             writer.write(wire)
-            status, length, chunked, close = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-            if length is not None:
-                body = await reader.readexactly(length) if length else b""
-            elif chunked:
-                body = await _read_chunked(reader)
-            else:
-                raise ProtocolError("a response with neither Content-Length nor chunks")
+            status, length, close = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+            if length is None:
+                raise ProtocolError("a response without Content-Length")
+            body = await reader.readexactly(length) if length else b""
         except BaseException:
             self.drop()  # a half-read response leaves the connection unusable
             raise

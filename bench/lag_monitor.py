@@ -1,23 +1,16 @@
-"""Live projection lag of a running taskledger, observed from outside its processes.
+"""Live projection lag of a running taskledger, seen from outside its processes (in a
+process of its own, so that the benchmark's client does not delay its clock readings).
 
-``python -m bench.lag_monitor --database-url URL --schema S --out FILE`` runs until
-SIGTERM or SIGINT, then writes its samples to FILE as JSON. It LISTENs on the ledger's
-insert channel and on the projections' channel (the runners NOTIFY after each batch
-commits), and on every wake-up (or every ``POLL`` seconds without one) takes one snapshot
-in one statement: the log's head (``max(notification_id)``) and each current projection's
-tracking position, with the monotonic time (the midpoint of the statement). It runs in a
-process of its own so the benchmark's client does not delay its clock readings.
-
-A projection's lag for a head the monitor saw is the time from the first snapshot showing
-that head to the first snapshot showing the projection's position at or past it. Both ends
-are read by the same instrument, so its delays mostly cancel; the resolution is the gap
-between snapshots (reported). Heads are counted once each, however many events they
-brought: a busy log is sampled more often, never weighted by batch size.
+``python -m bench.lag_monitor URL SCHEMA OUT`` runs until SIGTERM or SIGINT, then writes
+its samples to OUT as JSON. It LISTENs on the ledger's insert channel and the projections'
+channel and, at every wake-up (or every ``POLL`` s without one), reads in one statement
+the log's head and each current view's tracking position, with the monotonic time. A
+view's lag for a head is the time from the first snapshot showing that head to the first
+showing the view at or past it; the resolution is the median gap between snapshots.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import signal
@@ -95,13 +88,12 @@ class LagResult:
     lags_ms: dict[str, list[float]]  # projection -> one lag per head advance
     missing: dict[str, int]  # head advances the projection never reached while watched
     resolution_ms: float | None  # median gap between snapshots while the head moved
-    heads: int
 
 
 def lags(samples: Sequence[Sample]) -> LagResult:
     """Per projection, the lag of every head advance after the first snapshot."""
     if not samples:
-        return LagResult({}, {}, None, 0)
+        return LagResult({}, {}, None)
     names = sorted({name for _, _, positions in samples for name in positions})
     advances: list[tuple[float, int]] = []
     previous_head = samples[0][1]
@@ -131,7 +123,7 @@ def lags(samples: Sequence[Sample]) -> LagResult:
         times = [t for t, _, _ in samples if first <= t <= last]
         gaps = [(b - a) * 1000 for a, b in itertools.pairwise(times)]
         resolution = statistics.median(gaps) if gaps else None
-    return LagResult(result, missing, resolution, len(advances))
+    return LagResult(result, missing, resolution)
 
 
 class LagMonitor:
@@ -141,29 +133,17 @@ class LagMonitor:
     def __init__(self, url: str, schema: str, workdir: Path, env: dict[str, str]) -> None:
         self.out = workdir / "lag-samples.json"
         self.out.unlink(missing_ok=True)
-        command = ["-m", "bench.lag_monitor", "--database-url", url, "--schema", schema]
-        self.process = ManagedProcess(
-            "lag-monitor",
-            [sys.executable, *command, "--out", str(self.out)],
-            env,
-            workdir,
-            stop_timeout=10,
-        )
+        command = [sys.executable, "-m", "bench.lag_monitor", url, schema, str(self.out)]
+        self.process = ManagedProcess("lag-monitor", command, env, workdir, stop_timeout=10)
 
     def __enter__(self) -> LagMonitor:
         self.process.start()
-        # Its first snapshot means it is listening.
         deadline = time.monotonic() + 15
-        while not self.out.exists() and time.monotonic() < deadline:
-            if not self.process.alive():
-                raise RuntimeError("the lag monitor exited\n" + self.process.output_tail())
-            if self._listening():
-                break
+        while "listening" not in self.process.stderr_path.read_text(errors="replace"):
+            if not self.process.alive() or time.monotonic() > deadline:
+                raise RuntimeError("the lag monitor did not start\n" + self.process.output_tail())
             time.sleep(0.05)
         return self
-
-    def _listening(self) -> bool:
-        return "listening" in self.process.stderr_path.read_text(errors="replace")
 
     def __exit__(self, *exc: object) -> None:
         self.process.stop()
@@ -172,23 +152,10 @@ class LagMonitor:
         self.process.stop()
         if not self.out.exists():
             raise RuntimeError("the lag monitor wrote nothing\n" + self.process.output_tail())
-        data: dict[str, Any] = json.loads(self.out.read_text())
-        samples = [
-            (float(t), int(h), {str(k): int(v) for k, v in p.items()})
-            for t, h, p in data["samples"]
-        ]
-        return lags(samples)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.lag_monitor", description=__doc__)
-    parser.add_argument("--database-url", required=True)
-    parser.add_argument("--schema", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    monitor(args.database_url, args.schema, args.out)
-    return 0
+        samples: list[Any] = json.loads(self.out.read_text())["samples"]
+        return lags([(t, head, positions) for t, head, positions in samples])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    url, schema, out = sys.argv[1:]
+    monitor(url, schema, Path(out))

@@ -1,21 +1,14 @@
 """The ledger's write rate, against the event store's own default insert path.
 
 ``python -m bench ledger_writes [--writers 1,8] [--seconds 5] [--quick]``. Three
-workloads, each with every writer count (threads sharing one application object), for
-``--seconds`` each after ``--warmup``, split into ``--rounds`` interleaved rounds so that
-noise on the machine hits every row alike:
-
-- ``baseline``: eventsourcing's default insert path with nothing of ours in it: an
-  ``Application`` subclass (own table, the same PostgreSQL settings from ``postgres_env``)
-  saving a new bare ``Aggregate`` per save: one event per save;
-- ``submit``: ``Ledger.submit``, one save of two events;
-- ``lifecycle``: ``submit``, ``start_attempt``, ``complete_attempt`` of one task: three
-  saves, four events; every writer works on its own tasks (no version contention).
-
-Per row: saves/s (median and range of the rounds), events/s and its ratio to the
-baseline's at the same writer count, p50/p99 per save (per command, which includes its
-load), CPU per save of this process and of the database's PostgreSQL backends. Every save
-is checked against the rows the table gained. A fresh database, dropped afterwards.
+workloads, each with every writer count (threads sharing one application object), in
+interleaved rounds: ``baseline``, eventsourcing's ``Application`` with its defaults (own
+table, the same PostgreSQL settings) saving one bare ``Aggregate`` (1 event) per save;
+``submit``, ``Ledger.submit`` (1 save, 2 events); ``lifecycle``, submit, start and
+complete one task (3 saves, 4 events), each writer on its own tasks. Per row: saves/s,
+events/s against the baseline's at the same writer count, latency per save, CPU per save
+of this process and of the database's backends; every save is checked against the rows
+the table gained. A fresh database, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 from uuid import UUID
 
 import psycopg
@@ -33,9 +26,17 @@ from eventsourcing.utils import Environment, EnvType
 from psycopg import sql
 
 from bench.cpu import CpuMeter
-from bench.report import Run, eprint, markdown_table, num, parser
+from bench.report import (
+    Run,
+    eprint,
+    markdown_table,
+    ms,
+    num,
+    over_rounds,
+    parser,
+    percentile,
+)
 from bench.services import temporary_database
-from bench.stats import median, ms, over_rounds, percentile
 from ledger import AttemptResult, Ledger, SystemClock
 from ledger.persistence import postgres_env
 
@@ -166,7 +167,6 @@ def main(argv: Sequence[str]) -> int:
     p = parser(NAME, __doc__)
     p.add_argument("--writers", default="1,8", help="writer thread counts (default 1,8)")
     p.add_argument("--seconds", type=float, default=5.0, help="per row, all rounds (5)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds before each row (1)")
     args = p.parse_args(argv)
     writer_counts = [int(x) for x in args.writers.split(",")]
@@ -212,40 +212,22 @@ def main(argv: Sequence[str]) -> int:
     for (name, writers), phases in rows.items():
         kind = WORKLOADS[name]
         saves = sum(u for u, *_ in phases) * kind.saves
-        elapsed = sum(e for _, e, *_ in phases)
         latencies = [x for _, _, lat, _ in phases for x in lat]
         rates = [u * kind.saves / e for u, e, *_ in phases]
-        events_per_s = saves // kind.saves * kind.events / elapsed
+        events_per_s = saves // kind.saves * kind.events / sum(e for _, e, *_ in phases)
         baseline = rows[(Baseline.name, writers)]
         base_rate = sum(u for u, *_ in baseline) / sum(e for _, e, *_ in baseline)
-        client = sum(c["client"] for *_, c in phases)
-        server = sum(c["PostgreSQL"] for *_, c in phases)
-        figures: dict[str, Any] = {
-            "workload": name,
-            "writers": writers,
-            "saves_per_s": median(rates),
-            "events_per_s": events_per_s,
-            "p50_ms": ms(percentile(latencies, 0.5) or 0.0),
-            "p99_ms": ms(percentile(latencies, 0.99) or 0.0),
-            "client_cpu_ms_per_save": ms(client / saves),
-            "postgres_cpu_ms_per_save": ms(server / saves),
+        figures = {
+            "p50 ms/save": ms(percentile(latencies, 0.5) or 0.0),
+            "p99 ms/save": ms(percentile(latencies, 0.99) or 0.0),
+            "client CPU ms/save": ms(sum(c["client"] for *_, c in phases) / saves),
+            "PG CPU ms/save": ms(sum(c["PostgreSQL"] for *_, c in phases) / saves),
         }
-        raw.append(figures | {"round_saves_per_s": rates})
-        table.append(
-            [
-                name,
-                str(writers),
-                over_rounds(rates, 0),
-                num(events_per_s, 0),
-                f"{events_per_s / base_rate:.2f}x",
-                num(figures["p50_ms"]),
-                num(figures["p99_ms"]),
-                num(figures["client_cpu_ms_per_save"]),
-                num(figures["postgres_cpu_ms_per_save"]),
-            ]
-        )
-    headers = ["workload", "writers", "saves/s", "events/s", "vs baseline", "p50 ms/save"]
-    headers += ["p99 ms/save", "client CPU ms/save", "PG CPU ms/save"]
+        raw.append({"workload": name, "writers": writers, "saves/s": rates} | figures)
+        versus = f"{events_per_s / base_rate:.2f}x"
+        cells = [over_rounds(rates, 0), num(events_per_s, 0), versus]
+        table.append([name, str(writers), *cells, *(num(v) for v in figures.values())])
+    headers = ["workload", "writers", "saves/s", "events/s", "vs baseline", *figures]
     print(
         f"# {NAME}: {header}\n\n{args.seconds:g} s per row in {args.rounds} interleaved"
         " rounds; 1 save = 1 transaction; baseline = eventsourcing's Application saving one"

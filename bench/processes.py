@@ -1,13 +1,10 @@
 """The processes a benchmark starts and must stop: each in its own process group, its
-output in files, stopped with SIGTERM (SIGKILL to the whole group after a timeout), and
-nothing of its group left behind; and the taskledger roles (`taskledger api`, `worker`)
-as a benchmark starts them.
-
-No ``preexec_fn`` (a benchmark may have threads by the time it starts a process): where
-util-linux ``setpriv`` exists, the command runs under ``setpriv --pdeathsig TERM`` so it
-gets SIGTERM should the benchmark die outright (SIGKILL). The death signal follows the
-thread that started the process: start processes from the main thread.
-"""
+output in files, stopped with SIGTERM (SIGKILL to the group after a timeout), nothing of
+its group left behind; and what a taskledger role needs to start. Where util-linux
+``setpriv`` exists, a command runs under ``setpriv --pdeathsig TERM``, so that it gets
+SIGTERM should the benchmark be killed outright; the death signal follows the thread that
+started the process: start processes from the main thread (no ``preexec_fn`` either: a
+benchmark may have threads by then)."""
 
 from __future__ import annotations
 
@@ -72,14 +69,11 @@ class ManagedProcess:
         command: Sequence[str],
         env: dict[str, str],
         logdir: Path,
-        *,
-        cwd: Path | None = None,
         stop_timeout: float = 20.0,
     ) -> None:
         self.name = name
         self.command = list(command)
         self.env = env
-        self.cwd = cwd or REPOSITORY
         self.stop_timeout = stop_timeout
         logdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = logdir / f"{name}.out"
@@ -99,7 +93,7 @@ class ManagedProcess:
             self.process = subprocess.Popen(
                 [*prefix, *self.command],
                 env=self.env,
-                cwd=self.cwd,
+                cwd=REPOSITORY,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -195,17 +189,11 @@ def taskledger_env(
 
 
 def wait_ready(process: ManagedProcess, base_url: str, timeout: float = 90.0) -> float:
-    """Poll `base_url`/readyz until it answers 200; the seconds it took. Raises when the
-    process exits first or `timeout` passes."""
+    """Poll `base_url`/readyz until it answers 200; the seconds it took."""
     started = time.monotonic()
     last = "no answer yet"
     with httpx.Client(base_url=base_url, timeout=2.0) as client:
-        while True:
-            if not process.alive():
-                raise RuntimeError(
-                    f"{process.name} exited with {process.returncode()} before it was ready\n"
-                    + process.output_tail()
-                )
+        while process.alive() and time.monotonic() - started < timeout:
             try:
                 response = client.get("/readyz")
                 if response.status_code == 200:
@@ -213,9 +201,6 @@ def wait_ready(process: ManagedProcess, base_url: str, timeout: float = 90.0) ->
                 last = f"{response.status_code} {response.text[:300]}"
             except httpx.HTTPError as error:
                 last = f"{type(error).__name__}: {error}"
-            if time.monotonic() - started > timeout:
-                raise TimeoutError(
-                    f"{process.name} not ready after {timeout:g} s (last /readyz: {last})\n"
-                    + process.output_tail()
-                )
             time.sleep(0.1)
+    how = f"not ready in {timeout:g} s" if process.alive() else f"exited ({process.returncode()})"
+    raise RuntimeError(f"{process.name} {how}; last /readyz: {last}\n{process.output_tail()}")

@@ -1,6 +1,6 @@
 """What every benchmark prints and keeps: its command line's common part, the header (the
-machine, the code measured), the markdown table, the footer (how noisy the run was) and
-the raw figures as JSON under ``bench/results/`` (gitignored)."""
+machine, the code measured), percentiles and figures over rounds, the markdown table, the
+footer (how noisy the run was) and the raw figures as JSON under ``bench/results/``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import psycopg
 
 from bench.cpu import host_busy
 from bench.processes import REPOSITORY
-from bench.services import default_database_url
+from bench.services import BROKER_URL, DATABASE_URL_ENV, default_database_url
 
 RESULTS_DIR = REPOSITORY / "bench" / "results"
 CODE_UNDER_TEST = ("api", "ledger", "projections", "taskledger", "workers")
@@ -31,21 +32,24 @@ def eprint(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def parser(name: str, doc: str | None, *, database: bool = True) -> argparse.ArgumentParser:
+def parser(
+    name: str, doc: str | None, *, database: bool = True, rounds: bool = True, broker: bool = False
+) -> argparse.ArgumentParser:
     """The argument parser every benchmark starts from: its name, the first paragraph of
-    its docstring, `--quick`, `--no-json` and (with `database`) `--database-url`."""
+    its docstring, `--quick` and `--no-json`; `--database-url`, `--rounds` (3) and
+    `--broker-url` as asked."""
     result = argparse.ArgumentParser(
         prog=f"python -m bench {name}", description=doc.split("\n\n")[0] if doc else None
     )
     result.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     result.add_argument("--no-json", action="store_true", help="do not write bench/results/")
     if database:
-        result.add_argument(
-            "--database-url",
-            default=default_database_url(),
-            help="server to create the throwaway databases on (default:"
-            " $TASKLEDGER_BENCH_DATABASE_URL or %(default)s)",
-        )
+        help_ = f"server of the throwaway databases (${DATABASE_URL_ENV} or %(default)s)"
+        result.add_argument("--database-url", default=default_database_url(), help=help_)
+    if rounds:
+        result.add_argument("--rounds", type=int, default=3, help="rounds (3; 1 with --quick)")
+    if broker:
+        result.add_argument("--broker-url", default=BROKER_URL, help="RabbitMQ (%(default)s)")
     return result
 
 
@@ -61,35 +65,11 @@ def git(*args: str) -> str:
     return done.stdout
 
 
-def code_version() -> dict[str, Any]:
-    """The commit measured, and uncommitted changes to the code under test, if any."""
-    changed = git("status", "--porcelain", "--", *CODE_UNDER_TEST)
-    return {
-        "commit": git("rev-parse", "HEAD").strip()[:12] or None,
-        "uncommitted": [line[3:] for line in changed.splitlines() if line.strip()],
-    }
-
-
 def _version(name: str) -> str:
     try:
         return version(name)
     except PackageNotFoundError:
         return "absent"
-
-
-def machine(database_url: str | None) -> dict[str, Any]:
-    facts: dict[str, Any] = {
-        "nproc": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "platform": platform.platform(terse=True),
-        "eventsourcing": _version("eventsourcing"),
-    }
-    if database_url is not None:
-        with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
-            for setting in ("server_version", "synchronous_commit"):
-                row = conn.execute(f"SHOW {setting}").fetchone()
-                facts[setting] = str(row[0]) if row else "unknown"
-    return facts
 
 
 class Run:
@@ -103,20 +83,28 @@ class Run:
         self.load = os.getloadavg()[0]
         self.own = time.process_time()
         self.host = host_busy()
-        self.code = code_version()
+        changed = git("status", "--porcelain", "--", *CODE_UNDER_TEST)
+        self.code = {
+            "commit": git("rev-parse", "HEAD").strip()[:12] or None,
+            "uncommitted": [line[3:] for line in changed.splitlines() if line.strip()],
+        }
         self.machine: dict[str, Any] = {}
 
-    def header(self, database_url: str | None) -> str:
-        self.machine = machine(database_url)
-        m = self.machine
-        postgres = (
-            f" · PostgreSQL {m['server_version']} (synchronous_commit={m['synchronous_commit']})"
-            if "server_version" in m
-            else ""
-        )
+    def header(self, database_url: str) -> str:
+        m = self.machine = {
+            "nproc": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "platform": platform.platform(terse=True),
+            "eventsourcing": _version("eventsourcing"),
+        }
+        with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+            for setting in ("server_version", "synchronous_commit"):
+                row = conn.execute(f"SHOW {setting}").fetchone()
+                m[setting] = str(row[0]) if row else "unknown"
         return (
-            f"{self.started:%Y-%m-%d %H:%M} UTC · nproc={m['nproc']}{postgres}"
-            f" · Python {m['python']} · {m['platform']} · eventsourcing {m['eventsourcing']}"
+            f"{self.started:%Y-%m-%d %H:%M} UTC · nproc={m['nproc']} · PostgreSQL"
+            f" {m['server_version']} (synchronous_commit={m['synchronous_commit']}) · Python"
+            f" {m['python']} · {m['platform']} · eventsourcing {m['eventsourcing']}"
         )
 
     def footer(self) -> str:
@@ -167,3 +155,29 @@ def num(value: float | None, digits: int | None = None) -> str:
     if digits is None:
         digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
     return f"{value:,.{digits}f}"
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """The `fraction` quantile of `values` (nearest rank); None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(1, min(len(ordered), math.ceil(fraction * len(ordered)))) - 1]
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def over_rounds(values: Sequence[float], digits: int | None = None) -> str:
+    """`median [min-max]` of one figure per round ("-" without any)."""
+    if not values:
+        return "-"
+    text = num(statistics.median(values), digits)
+    if len(values) > 1:
+        text += f" [{num(min(values), digits)}–{num(max(values), digits)}]"  # noqa: RUF001
+    return text
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0

@@ -32,23 +32,13 @@ QUICK = Kind("quick", "print(data['n'] * 2)", 60, 3, "Completed")
 LONG = Kind("long (5 s)", "import time\ntime.sleep(5)\nprint('done')", 60, 3, "Completed")
 FAILING = Kind("failing", "raise SystemExit('fails on purpose')", 60, 2, "Failed")
 EXPIRING = Kind("expiring (ttl 4 s, runs 30 s)", "import time\ntime.sleep(30)", 4, 2, "Expired")
-# Longer than the private RabbitMQ's consumer_timeout (bench/services.py), and than
+# Longer than the private RabbitMQ's consumer_timeout (bench/faults/servers.py), and than
 # a lease: each fault strikes while it runs (on the worker a worker fault picks).
-PAST_CONSUMER_TIMEOUT = Kind(
-    "past consumer_timeout (25 s)",
-    "import time\ntime.sleep(25)\nprint('done')",
-    120,
-    3,
-    "Completed",
-)
-KINDS = (QUICK, LONG, FAILING, EXPIRING, PAST_CONSUMER_TIMEOUT)
+SLEEP_25 = "import time\ntime.sleep(25)\nprint('done')"
+PAST_CONSUMER_TIMEOUT = Kind("past consumer_timeout (25 s)", SLEEP_25, 120, 3, "Completed")
 # Per 20 tasks: 10 quick, 4 long, 3 failing, 3 expiring; and one past consumer_timeout.
-PATTERN = [QUICK, LONG, QUICK, FAILING, QUICK, EXPIRING, QUICK, LONG] * 2 + [
-    QUICK,
-    FAILING,
-    EXPIRING,
-    QUICK,
-]
+PATTERN = [QUICK, LONG, QUICK, FAILING, QUICK, EXPIRING, QUICK, LONG] * 2
+PATTERN += [QUICK, FAILING, EXPIRING, QUICK]
 PROBE = {"description": "faults probe", "language": "echo", "data": "probe", "ttl_seconds": 120}
 PROBE_EVERY = 0.5  # seconds between probes while recovering
 
@@ -58,12 +48,9 @@ class Submission:
     token: str
     kind: Kind
     body: dict[str, Any]
-    api: str = ""  # label of the api it went to
-    sent_at: float | None = None  # time.time()
-    answered_at: float | None = None
+    answered_at: float | None = None  # time.time()
     status: int | None = None  # HTTP status; None: no answer
     problem: str = ""  # the error or the problem's title when not 201
-    task_id: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -104,24 +91,20 @@ class Client:
     async def submit(self, submission: Submission, apis: Sequence[tuple[str, str]]) -> None:
         """POST it once (no retry: a refusal is counted, not hidden) to the next api of
         `apis` (label, base url)."""
-        submission.sent_at = time.time()
         if not apis:
             submission.problem = "no api process running"
-            submission.answered_at = submission.sent_at
-            return
-        label, url = apis[next(self._turn) % len(apis)]
-        submission.api = label
-        try:
-            response = await self._http.post(f"{url}/api/tasks", json=submission.body)
-        except httpx.HTTPError as error:
-            submission.problem = f"{type(error).__name__}: {error}"[:200]
         else:
-            submission.status = response.status_code
-            body = _json(response)
-            if response.status_code == 201:
-                submission.task_id = str(body["id"])
+            try:
+                url = apis[next(self._turn) % len(apis)][1]
+                response = await self._http.post(f"{url}/api/tasks", json=submission.body)
+            except httpx.HTTPError as error:
+                submission.problem = f"{type(error).__name__}: {error}"[:200]
             else:
-                submission.problem = str(body.get("title") or response.text[:200])
+                submission.status = response.status_code
+                if response.status_code != 201:
+                    submission.problem = response.text[:200]
+                    with contextlib.suppress(ValueError, LookupError, TypeError):
+                        submission.problem = str(response.json()["title"])
         submission.answered_at = time.time()
 
     async def submit_all(
@@ -138,7 +121,7 @@ class Client:
     async def submit_spread(
         self,
         submissions: Sequence[Submission],
-        apis: Any,  # () -> the live apis when each submission goes
+        apis: Callable[[], Sequence[tuple[str, str]]],
         seconds: float,
     ) -> None:
         """One submission every `seconds / len` seconds, each to a then-live api."""
@@ -205,11 +188,3 @@ class Client:
                 probe.cancel()
             await asyncio.gather(*probes, return_exceptions=True)
         return recovered
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}

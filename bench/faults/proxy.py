@@ -1,20 +1,8 @@
-"""A TCP proxy between one process and PostgreSQL that the fault suite (and the partition
-test) can pause and kill: ``python -m bench.faults.proxy LISTEN_PORT UPSTREAM_HOST:PORT``.
-
-The forwarding is pproxy's raw TCP tunnel (``tunnel{host:port}://``), run through its
-library API: its command line installs uvloop when it can, and fails with the uvloop this
-project's venv has (``asyncio.get_event_loop()`` raises there).
-
-The faults are process states, not proxy features:
-
-- **pause** (SIGSTOP): nothing is forwarded either way, and no connection breaks. The
-  kernel still accepts new connections into the listen backlog and keeps what the client
-  sends in its buffers, so a client sees what a network partition shows it: requests that
-  are never answered (until a client-side timeout, if it has one);
-- **kill** (SIGKILL): every connection through the proxy is reset and new ones are refused,
-  as when a host is gone;
-- **resume** (SIGCONT) heals a pause; a killed proxy is started again on the same port.
-"""
+"""A TCP proxy between one process and PostgreSQL, which the fault suite and the partition
+test pause (SIGSTOP: nothing forwarded, nothing broken, as a silent peer) and kill
+(SIGKILL: every connection reset, new ones refused): ``python -m bench.faults.proxy
+LISTEN_PORT UPSTREAM_HOST:PORT``. pproxy's raw TCP tunnel, through its library API (its
+command line installs uvloop, and fails with the one in this project's venv)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
-"""Counting program runs from inside the programs, through the sandbox.
-
-A sandboxed run reaches no host file, no host socket and no network (docs/sandbox.md):
-its side effects die with it. One thing it does share with its slot is the slot's
-network namespace, kept by the slot's zygote for all of the slot's runs; it is empty (not
-even loopback) but, like any network namespace, has its own abstract Unix socket names.
-So the suite, as root, enters each slot's namespace (the zygote holds it as an open
-descriptor, `/proc/<zygote>/fd/N -> net:[inode]`) from a thread, binds a datagram socket
-to the abstract name ``taskledger-faults-runs`` there, and leaves; the socket stays in
-that namespace. Every program of the load starts with `PRELUDE`, which sends a datagram
-with its task's token, a run id of its own and the time to that name when it starts, and
-again every `ALIVE_EVERY` seconds while it runs. The suite receives them on the socket of
-the slot that ran it, and so knows which worker ran it, when it started and until when
-it was alive.
-
-The isolation is unchanged: programs get no address outside their slot's namespace; the
-suite put a listener inside it. A zygote that is replaced (it died) has a new namespace;
-the suite looks for new ones every `RESCAN` seconds, and a program whose datagram finds
-no listener yet tries again for up to 10 s.
-"""
+"""Counting program runs from inside the sandbox (docs/reliability.md, "How runs are
+counted from inside the program"): the suite, as root, binds a datagram socket to an
+abstract name inside each slot's network namespace (held open by the slot's zygote); every
+program of the load starts with `PRELUDE`, which reports its task's token, a run id and
+the time there when it starts and every `ALIVE_EVERY` seconds while it runs. Replaced
+zygotes are looked for every `RESCAN` seconds; a program finding no listener yet tries
+again for up to 10 s."""
 
 from __future__ import annotations
 

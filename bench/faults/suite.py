@@ -1,20 +1,15 @@
 """Fault injection: does every accepted task end exactly once, on time, through faults?
 
-``python -m bench faults [--faults a,b] [--tasks N] [--quick]``. Real processes: two ``taskledger
-api`` and two ``taskledger worker --concurrency 4``, over a PostgreSQL and a RabbitMQ the
-suite starts for itself (bench/services.py), each worker reaching PostgreSQL
-through a TCP proxy of its own (bench/faults/proxy.py). Each fault gets a round of its
-own with a fresh load (bench/faults/load.py): two thirds submitted before the fault, the
-last third spread over it; then echo probes measure recovery (until every live worker
-has completed one), and the round waits until every task has ended (or is `GRACE`
-seconds past its deadline and the fault's end: lost). The programs report their runs
-from inside the sandbox (bench/faults/runs.py); the tasks' events are read from the
-store (bench/faults/verify.py). docs/reliability.md explains every column.
+``python -m bench faults [--faults a,b] [--tasks N] [--quick] [--keep]``: each fault gets a
+round of its own, with a fresh load, against the suite's own deployment
+(bench/faults/deployment.py); docs/reliability.md says what a round does and what each
+column means. Exit status 1 when any round lost a task, recorded two outcomes for an
+attempt, ran a program twice in one attempt, left a run alive after its worker_lost, or
+recorded a false worker_lost.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import os
@@ -22,38 +17,34 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from dataclasses import asdict
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 
-from bench import report, services
-from bench.faults.deployment import Deployment, Role
+from bench.faults import servers
+from bench.faults.deployment import CONCURRENCY, HEARTBEAT_SECONDS, LEASE_SECONDS, Deployment, Role
 from bench.faults.load import Client, Submission, plan
 from bench.faults.verify import RoundResult, Window, judge, read_round, replay
 from bench.processes import signals_deferred
-from bench.report import eprint, markdown_table
+from bench.report import Run, eprint, markdown_table, parser
 
 NAME = "faults"
-LEASE_SECONDS = 10.0  # taskledger's defaults
-HEARTBEAT_SECONDS = 2.0
-CONCURRENCY = 4
 GRACE = 30.0  # seconds past a task's deadline (or the fault's end) before it counts as lost
 BEFORE_FAULT = 1.5  # seconds between the first part of the load and the fault
 DOWN_SECONDS = 60.0  # PostgreSQL's outage
 PARTITION_SECONDS = LEASE_SECONDS + 5  # the proxy paused
 PROXY_DOWN_SECONDS = 5.0  # then killed, and started again after this
 T = TypeVar("T")
+# Blocks until the fault is over; says what it did. `worker` runs the round's longest
+# program (the task past consumer_timeout), for faults of one worker.
+Inject = Callable[[Deployment, Role, list[Window]], str]
 
 
-@dataclass(frozen=True)
-class Fault:
-    name: str
+class Fault(NamedTuple):
     description: str
     spread: float  # seconds over which the last third of the load is submitted
-    # Blocks until the fault is over; says what it did. Its worker is the one running the
-    # round's longest program (the task past consumer_timeout), for faults of one worker.
-    inject: Callable[[Deployment, Role, list[Window]], str]
+    inject: Inject
 
 
 def _all(d: Deployment) -> frozenset[str]:
@@ -62,17 +53,18 @@ def _all(d: Deployment) -> frozenset[str]:
 
 def _kill_worker(d: Deployment, worker: Role, windows: list[Window]) -> str:
     at = time.time()
-    d.kill(worker)
+    assert worker.process is not None
+    worker.process.kill()
     windows.append(Window("killed", frozenset({worker.label}), at, at))
-    return f"SIGKILL {worker.label} (pid {worker.pids[-1]}), which ran the longest program"
+    return f"SIGKILL {worker.label} (pid {worker.pid}), which ran the longest program"
 
 
 def _kill_leader(d: Deployment, worker: Role, windows: list[Window]) -> str:
     leader, roles = d.leader()
-    if leader is None:
+    if leader is None or leader.process is None:
         raise RuntimeError("no api holds the reaper's lock")
-    d.kill(leader)
-    return f"SIGKILL {leader.label} (pid {leader.pids[-1]}), leader of {', '.join(roles)}"
+    leader.process.kill()
+    return f"SIGKILL {leader.label} (pid {leader.pid}), leader of {', '.join(roles)}"
 
 
 def _restart_rabbitmq(d: Deployment, worker: Role, windows: list[Window]) -> str:
@@ -87,7 +79,7 @@ def _restart_rabbitmq(d: Deployment, worker: Role, windows: list[Window]) -> str
     )
 
 
-def _restart_postgres(mode: str) -> Callable[[Deployment, Role, list[Window]], str]:
+def _restart_postgres(mode: str) -> Inject:
     def inject(d: Deployment, worker: Role, windows: list[Window]) -> str:
         began = time.time()
         d.postgres.restart(mode)
@@ -123,33 +115,28 @@ def _partition(d: Deployment, worker: Role, windows: list[Window]) -> str:
 
 
 FAULTS = {
-    f.name: f
-    for f in (
-        Fault("worker-kill", "a worker SIGKILLed", 2, _kill_worker),
-        Fault("leader-kill", "the api leader SIGKILLed", 2, _kill_leader),
-        Fault("rabbitmq-restart", "RabbitMQ stopped and started", 10, _restart_rabbitmq),
-        Fault("pg-restart-fast", "PostgreSQL restarted (-m fast)", 2, _restart_postgres("fast")),
-        Fault(
-            "pg-restart-immediate",
-            "PostgreSQL restarted (-m immediate)",
-            2,
-            _restart_postgres("immediate"),
-        ),
-        Fault("pg-down-60s", "PostgreSQL down 60 s", DOWN_SECONDS, _postgres_down),
-        Fault(
-            "worker-partition",
-            "a worker partitioned from PostgreSQL",
-            PARTITION_SECONDS,
-            _partition,
-        ),
-    )
+    "worker-kill": Fault("a worker SIGKILLed", 2, _kill_worker),
+    "leader-kill": Fault("the api leader SIGKILLed", 2, _kill_leader),
+    "rabbitmq-restart": Fault("RabbitMQ stopped and started", 10, _restart_rabbitmq),
+    "pg-restart-fast": Fault("PostgreSQL restarted (-m fast)", 2, _restart_postgres("fast")),
+    "pg-restart-immediate": Fault(
+        "PostgreSQL restarted (-m immediate)", 2, _restart_postgres("immediate")
+    ),
+    "pg-down-60s": Fault("PostgreSQL down 60 s", DOWN_SECONDS, _postgres_down),
+    "worker-partition": Fault(
+        "a worker partitioned from PostgreSQL", PARTITION_SECONDS, _partition
+    ),
 }
 
 
-class Loop:
-    """An asyncio event loop on a thread of its own, for the HTTP load."""
+class Suite:
+    """The rounds. The HTTP load runs on an asyncio loop on a thread of its own; the faults
+    and every process start stay on the main thread (a process's death signal follows the
+    thread that started it: bench/processes.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, deployment: Deployment, tasks: int) -> None:
+        self.d = deployment
+        self.tasks = tasks
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="faults-http")
         self._thread.start()
@@ -164,17 +151,6 @@ class Loop:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-
-class Suite:
-    def __init__(self, deployment: Deployment, tasks: int, progress: Callable[[str], None]):
-        self.d = deployment
-        self.tasks = tasks
-        self.progress = progress
-        self.loop = Loop()
-
-    def close(self) -> None:
-        self.loop.close()
 
     def live(self) -> list[tuple[str, str]]:
         return [(a.label, a.url) for a in self.d.live_apis()]
@@ -192,64 +168,46 @@ class Suite:
         return next(w for w in self.d.workers if w.alive())
 
     def round(self, fault: Fault, name: str) -> RoundResult:
-        """One round, `name` (the fault's, with a suffix when it comes again). The fault
-        and every process start happen on the main thread: a process started by another
-        thread would get SIGTERM when that thread ends (bench/processes.py, the death
-        signal). The HTTP load runs on `self.loop`."""
+        """One round, `name` (the fault's, with a suffix when it comes again)."""
         result = RoundResult(name, fault.description)
         restarted = self.d.ensure_running()
         if restarted:
-            self.progress(f"  restored before the round: {', '.join(restarted)}")
+            eprint(f"  restored before the round: {', '.join(restarted)}")
         submissions = plan(name, self.tasks)
         first = submissions[: len(submissions) * 2 // 3]
-        during = submissions[len(first) :]
         client = Client(self.d.key)
         windows: list[Window] = []
         try:
-            self.loop.call(client.submit_all(first, self.live()))
+            self.call(client.submit_all(first, self.live()))
             # The longest program (the plan's first task) runs when the fault strikes.
             worker = self._runner_of(submissions[0].token)
             time.sleep(BEFORE_FAULT)
-            began = time.time()
-            spread = self.loop.submit(client.submit_spread(during, self.live, fault.spread))
+            during = submissions[len(first) :]
+            spread = self.submit(client.submit_spread(during, self.live, fault.spread))
             what = fault.inject(self.d, worker, windows)
             ended = time.time()
-            result.fault_seconds = ended - began
-            self.progress(f"  {name}: {what}")
+            eprint(f"  {name}: {what}")
             result.notes.append(what)
             alive = {w.label for w in self.d.workers if w.alive()}
-            result.recovered = self.loop.call(
-                client.probe(self.live, ended, alive, self.d.worker_label)
-            )
-            result.recovery = (
-                max(result.recovered.values()) if alive <= set(result.recovered) else None
-            )
+            result.recovered = self.call(client.probe(self.live, ended, alive, self.d.worker_label))
+            if alive <= set(result.recovered):
+                result.recovery = max(result.recovered.values())
+            else:
+                missed = ", ".join(sorted(alive - set(result.recovered)))
+                result.notes.append(f"no probe completed on {missed}")
             spread.result()
         finally:
-            self.loop.call(client.close())
+            self.call(client.close())
         events = self._wait_ended(name, submissions, ended)
         runs = [r for r in self.d.counter.runs() if r.token.startswith(f"{name}/")]
-        judge(
-            result,
-            submissions,
-            events,
-            runs,
-            windows,
-            self.d.worker_label,
-            self.d.lease_seconds,
-        )
+        judge(result, submissions, events, runs, windows, self.d.worker_label, LEASE_SECONDS)
         refused = [s for s in submissions if not s.accepted]
         if refused:
             reasons = sorted({f"{s.status or 'no answer'}: {s.problem[:80]}" for s in refused})
             result.notes.append(f"refused: {'; '.join(reasons[:4])}")
             last = max(s.answered_at or 0.0 for s in refused) - ended
             if last > 0:
-                result.refused_after_end = last
                 result.notes.append(f"the last refusal was answered {last:.1f} s after the end")
-        if not alive <= set(result.recovered):
-            result.notes.append(
-                f"no probe completed on {', '.join(sorted(alive - set(result.recovered)))}"
-            )
         return result
 
     def _wait_ended(
@@ -266,9 +224,10 @@ class Suite:
                 continue
             reports = [replay(t, e, self.d.worker_label) for t, e in events.items()]
             now = time.time()
-            open_ = [r for r in reports if not r.terminal]
             waiting = [
-                r for r in open_ if now < max(r.deadline or fault_ended, fault_ended) + GRACE
+                r
+                for r in reports
+                if not r.terminal and now < max(r.deadline or fault_ended, fault_ended) + GRACE
             ]
             missing = accepted - {r.token for r in reports}
             if not waiting and (not missing or now > fault_ended + GRACE):
@@ -278,12 +237,8 @@ class Suite:
         return read_round(self.d.database_url, round_name)
 
 
-def _seconds(value: float | None) -> str:
-    return "never" if value is None else f"{value:.1f} s"
-
-
-def _late(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} s"
+def _seconds(value: float | None, digits: int = 1, missing: str = "never") -> str:
+    return missing if value is None else f"{value:.{digits}f} s"
 
 
 def render(header: str, results: Sequence[RoundResult]) -> str:
@@ -312,7 +267,7 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
             f"{r.rerun_after_lost} / {r.duplicate_runs + r.unattributed_runs}",
             str(r.unfenced_runs),
             f"{r.worker_lost} ({r.false_worker_lost})",
-            f"{_late(r.max_lateness)} / {_late(r.max_run_past_deadline)}",
+            f"{_seconds(r.max_lateness, 2, '-')} / {_seconds(r.max_run_past_deadline, 2, '-')}",
             _seconds(r.recovery),
         ]
         for r in results
@@ -331,70 +286,36 @@ def render(header: str, results: Sequence[RoundResult]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = report.parser(NAME, __doc__, database=False)
-    parser.add_argument(
-        "--faults",
-        default=",".join(FAULTS),
-        help=f"comma-separated, in this order (default: all): {', '.join(FAULTS)}",
-    )
-    parser.add_argument("--tasks", type=int, default=60, help="tasks per round (default 60)")
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the servers' and processes' directory"
-    )
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str]) -> int:
+    p = parser(NAME, __doc__, database=False, rounds=False)
+    p.add_argument("--faults", default=",".join(FAULTS), help=f"in this order: {', '.join(FAULTS)}")
+    p.add_argument("--tasks", type=int, default=60, help="tasks a round (default 60)")
+    p.add_argument("--keep", action="store_true", help="keep the servers' and processes' files")
+    args = p.parse_args(argv)
     if args.quick:  # one fault, a small round: a smoke run
         args.faults, args.tasks = "worker-kill", 10
-    args.names = [n.strip() for n in args.faults.split(",") if n.strip()]
-    unknown = [n for n in args.names if n not in FAULTS]
-    if unknown:
-        parser.error(f"unknown fault {', '.join(unknown)}; known: {', '.join(FAULTS)}")
-    if args.tasks < 5:
-        parser.error("--tasks must be at least 5 (one of each kind)")
-    return args
-
-
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        eprint(
-            f"{NAME}: needs root: the sandbox's isolation layers, PostgreSQL run as its own"
-            " user, and the run counter entering the sandbox's network namespaces"
-        )
-        return 2
-    missing = services.missing_tools()
-    if missing:
+    names = [n.strip() for n in args.faults.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown or args.tasks < 5:
+        p.error(f"unknown fault {', '.join(unknown)}" if unknown else "--tasks must be >= 5")
+    missing = servers.missing_tools() + ([] if os.geteuid() == 0 else ["root"])
+    if missing:  # root: the sandbox's layers, and entering its network namespaces
         eprint(f"{NAME}: missing: {', '.join(missing)}")
         return 2
-    services.sweep(eprint)
-    run = report.Run(NAME, argv)
-    header = ""
-    base = services.workdir()
-    postgres = services.PrivatePostgres(base)
-    rabbitmq = services.PrivateRabbitMQ(base, dict(os.environ))
-    deployment: Deployment | None = None
+    servers.sweep(eprint)
+    run = Run(NAME, argv)
+    base = servers.workdir()
+    deployment = Deployment(base, eprint)
     suite: Suite | None = None
     results: list[RoundResult] = []
-    status = 0
+    header, status = "", 0
     try:
-        eprint(f"{NAME}: starting PostgreSQL and RabbitMQ of its own in {base}")
-        postgres.start()
-        header = run.header(postgres.url)
-        rabbitmq.start()
-        deployment = Deployment(
-            base,
-            postgres,
-            rabbitmq,
-            eprint,
-            concurrency=CONCURRENCY,
-            lease_seconds=LEASE_SECONDS,
-            heartbeat_seconds=HEARTBEAT_SECONDS,
-        )
-        deployment.create_database()
+        eprint(f"{NAME}: starting PostgreSQL, RabbitMQ and taskledger of its own in {base}")
         deployment.start()
-        suite = Suite(deployment, args.tasks, eprint)
-        for n, name in enumerate(args.names):
-            repeat = args.names[:n].count(name)
+        header = run.header(deployment.postgres.url)
+        suite = Suite(deployment, args.tasks)
+        for n, name in enumerate(names):
+            repeat = names[:n].count(name)
             round_name = f"{name}-{repeat + 1}" if repeat else name
             eprint(f"{NAME}: round {round_name} ({args.tasks} tasks)")
             began = time.monotonic()
@@ -408,9 +329,8 @@ def main(argv: Sequence[str]) -> int:
             results.append(result)
             eprint(
                 f"  {result.accepted} accepted, {result.lost} lost,"
-                f" {result.duplicate_outcomes} duplicate outcomes,"
-                f" recovered in {_seconds(result.recovery)}"
-                f" ({time.monotonic() - began:.0f} s)"
+                f" {result.duplicate_outcomes} duplicate outcomes, recovered in"
+                f" {_seconds(result.recovery)} ({time.monotonic() - began:.0f} s)"
             )
     except KeyboardInterrupt:
         eprint(f"{NAME}: interrupted")
@@ -419,19 +339,16 @@ def main(argv: Sequence[str]) -> int:
         with signals_deferred():
             if suite is not None:
                 suite.close()
-            if deployment is not None:
-                deployment.close()
-            rabbitmq.close()
-            postgres.close()
-            if not args.keep:
-                shutil.rmtree(base, ignore_errors=True)
-            else:
+            deployment.close()
+            if args.keep:
                 eprint(f"{NAME}: kept {base}")
+            else:
+                shutil.rmtree(base, ignore_errors=True)
     if not results:
         return status or 1
     header += (
-        f" · RabbitMQ {rabbitmq.version()} · {args.tasks} tasks a round · 2 api, 2 workers of"
-        f" concurrency {CONCURRENCY} · lease {LEASE_SECONDS:g} s, heartbeat"
+        f" · RabbitMQ {servers.PrivateRabbitMQ.version()} · {args.tasks} tasks a round · 2 api,"
+        f" 2 workers of concurrency {CONCURRENCY} · lease {LEASE_SECONDS:g} s, heartbeat"
         f" {HEARTBEAT_SECONDS:g} s"
     )
     print(render(header, results) + "\n\n" + run.footer())

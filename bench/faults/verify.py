@@ -1,10 +1,6 @@
-"""What one round's tasks went through, from the event store and the programs' own reports.
-
-Everything here is read after the fact: the tasks' events (straight from the suite's
-PostgreSQL, the ledger's table), the runs the programs reported (bench/faults/runs.py),
-the submissions and their answers, and the suite's record of what it did when (which
-worker it killed, when a worker or every worker was cut off from the store).
-"""
+"""The verdict on one round, after the fact: from the tasks' events (read straight from
+the ledger's table), the runs the programs reported (bench/faults/runs.py), the
+submissions' answers and what the suite did when (`Window`)."""
 
 from __future__ import annotations
 
@@ -22,11 +18,16 @@ from bench.faults.load import Submission
 from bench.faults.runs import Run
 
 TOPIC = "ledger.domain:Task."
-OUTCOMES = ("AttemptCompleted", "AttemptFailed", "TaskExpired", "TaskCancelled")
+# outcome event -> the status it leaves (unless a retry is scheduled in the same save)
+ENDS = {
+    "AttemptCompleted": "Completed",
+    "AttemptFailed": "Failed",
+    "TaskExpired": "Expired",
+    "TaskCancelled": "Cancelled",
+}
 # A worker that loses its lease kills the run at its next heartbeat (2 s by default); a run
 # seen alive longer than this after its attempt was recorded worker_lost was not fenced.
 FENCE_SLACK = 3.0
-TERMINAL = ("Completed", "Failed", "Expired", "Cancelled")
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,11 @@ class Attempt:
 
     @property
     def lost(self) -> bool:
-        return any(
-            e.type == "AttemptFailed" and e.data["error"]["kind"] == "worker_lost"
-            for e in self.outcomes
-        )
+        return any(_worker_lost(e) for e in self.outcomes)
+
+
+def _worker_lost(outcome: Event) -> bool:
+    return outcome.type == "AttemptFailed" and outcome.data["error"]["kind"] == "worker_lost"
 
 
 @dataclass
@@ -98,7 +100,7 @@ class TaskReport:
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in ENDS.values()
 
     @property
     def lateness(self) -> float | None:
@@ -130,18 +132,13 @@ def replay(
             report.status = "InProgress"
             attempt.worker = worker_label(str(event.data["worker_id"]))
             attempt.started_at = event.at
-        elif event.type in OUTCOMES:
+        elif event.type in ENDS:
             assert attempt is not None
             attempt.outcomes.append(event)
             retried = following is not None and following.type == "AttemptScheduled"
             if event.type == "AttemptFailed" and retried:
                 continue  # a retry was scheduled in the same save: not an end
-            report.status = {
-                "AttemptCompleted": "Completed",
-                "AttemptFailed": "Failed",
-                "TaskExpired": "Expired",
-                "TaskCancelled": "Cancelled",
-            }[event.type]
+            report.status = ENDS[event.type]
             report.ended.append(event)
     return report
 
@@ -186,7 +183,6 @@ class RoundResult:
     submitted: int = 0
     accepted: int = 0
     refused_5xx: int = 0
-    refused_4xx: int = 0
     unanswered: int = 0
     stored_though_5xx: int = 0
     stored_though_unanswered: int = 0
@@ -203,8 +199,6 @@ class RoundResult:
     max_run_past_deadline: float | None = None  # seconds: a run's last sign of life - deadline
     recovery: float | None = None  # seconds: until every live worker completed a probe
     recovered: dict[str, float] = field(default_factory=dict)  # worker -> seconds
-    fault_seconds: float = 0.0
-    refused_after_end: float | None = None  # the last refusal's answer, after the fault
     ends: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> status -> n
     notes: list[str] = field(default_factory=list)
 
@@ -217,8 +211,8 @@ def judge(
     windows: Sequence[Window],
     worker_label: Callable[[str], str],
     lease: float,
-) -> list[TaskReport]:
-    """Fill `result` from what the round left; the task reports, for the raw results."""
+) -> None:
+    """Fill `result` from what the round left."""
     by_token = {s.token: s for s in submissions}
     reports = [replay(task_id, evs, worker_label) for task_id, evs in events.items()]
     stored = {r.token: r for r in reports}
@@ -236,8 +230,6 @@ def judge(
         elif s.status >= 500:
             result.refused_5xx += 1
             result.stored_though_5xx += s.token in stored
-        else:
-            result.refused_4xx += 1
     missing = [s for s in submissions if s.accepted and s.token not in stored]
     if missing:
         result.notes.append(f"{len(missing)} accepted submissions are not in the store")
@@ -272,9 +264,7 @@ def judge(
                     f" {', '.join(_clock(r.at) for r in attempt.runs)}"
                 )
             for outcome in attempt.outcomes:
-                if outcome.type == "AttemptFailed" and outcome.data["error"]["kind"] == (
-                    "worker_lost"
-                ):
+                if _worker_lost(outcome):
                     result.worker_lost += 1
                     for run in attempt.runs:
                         if run.last_seen > outcome.at + FENCE_SLACK:
@@ -303,7 +293,6 @@ def judge(
     result.max_lateness = max(late) if late else None
     result.max_run_past_deadline = max(alive_late) if alive_late else None
     result.ends = {kind: dict(counts) for kind, counts in sorted(ends.items())}
-    return reports
 
 
 def _clock(at: float) -> str:

@@ -1,9 +1,6 @@
-"""The systems the comparison runs: the same small interface for taskledger and Celery.
-
-Each system starts its own processes against the services of the run (a fresh database,
-a namespace of its own in RabbitMQ), runs one scenario per call and returns raw figures;
-``bench.compare`` alternates the systems, summarises and judges.
-"""
+"""The systems the comparison runs, behind one small interface: each starts its own
+processes with fresh state of its own, runs one scenario per call and returns raw
+figures; bench/compare.py alternates, summarises and judges."""
 
 from __future__ import annotations
 
@@ -51,7 +48,6 @@ class Expiry:
     """One task past its time limit: how late the system recorded its end."""
 
     lateness_ms: float | None  # recorded end - deadline (None: it did not expire)
-    detected_by: str  # "worker", "reaper", or the system's own word
     status: str
 
 
@@ -59,37 +55,16 @@ class System(Protocol):
     name: str
     database_url: str  # the database this system writes to
 
-    def processes(self) -> dict[str, int]:
-        """Its running processes: role -> pid (each counted with its children)."""
-        ...
-
-    def start(self) -> None:
-        """Start the processes; return once a first task has made the round trip."""
-        ...
-
-    def ensure_running(self) -> list[str]:
-        """Restart whatever process died (after a failed scenario); what was restarted."""
-        ...
-
+    def processes(self) -> dict[str, int]: ...  # role -> pid, each counted with its children
+    def start(self) -> None: ...  # returns once a first task has made the round trip
+    def ensure_running(self) -> list[str]: ...  # restarts what died; what it restarted
     def close(self) -> None: ...
-
-    def facts(self) -> dict[str, Any]:
-        """How this system is run (processes, concurrency, versions), for the report."""
-        ...
-
+    def facts(self) -> dict[str, Any]: ...  # how it runs (processes, versions), for the report
     def noop_batch(self, tasks: int) -> Batch: ...
-
-    def live_lag(self, tasks: int, batch: Batch) -> None:
-        """Fill `batch.lag_*` from the same load again, watched (systems with views)."""
-        ...
-
+    def live_lag(self, tasks: int, batch: Batch) -> None: ...  # the load again, watched
     def round_trips(self, count: int) -> list[RoundTrip]: ...
-
     def python_batch(self, tasks: int, code: str) -> Batch: ...
-
     def csharp_round_trips(self, sources: Sequence[str]) -> list[RoundTrip]: ...
-
-    def expire_on_worker(self, tasks: int, ttl_seconds: float) -> list[Expiry]:
-        """Tasks that loop forever, never more at once than the worker runs: each one is
-        running on a worker when its limit passes."""
-        ...
+    # Loops with a time limit, never more at once than the worker runs: each is running
+    # on a worker when its limit passes.
+    def expire_on_worker(self, tasks: int, ttl_seconds: float) -> list[Expiry]: ...

@@ -1,12 +1,7 @@
-"""Celery as a user runs it: one ``celery worker --pool prefork --concurrency N`` process
-(its main process and N forked children), RabbitMQ broker, PostgreSQL result backend;
-the client (this process) calls ``.delay()`` / ``.apply_async()`` and ``.get()``.
-
-The result backend gets a database of its own (fresh per run); the queue is
-``taskledger_bench_<random>``, purged before the worker starts and deleted at the end.
-What Celery recorded is read from ``celery_taskmeta`` (status, result, date_done).
-Celery writes one row per task, when it ends; it records no start time, no events.
-"""
+"""Celery as a user runs it: one ``celery worker --pool prefork --concurrency N``
+(bench/celery_app.py), RabbitMQ broker, PostgreSQL result backend in a database of its
+own; this process calls ``.delay()`` and ``.get()``. What Celery recorded is read from
+``celery_taskmeta``: one row per task, written when it ends (no start, no events)."""
 
 from __future__ import annotations
 
@@ -25,7 +20,7 @@ import psycopg
 
 from bench.cpu import BENCH_APPLICATION
 from bench.processes import REPOSITORY, ManagedProcess, tool
-from bench.stats import ms
+from bench.report import ms
 from bench.systems import Batch, Expiry, RoundTrip
 
 READY_STATES = ("SUCCESS", "FAILURE", "REVOKED")
@@ -255,5 +250,5 @@ class CelerySystem:
                 if mark.exists()
                 else None
             )
-            expiries.append(Expiry(late, "time_limit", status))
+            expiries.append(Expiry(late, status))
         return expiries

@@ -1,13 +1,7 @@
-"""taskledger as production runs it: ``taskledger api`` (the API with the dispatcher, the
-reaper and the projections beside it) and ``taskledger worker --concurrency N``, each a
-process of its own, over PostgreSQL and RabbitMQ; every task goes through the HTTP API
-(bench/http.py's raw client).
-
-The database schema is ``bench_<random>``, which also names the RabbitMQ queues
-(``taskledger.bench_<random>.*``), deleted at the end. Timings the system recorded are
-read afterwards from its views (``task_status``: finished_at, deadline; ``audit``: each
-event's time and payload), once the projections have caught up with the log.
-"""
+"""taskledger as production runs it: ``taskledger api`` (with the dispatcher, the reaper
+and the views) and ``taskledger worker --concurrency N``, every task through the HTTP API
+(bench/http.py). Its schema ``bench_<random>`` also names its RabbitMQ queues. Recorded
+times are read from the views once the projections have caught up with the log."""
 
 from __future__ import annotations
 
@@ -28,8 +22,8 @@ from bench.cpu import BENCH_APPLICATION
 from bench.http import RawConnection, request
 from bench.lag_monitor import LagMonitor
 from bench.processes import HOST, ManagedProcess, free_port, taskledger_env, tool, wait_ready
+from bench.report import ms
 from bench.services import delete_queues
-from bench.stats import ms
 from bench.systems import LOOP_CODE, Batch, Expiry, RoundTrip
 
 TERMINAL = ("Completed", "Failed", "Expired", "Cancelled")
@@ -130,9 +124,6 @@ class Taskledger:
         self.progress(
             f"  taskledger worker (pid {worker.pid}) ready in {self.ready_seconds['worker']} s"
         )
-
-    def stop_worker(self) -> None:
-        self.roles["worker"].stop()
 
     def ensure_running(self) -> list[str]:
         dead = [role for role, p in self.roles.items() if not p.alive()]
@@ -296,14 +287,14 @@ class Taskledger:
     def _expiries(self, ids: Sequence[str]) -> list[Expiry]:
         self._caught_up()
         rows = self._query(
-            "SELECT s.status, s.deadline, a.at, a.payload->>'detected_by'"
+            "SELECT s.status, s.deadline, a.at"
             " FROM {task_status} s LEFT JOIN {audit} a"
             " ON a.task_id = s.id AND a.type = 'TaskExpired' WHERE s.id = ANY(%s)",
             ids,
         )
         return [
-            Expiry(None if at is None else ms((at - deadline).total_seconds()), by or "-", status)
-            for status, deadline, at, by in rows
+            Expiry(None if at is None else ms((at - deadline).total_seconds()), status)
+            for status, deadline, at in rows
         ]
 
     # -- scenarios -----------------------------------------------------------------------
@@ -346,12 +337,11 @@ class Taskledger:
         trips = self._run(asyncio.gather(*(self._round_trips(g) for g in groups if g)))
         return self._expiries([t.task_id for lane in trips for t in lane])
 
-    def expire_burst(self, tasks: int, ttl_seconds: float, *, workers: bool) -> list[Expiry]:
-        """`tasks` submitted at once; with `workers` False the worker is stopped first (the
-        reaper alone expires them) and started again afterwards."""
+    def expire_by_reaper(self, tasks: int, ttl_seconds: float) -> list[Expiry]:
+        """`tasks` submitted at once with the worker stopped: the reaper alone expires
+        them. The worker is started again afterwards."""
         self._idle()
-        if not workers:
-            self.stop_worker()
+        self.roles["worker"].stop()
         try:
             before = self._idle()
             ids, _, _, refused = self._run(self._submit_all([_loop(ttl_seconds)] * tasks))
@@ -361,5 +351,4 @@ class Taskledger:
             self._run(self._until(lambda s: self._ended(s) - before >= len(ids), timeout))
             return self._expiries(ids)
         finally:
-            if not workers:
-                self.start_worker()
+            self.start_worker()
