@@ -130,6 +130,7 @@ def create_app(context: ApiContext) -> Starlette:
         Route("/api/audit", system.audit, methods=["GET"]),
         Route("/api/stats", system.stats, methods=["GET"]),
         Route("/api/workers", system.workers, methods=["GET"]),
+        Route("/api/ledger/verify", system.verify_ledger, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),

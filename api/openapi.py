@@ -217,6 +217,13 @@ OPERATIONS = (
         "Workers from their heartbeats: slots, busy, attempts, last seen",
         schemas.Workers,
     ),
+    Operation(
+        "get",
+        "/api/ledger/verify",
+        "verifyLedger",
+        "Walk the ledger's hash chain (admin): ok, or the first broken position",
+        schemas.LedgerVerification,
+    ),
     Operation("get", "/healthz", "healthz", "Liveness", schemas.Health, auth=False, problems=()),
     Operation(
         "get",

@@ -142,6 +142,11 @@ class HistoryItem(BaseModel):
     type: str
     at: datetime
     data: dict[str, Any]
+    position: int | None = Field(description="the event's position in the ledger's log")
+    hash: str | None = Field(
+        description="the hash chain at this event (hex SHA-256): `taskledger ledger verify` "
+        "recomputes it; see docs/ledger.md, Tamper evidence"
+    )
 
 
 class History(BaseModel):
@@ -167,6 +172,36 @@ class AuditList(BaseModel):
 class ProjectionLag(BaseModel):
     position: int
     lag_events: int
+
+
+class ChainPoint(BaseModel):
+    position: int
+    chain: str = Field(description="hex SHA-256 of the hash chain at this position")
+
+
+class ChainProblem(BaseModel):
+    position: int
+    kind: Literal[
+        "changed",
+        "unlinked",
+        "version_gap",
+        "out_of_order",
+        "tail_deleted",
+        "unchained",
+        "truncated",
+        "rewritten",
+    ]
+
+
+class LedgerVerification(BaseModel):
+    """The hash chain walked end to end: counts, positions and hashes only (no task's id
+    or content). `taskledger ledger verify` names the task and explains."""
+
+    status: Literal["ok", "broken"]
+    events: int
+    head: ChainPoint
+    problem: ChainProblem | None
+    seconds: float
 
 
 class Stats(BaseModel):

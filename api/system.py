@@ -24,10 +24,11 @@ from api.http import (
     reject_unknown_params,
     time_param,
 )
-from api.schemas import AuditList, Health, Stats, Workers
+from api.schemas import AuditList, Health, LedgerVerification, Stats, Workers
+from ledger import verification
 from ledger.keys import Role
 from ledger.log import read_changes
-from projections import all_projections
+from projections import all_projections, task_status
 from projections.admin import status as projection_status
 from projections.queries import audit_events, counts_by_status
 
@@ -144,6 +145,27 @@ async def stats(request: Request) -> Response:
 
 # Workers silent for longer than this are no longer listed.
 WORKERS_REMEMBERED_SECONDS = 3600.0
+
+
+async def verify_ledger(request: Request) -> Response:
+    """Walk the whole hash chain (docs/ledger.md, Tamper evidence): admin keys only."""
+    await authenticate(request, Role.ADMIN)
+    reject_unknown_params(request, set())
+    ctx = context(request)
+
+    def walk() -> dict[str, Any]:
+        with ctx.queries.connection() as conn:
+            expected = task_status.versions(conn, ctx.schema)
+            return verification.verify(conn, ctx.schema, expected_versions=expected).summary()
+
+    report = await in_thread(request, walk)
+    if report["status"] != "ok":
+        log.error(
+            "ledger verification found the log broken: run `taskledger ledger verify` "
+            "for the task and what it means",
+            extra={"problem": report["problem"]},
+        )
+    return model_response(LedgerVerification, report)
 
 
 async def workers(request: Request) -> Response:

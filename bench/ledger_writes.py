@@ -1,11 +1,12 @@
 """The ledger's write rate, against the event store's own default insert path.
 
-``python -m bench ledger_writes [--writers 1,8] [--seconds 5] [--quick]``. Three
+``python -m bench ledger_writes [--writers 1,8] [--seconds 5] [--quick]``. Four
 workloads, each with every writer count (threads sharing one application object), in
 interleaved rounds: ``baseline``, eventsourcing's ``Application`` with its defaults (own
 table, the same PostgreSQL settings) saving one bare ``Aggregate`` (1 event) per save;
 ``submit``, ``Ledger.submit`` (1 save, 2 events); ``lifecycle``, submit, start and
-complete one task (3 saves, 4 events), each writer on its own tasks. Per row: saves/s,
+complete one task (3 saves, 4 events), each writer on its own tasks; ``lifecycle-nochain``,
+the same without the hash chain (the library's insert): what the chain costs. Per row: saves/s,
 events/s against the baseline's at the same writer count, latency per save, CPU per save
 of this process and of the database's backends; every save is checked against the rows
 the table gained. A fresh database, dropped afterwards.
@@ -16,14 +17,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 from uuid import UUID
 
 import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import Environment, EnvType
-from psycopg import sql
+from psycopg import Cursor, sql
+from psycopg.rows import DictRow
 
 from bench.cpu import CpuMeter
 from bench.report import (
@@ -38,7 +42,7 @@ from bench.report import (
 )
 from bench.services import temporary_database
 from ledger import AttemptResult, Ledger, SystemClock
-from ledger.persistence import postgres_env
+from ledger.persistence import LedgerRecorder, postgres_env
 
 NAME = "ledger_writes"
 RESULT = AttemptResult(stdout="1\n", exit_code=0, duration_ms=1.0)
@@ -54,8 +58,10 @@ class BaselineApp(Application[UUID]):
     name = "BenchBaseline"  # table benchbaseline_events, beside taskledger_events
 
     def construct_env(self, name: str, env: EnvType | None = None) -> Environment:
-        # Like the Ledger: only the given settings count, not stray POSTGRES_* in os.environ.
-        return Environment(name, dict(env or {}))
+        # Like the Ledger: only the given settings count, not stray POSTGRES_* in os.environ;
+        # and the library's own recorder, not the ledger's (leases, the hash chain).
+        settings = {k: v for k, v in (env or {}).items() if k != "APPLICATION_RECORDER_TOPIC"}
+        return Environment(name, settings)
 
 
 class Workload:
@@ -118,7 +124,41 @@ class Lifecycle(Submit):
         latencies += [t1 - t0, t2 - t1, time.perf_counter() - t2]
 
 
-WORKLOADS: dict[str, type[Workload]] = {w.name: w for w in (Baseline, Submit, Lifecycle)}
+class UnchainedRecorder(LedgerRecorder):
+    """The ledger's recorder without the hash chain (ledger.chain): the library's insert,
+    as before the chain existed. `lifecycle-nochain` against `lifecycle` is its cost."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        library = PostgresApplicationRecorder(
+            self.datastore, events_table_name=self.events_table_name
+        )
+        self.insert_events_statement = library.insert_events_statement
+
+    def _insert_stored_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> None:
+        PostgresApplicationRecorder._insert_stored_events(self, curs, stored_events, **kwargs)
+
+    def _fetch_ids_after_insert_events(
+        self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        return PostgresApplicationRecorder._fetch_ids_after_insert_events(
+            self, curs, stored_events, **kwargs
+        )
+
+
+class LifecycleUnchained(Lifecycle):
+    name = "lifecycle-nochain"
+
+    def __init__(self, env: dict[str, str]) -> None:
+        topic = f"{__name__}:{UnchainedRecorder.__name__}"
+        super().__init__({**env, "APPLICATION_RECORDER_TOPIC": topic})
+
+
+WORKLOADS: dict[str, type[Workload]] = {
+    w.name: w for w in (Baseline, Submit, Lifecycle, LifecycleUnchained)
+}
 
 
 def run_phase(workload: Workload, writers: int, seconds: float) -> tuple[int, float, list[float]]:

@@ -173,7 +173,8 @@ class LedgerRecorder(PostgresApplicationRecorder):
         super().create_table()
         schema, table = self.datastore.schema, self.events_table_name
         with self.datastore.get_connection() as conn:
-            for statement in [*ddl(schema), *chain.ddl(schema, table)]:
+            statements = [*ddl(schema), *chain.ddl(schema, table, self.stored_event_type_name)]
+            for statement in statements:
                 conn.execute(statement)
             chained = chain.backfill(conn, schema, table)
         if chained:
@@ -182,6 +183,37 @@ class LedgerRecorder(PostgresApplicationRecorder):
                 chained,
                 extra={"events": chained},
             )
+
+    def _insert_stored_events(
+        self, curs: Cursor[DictRow], stored_events: typing.Sequence[StoredEvent], **_: Any
+    ) -> None:
+        """The library's insert (table lock, NOTIFY, one statement), with each event's
+        digest computed here, outside the lock, for the chain (ledger.chain)."""
+        self._lock_table(curs)
+        self._notify_channel(curs)
+        events = [
+            self.construct_pg_stored_event(
+                event.originator_id, event.originator_version, event.topic, event.state
+            )
+            for event in stored_events
+        ]
+        digests = [
+            chain.digest(
+                typing.cast(UUID, event.originator_id),
+                event.originator_version,
+                event.topic,
+                event.state,
+            )
+            for event in stored_events
+        ]
+        curs.execute(self.insert_events_statement, (events, digests))
+
+    def _fetch_ids_after_insert_events(
+        self, curs: Cursor[DictRow], stored_events: typing.Sequence[StoredEvent], **_: Any
+    ) -> typing.Sequence[int] | None:
+        # The library's, less its check that the statement was an INSERT (ours is a
+        # SELECT of the insert function).
+        return [row["notification_id"] for row in curs.fetchall()]
 
     def insert_events(
         self, stored_events: typing.Sequence[StoredEvent], **kwargs: Any

@@ -108,15 +108,16 @@ class Ledger:
 
     def history(self, task_id: UUID, *, tenant: str | None = None) -> list[HistoryEntry]:
         self.store.load(task_id, tenant)
-        events = self.store.events_of(task_id)
         return [
             HistoryEntry(
                 version=event.originator_version,
                 type=type(event).__name__,
                 at=typing.cast(datetime, vars(event)["timestamp"]),
                 data=event_payload(event),
+                position=position,
+                hash=None if chain is None else chain.hex(),
             )
-            for event in events
+            for event, position, chain in self.store.events_of(task_id)
         ]
 
     # -- commands from clients ----------------------------------------------------------------

@@ -119,3 +119,5 @@ class HistoryEntry:
     type: str
     at: datetime
     data: dict[str, Any]
+    position: int | None = None  # in the log
+    hash: str | None = None  # the chain there, hex (ledger.chain)

@@ -225,7 +225,31 @@ class EventStore(Application[UUID]):
             [[self.mapper.to_stored_event(e) for e in events] for events in pending]
         )
 
-    def events_of(self, stream_id: UUID) -> list[Any]:
-        """A stream's events, oldest first."""
-        with store_errors():
-            return list(self.events.get(stream_id))
+    def events_of(self, stream_id: UUID) -> list[tuple[Any, int | None, bytes | None]]:
+        """A stream's events, oldest first, each with its position and its chain (None on
+        a store without them: the in-memory one)."""
+        recorder = self.recorder
+        if not isinstance(recorder, PostgresAggregateRecorder):
+            with store_errors():
+                return [(event, None, None) for event in self.events.get(stream_id)]
+        statement = SQL(
+            "SELECT originator_version, topic, state, notification_id, chain FROM {}.{}"
+            " WHERE originator_id = %s ORDER BY originator_version"
+        ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
+        with store_errors(), recorder.datastore.get_connection() as conn:
+            rows = conn.execute(statement, (stream_id,), prepare=True).fetchall()
+        return [
+            (
+                self.mapper.to_domain_event(
+                    StoredEvent(
+                        originator_id=stream_id,
+                        originator_version=row["originator_version"],
+                        topic=row["topic"],
+                        state=bytes(row["state"]),
+                    )
+                ),
+                row["notification_id"],
+                None if row["chain"] is None else bytes(row["chain"]),
+            )
+            for row in rows
+        ]

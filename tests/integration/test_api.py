@@ -8,7 +8,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from api.schemas import TaskOut, TaskSummaryOut
 from ledger import AttemptError, AttemptResult
@@ -618,3 +620,34 @@ async def test_an_unavailable_store_answers_503_without_driver_text(
         assert answer.json()["detail"] == (
             "the event store is not available right now; retry in a moment"
         )
+
+
+async def test_the_ledger_verification_is_for_admins_and_tells_no_task(api: Api) -> None:
+    """An admin sees whether the chain holds, and where it breaks: counts, positions and
+    hashes, never another tenant's task id; a submit key of the tenant gets 403."""
+    task = await submit(api)
+    await submit(api, key="globex-submit")
+    history = await api.client.get(
+        f"/api/tasks/{task['id']}/history", headers=api.auth("acme-read")
+    )
+    items = history.json()["items"]
+    assert all(len(item["hash"]) == 64 and item["position"] >= 1 for item in items)
+    refused = await api.client.get("/api/ledger/verify", headers=api.auth("acme-submit"))
+    assert refused.status_code == 403
+    ok = await api.client.get("/api/ledger/verify", headers=api.auth("acme-admin"))
+    assert ok.status_code == 200
+    body = ok.json()
+    assert (body["status"], body["events"], body["problem"]) == ("ok", 4, None)
+    assert body["head"]["chain"] != items[-1]["hash"]  # the other tenant's events came after
+    position = items[-1]["position"]
+    with psycopg.connect(api.context.database_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("UPDATE {} SET state = state || ' '::bytea WHERE notification_id = %s").format(
+                sql.Identifier(api.context.schema, "taskledger_events")
+            ),
+            (position,),
+        )
+    broken = (await api.client.get("/api/ledger/verify", headers=api.auth("acme-admin"))).json()
+    assert broken["status"] == "broken"
+    assert broken["problem"] == {"position": position, "kind": "changed"}
+    assert task["id"] not in str(broken)

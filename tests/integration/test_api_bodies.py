@@ -230,6 +230,11 @@ async def test_every_operation_answers_what_its_document_says(api: Api) -> None:
     (seen,) = document.check(await get("/api/workers", headers=reader), "/api/workers")["workers"]
     assert "attempts" not in seen
 
+    # The ledger's chain walked: admin only.
+    verified = document.check(await get("/api/ledger/verify", headers=admin), "/api/ledger/verify")
+    assert verified["status"] == "ok"
+    document.check(await get("/api/ledger/verify", headers=reader), "/api/ledger/verify")
+
     # Health and readiness: ok, degraded (only the broker fails), not ready.
     document.check(await get("/healthz"), "/healthz")
     assert document.check(await get("/readyz"), "/readyz")["status"] == "ok"

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from eventsourcing.domain import Aggregate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -22,6 +23,7 @@ from psycopg import sql
 from ledger import AttemptResult, Ledger
 from ledger.chain import GENESIS, digest, link
 from ledger.log import EVENTS_TABLE
+from ledger.store import EventStore
 from ledger.verification import Checkpoint, Report, checkpoint, verify
 
 pytestmark = pytest.mark.postgres
@@ -452,3 +454,35 @@ async def test_the_leader_logs_checkpoint_lines_that_verify_against_the_log(
     report = verify(conn, schema, checkpoint=shipped)
     assert report.problem is not None
     assert report.problem.kind == "truncated"
+
+
+class Note(Aggregate):
+    pass
+
+
+class OtherStore(EventStore):
+    name = "OtherLedger"
+
+
+def test_two_event_stores_in_one_schema_each_insert_into_their_own_table(
+    ledger: Ledger, store_env: dict[str, str], conn: psycopg.Connection[Any], schema: str
+) -> None:
+    """The insert function names its table: a second store made after the ledger's (as the
+    benchmark's baseline was) once redefined it, and the ledger's events went to the
+    other table."""
+    other = OtherStore(store_env)
+    try:
+        run_task(ledger)
+        other.save(Note())
+        run_task(ledger)
+    finally:
+        other.close()
+    report = verify(conn, schema)
+    assert report.ok, [p.describe() for p in report.problems]
+    assert report.events == 8
+    row = conn.execute(
+        sql.SQL("SELECT count(*), count(chain) FROM {}").format(
+            sql.Identifier(schema, "otherledger_events")
+        )
+    ).fetchone()
+    assert row == (1, 1)
