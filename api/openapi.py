@@ -127,6 +127,19 @@ OPERATIONS = (
                 {"type": "number", "minimum": 0, "maximum": 60},
                 "Long-poll: answer once the task is terminal, or after this many seconds.",
             ),
+            Param(
+                "as_of",
+                "query",
+                TIME,
+                "The task exactly as it was at this time (RFC 3339), replayed from its events "
+                "up to then; 404 if it did not exist yet. Not with `wait`.",
+            ),
+            Param(
+                "as_of_version",
+                "query",
+                {"type": "integer", "minimum": 1},
+                "The task as it was at this version (its first N events). Not with `as_of`.",
+            ),
         ),
         problems=("401", "403", "404", "422", "503"),
     ),

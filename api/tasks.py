@@ -143,10 +143,34 @@ async def submit_task(request: Request) -> Response:
 
 async def get_task(request: Request) -> Response:
     principal = await authenticate(request, Role.READ)
-    reject_unknown_params(request, {"wait"})
+    reject_unknown_params(request, {"wait", "as_of", "as_of_version"})
     task_id = task_id_param(request)
     ctx = context(request)
     wait = float_param(request, "wait", 0.0, 0.0, ctx.limits.max_wait_seconds)
+    as_of = time_param(request, "as_of")
+    as_of_version = int_param(request, "as_of_version", 0, 1, 2**31 - 1)
+    if as_of is not None or as_of_version:
+        if as_of is not None and as_of_version:
+            raise ApiProblem(
+                422,
+                "invalid-request",
+                "as_of and as_of_version name two points in time: give one",
+                errors=[{"field": "as_of_version", "message": "cannot be combined with as_of"}],
+            )
+        if "wait" in request.query_params:
+            raise ApiProblem(
+                422,
+                "invalid-request",
+                "wait asks for a change to come; as_of for a state that was: give one",
+                errors=[{"field": "wait", "message": "cannot be combined with as_of"}],
+            )
+        past = await in_thread(
+            request,
+            lambda: ctx.ledger.get_as_of(
+                task_id, tenant=principal.scope, at=as_of, version=as_of_version or None
+            ),
+        )
+        return task_response(past)
 
     def load() -> TaskState:
         return ctx.ledger.get(task_id, tenant=principal.scope)

@@ -4,6 +4,7 @@ on one task. Each command is a decision on the Task aggregate, run by ledger.dec
 
 from __future__ import annotations
 
+import itertools
 import typing
 import uuid
 from collections.abc import Collection, Sequence
@@ -12,6 +13,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.application import project_aggregate
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import EnvType
 
@@ -21,7 +23,9 @@ from ledger.decisions import Decision, Decisions, log_transition
 from ledger.domain import Task
 from ledger.errors import (
     IdempotencyConflict,
+    InvalidTask,
     LedgerUnavailable,
+    TaskNotFound,
     VersionMismatch,
 )
 from ledger.jsonvalue import JSONValue
@@ -105,6 +109,39 @@ class Ledger:
     def get(self, task_id: UUID, *, tenant: str | None = None) -> TaskState:
         """The task's current state. `tenant` (None = any) hides other tenants' tasks."""
         return TaskState.of(self.store.load(task_id, tenant))
+
+    def get_as_of(
+        self,
+        task_id: UUID,
+        *,
+        tenant: str | None = None,
+        at: datetime | None = None,
+        version: int | None = None,
+    ) -> TaskState:
+        """The task exactly as it was at time `at` (its events up to then), or at `version`,
+        replayed; TaskNotFound if it did not exist yet."""
+        current = self.store.load(task_id, tenant)
+        if version is not None and version > current.version:
+            raise InvalidTask(
+                "as_of_version", f"is {version}; the task's last version is {current.version}"
+            )
+        events = [event for event, _, _ in self.store.events_of(task_id)]
+        if version is not None:
+            kept = events[:version]
+        else:
+            assert at is not None, "as of a time or a version"
+            # A prefix, always: clocks of other processes may put a later event a moment
+            # before an earlier one, and a state is only ever a prefix of the history.
+            kept = list(
+                itertools.takewhile(
+                    lambda e: typing.cast(datetime, vars(e)["timestamp"]) <= at, events
+                )
+            )
+        if not kept:
+            raise TaskNotFound(task_id)
+        task = project_aggregate(None, kept)
+        assert isinstance(task, Task)
+        return TaskState.of(task)
 
     def history(self, task_id: UUID, *, tenant: str | None = None) -> list[HistoryEntry]:
         self.store.load(task_id, tenant)

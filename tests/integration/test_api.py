@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -651,3 +651,33 @@ async def test_the_ledger_verification_is_for_admins_and_tells_no_task(api: Api)
     assert broken["status"] == "broken"
     assert broken["problem"] == {"position": position, "kind": "changed"}
     assert task["id"] not in str(broken)
+
+
+async def test_a_task_as_of_a_time_or_a_version(api: Api) -> None:
+    task = await submit(api)
+    created = datetime.fromisoformat(task["created_at"])
+    await asyncio.to_thread(api.context.ledger.start_attempt, uuid.UUID(task["id"]), 1, "w")
+    url, reader = f"/api/tasks/{task['id']}", api.auth("acme-read")
+    now = (await api.client.get(url, headers=reader)).json()
+    assert (now["status"], now["version"]) == ("InProgress", 3)
+    first = await api.client.get(url, params={"as_of_version": 2}, headers=reader)
+    assert first.status_code == 200, first.text
+    assert (first.json()["status"], first.json()["version"]) == ("Pending", 2)
+    assert first.headers["etag"] == '"2"'
+    then = await api.client.get(url, params={"as_of": created.isoformat()}, headers=reader)
+    assert then.json()["version"] in (2, 3)  # both events may share the moment
+    before = (created - timedelta(microseconds=1)).isoformat()
+    assert_problem(await api.client.get(url, params={"as_of": before}, headers=reader), 404)
+    later = await api.client.get(url, params={"as_of": "2999-01-01T00:00:00Z"}, headers=reader)
+    assert later.json() == now
+    for params, field in (
+        ({"as_of_version": 4}, "as_of_version"),
+        ({"as_of_version": 0}, "as_of_version"),
+        ({"as_of": "yesterday"}, "as_of"),
+        ({"as_of": "2030-01-01T00:00:00"}, "as_of"),  # no offset
+        ({"as_of": created.isoformat(), "as_of_version": 2}, "as_of_version"),
+        ({"as_of_version": 2, "wait": 1}, "wait"),
+    ):
+        assert_problem(await api.client.get(url, params=params, headers=reader), 422, field)
+    other = api.auth("globex-submit")
+    assert_problem(await api.client.get(url, params={"as_of_version": 1}, headers=other), 404)

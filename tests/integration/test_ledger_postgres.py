@@ -9,6 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 from eventsourcing.persistence import OperationalError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import sql
 
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock, Status
@@ -16,6 +18,7 @@ from ledger.errors import (
     AttemptNotCurrent,
     IdempotencyConflict,
     InvalidTask,
+    LedgerError,
     LedgerUnavailable,
     TaskIsTerminal,
     TaskNotFound,
@@ -467,3 +470,67 @@ def test_a_save_whose_connection_breaks_before_the_commit_is_written_again(
         assert ledger.get(submission.task.id).status is Status.PENDING
     finally:
         ledger.close()
+
+
+# -- a task as of a time, or a version ----------------------------------------------------------
+
+STEPS = ("start", "complete", "fail", "expire", "cancel", "retry", "describe")
+
+
+def act(ledger: Ledger, task_id: uuid.UUID, step: str, seconds: int) -> None:
+    attempt = ledger.get(task_id).attempt
+    if step == "start":
+        ledger.start_attempt(task_id, attempt, "w")
+    elif step == "complete":
+        ledger.complete_attempt(task_id, attempt, AttemptResult("ok", "", 0, 1.0))
+    elif step == "fail":
+        ledger.fail_attempt(task_id, attempt, AttemptError("program_error", "boom"), retryable=True)
+    elif step == "expire":
+        ledger.expire(task_id, attempt, detected_by="reaper")
+    elif step == "cancel":
+        ledger.cancel(task_id, by="k")
+    elif step == "retry":
+        ledger.retry(task_id, by="k")
+    else:
+        ledger.update(task_id, {"description": f"at {seconds}"}, by="k")
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(STEPS), st.integers(min_value=0, max_value=40)), max_size=10
+    )
+)
+def test_a_task_as_of_any_moment_is_the_task_that_was_seen_then(
+    ledger: Ledger, clock: ManualClock, steps: list[tuple[str, int]]
+) -> None:
+    """The model: the state `get` answered right after each change. `get_as_of` replays
+    the events to any of those moments (or versions) and must answer the same task (of
+    several changes at one moment, the last)."""
+    before = clock.now()
+    clock.advance(1)
+    task_id = ledger.submit(**TASK).task.id
+    seen = [(clock.now(), ledger.get(task_id))]
+    for step, seconds in steps:
+        clock.advance(seconds)
+        try:
+            act(ledger, task_id, step, seconds)
+        except LedgerError:
+            continue  # refused: nothing changed
+        seen.append((clock.now(), ledger.get(task_id)))
+    with pytest.raises(TaskNotFound):
+        ledger.get_as_of(task_id, at=before)
+    as_of_time = dict(seen)  # of changes at one moment, the state after the last one
+    for at, state in as_of_time.items():
+        assert ledger.get_as_of(task_id, at=at) == state
+    for _, state in seen:
+        assert ledger.get_as_of(task_id, version=state.version) == state
+    assert ledger.get_as_of(task_id, at=clock.now() + timedelta(days=1)) == seen[-1][1]
+    with pytest.raises(InvalidTask, match="as_of_version"):
+        ledger.get_as_of(task_id, version=seen[-1][1].version + 1)
+    with pytest.raises(TaskNotFound):
+        ledger.get_as_of(task_id, tenant="globex", at=clock.now())
