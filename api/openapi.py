@@ -110,6 +110,13 @@ OPERATIONS = (
                 "Page size.",
             ),
             Param("cursor", "query", CURSOR, "`next_cursor` of the previous page."),
+            Param(
+                "as_of",
+                "query",
+                TIME,
+                "The tasks created by this time (RFC 3339), each as it was then; the filters "
+                "apply to those states. From the task_periods view (one row per version).",
+            ),
         ),
         problems=("400", "401", "403", "422"),
     ),

@@ -193,7 +193,8 @@ async def list_tasks_route(request: Request) -> Response:
     principal = await authenticate(request, Role.READ)
     ctx = context(request)
     reject_unknown_params(
-        request, {"status", "language", "created_after", "created_before", "limit", "cursor"}
+        request,
+        {"status", "language", "created_after", "created_before", "limit", "cursor", "as_of"},
     )
     statuses = choice_params(request, "status", STATUSES)
     languages = choice_params(request, "language", LANGUAGES)
@@ -207,6 +208,7 @@ async def list_tasks_route(request: Request) -> Response:
     limit = int_param(request, "limit", ctx.limits.page_size, 1, ctx.limits.max_page_size)
     created_after = time_param(request, "created_after")
     created_before = time_param(request, "created_before")
+    as_of = time_param(request, "as_of")
     cursor = request.query_params.get("cursor")
 
     def query() -> Any:
@@ -222,6 +224,7 @@ async def list_tasks_route(request: Request) -> Response:
                 limit=limit,
                 cursor=cursor,
                 columns=_LISTED_COLUMNS,
+                as_of=as_of,
             )
 
     page = await in_thread(request, query)

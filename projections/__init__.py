@@ -1,18 +1,27 @@
 """Projections of the ledger's event log into query views.
 
 - `task_status`: one row per task (the task list, counts by status, the reaper's scan);
-- `audit`: one row per event (the audit queries).
+- `audit`: one row per event (the audit queries);
+- `task_periods`: one row per version of each task, with the period it held (the task
+  list as of any time).
 
 Each view is rebuildable from the log (`taskledger projections rebuild NAME`).
 """
 
 from projections.audit import AuditProjection
 from projections.base import Projection
+from projections.task_periods import TaskPeriodsProjection
 from projections.task_status import TaskStatusProjection
 
 
 def all_projections() -> dict[str, Projection]:
-    return {p.name: p for p in (TaskStatusProjection(), AuditProjection())}
+    return {p.name: p for p in (TaskStatusProjection(), AuditProjection(), TaskPeriodsProjection())}
 
 
-__all__ = ["AuditProjection", "Projection", "TaskStatusProjection", "all_projections"]
+__all__ = [
+    "AuditProjection",
+    "Projection",
+    "TaskPeriodsProjection",
+    "TaskStatusProjection",
+    "all_projections",
+]

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import Connection, sql
 from psycopg.rows import dict_row
 
-from projections import audit, task_status
+from projections import audit, task_periods, task_status
 from projections.tracking import listen_to_views, view_position
 
 
@@ -86,14 +86,23 @@ def list_tasks(
     limit: int = 50,
     cursor: str | None = None,
     columns: Sequence[str] = task_status.COLUMNS,
+    as_of: datetime | None = None,
 ) -> Page:
     """Tasks newest first. `tenant=None` lists every tenant's (admins only).
 
     `columns`: what to read of each row (by default all of them); `created_at` and `id`
-    are always read, as the cursor is made of them.
+    are always read, as the cursor is made of them. `as_of`: the tasks created by then,
+    as they were then (the task_periods view; filters apply to those states).
     """
     where: list[sql.Composable] = []
     params: list[Any] = []
+    view = task_status.TaskStatusProjection.name
+    if as_of is not None:
+        view = task_periods.TaskPeriodsProjection.name
+        where.append(
+            sql.SQL("created_at <= %s AND valid_from <= %s AND (valid_to IS NULL OR valid_to > %s)")
+        )
+        params.extend((as_of, as_of, as_of))
     if tenant is not None:
         where.append(sql.SQL("tenant = %s"))
         params.append(tenant)
@@ -121,7 +130,7 @@ def list_tasks(
         params.extend(key)
     return _page(
         conn,
-        sql.Identifier(schema, task_status.TaskStatusProjection.name),
+        sql.Identifier(schema, view),
         tuple(dict.fromkeys((*columns, "created_at", "id"))),
         where,
         params,

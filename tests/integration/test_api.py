@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from api.schemas import TaskOut, TaskSummaryOut
-from ledger import AttemptError, AttemptResult
+from ledger import AttemptError, AttemptResult, ManualClock
 from ledger.errors import LedgerUnavailable
 from ledger.leases import WorkerInfo
 from tests.integration.conftest import Api
@@ -681,3 +681,40 @@ async def test_a_task_as_of_a_time_or_a_version(api: Api) -> None:
         assert_problem(await api.client.get(url, params=params, headers=reader), 422, field)
     other = api.auth("globex-submit")
     assert_problem(await api.client.get(url, params={"as_of_version": 1}, headers=other), 404)
+
+
+async def test_the_task_list_as_of_a_time(api: Api, clock: ManualClock) -> None:
+    """GET /api/tasks?as_of=T: the tasks created by T, each as it was then, with the usual
+    filters (applied to those states), pages and tenants."""
+    early = await submit(api)
+    clock.advance(10)
+    middle = clock.now()
+    clock.advance(10)
+    late = await submit(api)
+    await asyncio.to_thread(api.context.ledger.start_attempt, uuid.UUID(early["id"]), 1, "w")
+    await submit(api, key="globex-submit")
+    await api.catch_up()
+    reader = api.auth("acme-read")
+
+    async def listed(**params: Any) -> list[tuple[str, str]]:
+        response = await api.client.get("/api/tasks", params=params, headers=reader)
+        assert response.status_code == 200, response.text
+        return [(item["id"], item["status"]) for item in response.json()["items"]]
+
+    now = await listed()
+    assert now == [(late["id"], "Pending"), (early["id"], "InProgress")]
+    then = await listed(as_of=middle.isoformat())
+    assert then == [(early["id"], "Pending")]  # not started yet; the late one not there
+    assert await listed(as_of=middle.isoformat(), status="InProgress") == []
+    paged = await api.client.get(
+        "/api/tasks", params={"as_of": clock.now().isoformat(), "limit": 1}, headers=reader
+    )
+    cursor = paged.json()["next_cursor"]
+    assert [i["id"] for i in paged.json()["items"]] == [late["id"]]
+    assert await listed(as_of=clock.now().isoformat(), limit=1, cursor=cursor) == [
+        (early["id"], "InProgress")
+    ]
+    before = (datetime.fromisoformat(early["created_at"]) - timedelta(seconds=1)).isoformat()
+    assert await listed(as_of=before) == []
+    bad = await api.client.get("/api/tasks", params={"as_of": "soon"}, headers=reader)
+    assert_problem(bad, 422, "as_of")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -18,7 +18,12 @@ from psycopg import sql
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock
 from ledger import log as event_log
 from ledger.errors import LedgerError
-from projections import AuditProjection, TaskStatusProjection, all_projections
+from projections import (
+    AuditProjection,
+    TaskPeriodsProjection,
+    TaskStatusProjection,
+    all_projections,
+)
 from projections.admin import rebuild, status
 from projections.base import ensure_installed
 from projections.queries import (
@@ -35,6 +40,7 @@ pytestmark = pytest.mark.postgres
 
 STATUS = TaskStatusProjection()
 AUDIT = AuditProjection()
+PERIODS = TaskPeriodsProjection()
 
 
 @pytest.fixture
@@ -48,7 +54,7 @@ def conn(database_url: str, ledger: Ledger, schema: str) -> Iterator[psycopg.Con
 
 
 def catch_up(conn: psycopg.Connection[Any], schema: str, batch_size: int = 500) -> None:
-    for projection in (STATUS, AUDIT):
+    for projection in (STATUS, AUDIT, PERIODS):
         while apply_batch(conn, schema, projection, batch_size)[1]:
             pass
 
@@ -125,15 +131,20 @@ def expected_audit(ledger: Ledger, task_id: uuid.UUID) -> list[Any]:
     ]
 
 
-def snapshot(conn: psycopg.Connection[Any], schema: str) -> tuple[list[Any], list[Any]]:
+def snapshot(conn: psycopg.Connection[Any], schema: str) -> tuple[list[Any], list[Any], list[Any]]:
     tasks = conn.execute(
         sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(schema, "task_status"))
     ).fetchall()
     events = conn.execute(
         sql.SQL("SELECT * FROM {} ORDER BY position").format(sql.Identifier(schema, "audit"))
     ).fetchall()
+    periods = conn.execute(
+        sql.SQL("SELECT * FROM {} ORDER BY id, version").format(
+            sql.Identifier(schema, "task_periods")
+        )
+    ).fetchall()
     conn.commit()
-    return tasks, events
+    return tasks, events, periods
 
 
 # -- random histories: live in random batches == rebuilt from zero == the aggregates ------------
@@ -212,19 +223,30 @@ def test_views_built_live_in_any_batches_equal_a_rebuild_and_the_aggregates(
     batch_sizes: list[int],
 ) -> None:
     ids: list[uuid.UUID] = []
+    moments: dict[datetime, dict[uuid.UUID, tuple[str, int]]] = {}  # the last state at each
     for step, (op, k) in enumerate(ops):
         perform(ledger, clock, ids, op, k)
+        moments[clock.now()] = {
+            i: (str(task.status), task.version) for i in ids for task in [ledger.get(i)]
+        }
         if step % 3 == 0:  # apply part of what is there, in a random batch size
-            for projection in (STATUS, AUDIT):
+            for projection in (STATUS, AUDIT, PERIODS):
                 apply_batch(conn, schema, projection, batch_sizes[step % len(batch_sizes)])
     catch_up(conn, schema, batch_size=batch_sizes[0])
 
     assert view_rows(conn, schema, ids) == {i: expected_row(ledger, i) for i in ids}
     for task_id in ids:
         assert audit_rows(conn, schema, task_id) == expected_audit(ledger, task_id)
+    # The list as of any moment: the tasks that existed then, as they were then.
+    for at, expected in moments.items():
+        page = list_tasks(conn, schema, tenant=None, as_of=at, limit=100_000)
+        listed = {row["id"]: (row["status"], row["version"]) for row in page.items}
+        # (the schema keeps the tasks of earlier examples: those are not this history's)
+        assert {i: state for i, state in listed.items() if i in set(ids)} == expected
+    conn.commit()
 
     live = snapshot(conn, schema)
-    for projection in (STATUS, AUDIT):
+    for projection in (STATUS, AUDIT, PERIODS):
         rebuild(database_url, schema, projection, batch_size=50)
     assert snapshot(conn, schema) == live
 
@@ -332,7 +354,11 @@ def test_rebuild_while_tasks_are_written_and_followed(
     }
     assert {"task_status_g2", "audit_g2"} <= tables
     assert not {"task_status_g1", "audit_g1"} & tables
-    assert {s.name: s.lag for s in status(conn, schema)} == {"audit": 0, "task_status": 0}
+    assert {s.name: s.lag for s in status(conn, schema)} == {
+        "audit": 0,
+        "task_periods": 0,
+        "task_status": 0,
+    }
 
 
 # -- queries -------------------------------------------------------------------------------------
@@ -449,7 +475,11 @@ def test_views_skip_key_events_but_move_past_them(
     task_id = submit(ledger)
     ledger.keys.issue(tenant="acme", role="read", issued_by="test")
     catch_up(conn, schema)
-    assert {s.name: s.lag for s in status(conn, schema)} == {"audit": 0, "task_status": 0}
+    assert {s.name: s.lag for s in status(conn, schema)} == {
+        "audit": 0,
+        "task_periods": 0,
+        "task_status": 0,
+    }
     assert view_rows(conn, schema, [task_id]) == {task_id: expected_row(ledger, task_id)}
     assert [r[1] for r in audit_rows(conn, schema, task_id)] == [
         "TaskSubmitted",

@@ -1,0 +1,111 @@
+"""The task list as of any time: one row per version of each task, with the period it held.
+
+Each row is the task status view's row (`task_status.fold`, the same columns) at one
+version, valid from the time of its event until the next event of the task (`valid_to`
+NULL: still current). `GET /api/tasks?as_of=T` reads the rows whose period holds T,
+through an index on (tenant, created_at DESC, id DESC): the page's tasks are the newest
+created at or before T, and a task's few rows (one per event) are all that is checked
+beyond them. The table has as many rows as the log has task events.
+
+A period starts at its event's time, or at the previous period's start if that is later:
+another process's clock may put an event a moment before the one it follows, and a state
+is only ever a prefix of the history (as `Ledger.get_as_of` replays it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from psycopg import Cursor, sql
+
+from ledger.log import Change
+from projections import task_status
+from projections.base import Projection
+
+COLUMN_TYPES = {
+    **task_status.COLUMN_TYPES,
+    "id": "uuid NOT NULL",
+    "valid_from": "timestamptz NOT NULL",
+    "valid_to": "timestamptz",
+}
+COLUMNS = tuple(COLUMN_TYPES)
+
+
+class TaskPeriodsProjection(Projection):
+    name = "task_periods"
+
+    def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
+        cur.execute(
+            sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (id, version))").format(
+                table,
+                sql.SQL(", ").join(
+                    sql.SQL("{} " + column_type).format(sql.Identifier(name))
+                    for name, column_type in COLUMN_TYPES.items()
+                ),
+            )
+        )
+        base = table.as_string().replace('"', "").replace(".", "_")
+        for suffix, columns in (
+            ("tenant_created", "tenant, created_at DESC, id DESC, valid_from"),
+            ("created", "created_at DESC, id DESC, valid_from"),  # admins, across tenants
+        ):
+            cur.execute(
+                sql.SQL("CREATE INDEX {} ON {} (" + columns + ")").format(
+                    sql.Identifier(f"{base}_{suffix}"), table
+                )
+            )
+
+    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
+        current = self._current_rows(cur, table, changes)
+        closed: list[tuple[Any, UUID, int]] = []  # (valid_to, id, version)
+        opened: dict[tuple[UUID, int], dict[str, Any]] = {}
+        for change in changes:
+            previous = current.get(change.task_id)
+            row = task_status.fold(None if previous is None else _status_row(previous), change)
+            start = change.at
+            if previous is not None:
+                start = max(start, previous["valid_from"])
+                key = (change.task_id, previous["version"])
+                if key in opened:
+                    opened[key]["valid_to"] = start  # opened and closed in this batch
+                else:
+                    closed.append((start, change.task_id, previous["version"]))
+            row.update(valid_from=start, valid_to=None)
+            current[change.task_id] = row
+            opened[(change.task_id, row["version"])] = row
+        if closed:
+            cur.executemany(
+                sql.SQL("UPDATE {} SET valid_to = %s WHERE id = %s AND version = %s").format(table),
+                closed,
+            )
+        cur.executemany(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                table,
+                sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+                sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+            ),
+            [tuple(row[c] for c in COLUMNS) for row in opened.values()],
+        )
+
+    def _current_rows(
+        self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]
+    ) -> dict[UUID, dict[str, Any]]:
+        created = {c.task_id for c in changes if c.type == "TaskSubmitted"}
+        wanted = list({c.task_id for c in changes} - created)
+        if not wanted:
+            return {}
+        cur.execute(
+            sql.SQL(
+                "SELECT {} FROM unnest(%s::uuid[]) AS wanted(id) CROSS JOIN LATERAL ("
+                " SELECT * FROM {} t WHERE t.id = wanted.id"
+                " ORDER BY t.version DESC LIMIT 1) found"
+            ).format(sql.SQL(", ").join(sql.Identifier("found", c) for c in COLUMNS), table),
+            (wanted,),
+        )
+        return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
+
+
+def _status_row(period: dict[str, Any]) -> dict[str, Any]:
+    return {name: period[name] for name in task_status.COLUMNS}
