@@ -88,3 +88,28 @@ def switch_to(conn: Connection[Any], schema: str, projection: Projection, genera
             sql.Identifier(schema, generation_table(projection.name, generation)),
         )
     )
+
+
+def create_table(
+    cur: Cursor[Any],
+    table: sql.Identifier,
+    column_types: dict[str, str],
+    indexes: Sequence[tuple[str, str, str]],
+    constraint: str = "",
+) -> None:
+    """A generation table from its columns (name -> SQL type), with its indexes, each
+    (name suffix, columns, WHERE clause or ""): fixed strings of ours, not input."""
+    columns: list[sql.Composable] = [
+        sql.SQL("{} " + column_type).format(sql.Identifier(name))
+        for name, column_type in column_types.items()
+    ]
+    if constraint:
+        columns.append(sql.SQL(constraint))
+    cur.execute(sql.SQL("CREATE TABLE {} ({})").format(table, sql.SQL(", ").join(columns)))
+    base = table.as_string().replace('"', "").replace(".", "_")
+    for suffix, indexed, where in indexes:
+        cur.execute(
+            sql.SQL("CREATE INDEX {} ON {} (" + indexed + ")" + where).format(
+                sql.Identifier(f"{base}_{suffix}"), table
+            )
+        )

@@ -21,7 +21,7 @@ from uuid import UUID
 from psycopg import Cursor, sql
 
 from ledger.log import Change
-from projections import task_status
+from projections import base, task_status
 from projections.base import Projection
 
 COLUMN_TYPES = {
@@ -37,25 +37,11 @@ class TaskPeriodsProjection(Projection):
     name = "task_periods"
 
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
-        cur.execute(
-            sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (id, version))").format(
-                table,
-                sql.SQL(", ").join(
-                    sql.SQL("{} " + column_type).format(sql.Identifier(name))
-                    for name, column_type in COLUMN_TYPES.items()
-                ),
-            )
+        indexes = (
+            ("tenant_created", "tenant, created_at DESC, id DESC, valid_from", ""),
+            ("created", "created_at DESC, id DESC, valid_from", ""),  # admins, all tenants
         )
-        base = table.as_string().replace('"', "").replace(".", "_")
-        for suffix, columns in (
-            ("tenant_created", "tenant, created_at DESC, id DESC, valid_from"),
-            ("created", "created_at DESC, id DESC, valid_from"),  # admins, across tenants
-        ):
-            cur.execute(
-                sql.SQL("CREATE INDEX {} ON {} (" + columns + ")").format(
-                    sql.Identifier(f"{base}_{suffix}"), table
-                )
-            )
+        base.create_table(cur, table, COLUMN_TYPES, indexes, "PRIMARY KEY (id, version)")
 
     def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
         current = self._current_rows(cur, table, changes)

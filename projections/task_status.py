@@ -10,6 +10,7 @@ from uuid import UUID
 from psycopg import Connection, Cursor, sql
 
 from ledger.log import Change
+from projections import base
 from projections.base import Projection
 
 SUMMARY_CHARS = 200
@@ -115,17 +116,7 @@ class TaskStatusProjection(Projection):
     name = "task_status"
 
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
-        cur.execute(
-            sql.SQL("CREATE TABLE {} ({})").format(
-                table,
-                sql.SQL(", ").join(
-                    sql.SQL("{} " + column_type).format(sql.Identifier(name))
-                    for name, column_type in COLUMN_TYPES.items()
-                ),
-            )
-        )
-        base = table.as_string().replace('"', "").replace(".", "_")
-        for suffix, columns, where in (
+        indexes = (
             # Keyset pagination, newest first, per tenant; with and without a status filter.
             ("tenant_created", "tenant, created_at DESC, id DESC", ""),
             ("tenant_status_created", "tenant, status, created_at DESC, id DESC", ""),
@@ -133,12 +124,8 @@ class TaskStatusProjection(Projection):
             ("created", "created_at DESC, id DESC", ""),
             # The reaper's nearest deadline among unfinished tasks.
             ("open_deadline", "deadline", " WHERE status IN ('Pending', 'InProgress')"),
-        ):
-            cur.execute(
-                sql.SQL("CREATE INDEX {} ON {} (" + columns + ")" + where).format(
-                    sql.Identifier(f"{base}_{suffix}"), table
-                )
-            )
+        )
+        base.create_table(cur, table, COLUMN_TYPES, indexes)
 
     def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
         rows = self._existing_rows(cur, table, changes)
