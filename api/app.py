@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import system, tasks
+from api import events, system, tasks
 from api.context import ApiContext
 from api.errors import EXCEPTION_HANDLERS
 from api.http import json_response
@@ -131,6 +131,7 @@ def create_app(context: ApiContext) -> Starlette:
         Route("/api/stats", system.stats, methods=["GET"]),
         Route("/api/workers", system.workers, methods=["GET"]),
         Route("/api/ledger/verify", system.verify_ledger, methods=["GET"]),
+        Route("/api/events", events.events_feed, methods=["GET"]),
         Route("/healthz", system.healthz, methods=["GET"]),
         Route("/readyz", system.readyz, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ class ApiLimits:
     page_size: int = 50
     max_page_size: int = 500
     ready_max_projection_lag: int = 10_000
+    max_streams_per_key: int = 4  # open event streams (GET /api/events as SSE)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class ApiContext:
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Submissions of concurrent requests share a thread hop and a transaction.
     submissions: Batcher[SubmitRequest, Submission] = field(init=False)
+    # Event streams open in this process, by key id (api.events bounds them per key).
+    open_streams: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.submissions = Batcher(self.ledger.submit_many)

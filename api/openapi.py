@@ -21,6 +21,7 @@ PROBLEM_RESPONSES = {
     "413": "Request body too large",
     "415": "Body is not JSON",
     "422": "Invalid field (named in `errors`)",
+    "429": "Too many event streams open for this key",
     "503": "The event store is unavailable",
 }
 
@@ -49,6 +50,7 @@ class Operation:
     problems: tuple[str, ...] = ("401", "403", "422")
     auth: bool = True
     extra_responses: dict[str, str] = field(default_factory=dict)
+    event_stream: bool = False  # also answers text/event-stream (Accept), one item per event
 
 
 TASK_ID = Param(
@@ -239,6 +241,31 @@ OPERATIONS = (
     ),
     Operation(
         "get",
+        "/api/events",
+        "events",
+        "The ledger's events after a position, oldest first (the caller's tenant's); with "
+        "Accept: text/event-stream, a live stream resumable with Last-Event-ID",
+        schemas.EventFeed,
+        params=(
+            Param(
+                "after",
+                "query",
+                {"type": "integer", "minimum": 0, "default": 0},
+                "Events past this position (`next_after` of the previous page; a stream's "
+                "Last-Event-ID header takes its place).",
+            ),
+            Param(
+                "limit",
+                "query",
+                {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                "Page size (JSON pages only).",
+            ),
+        ),
+        problems=("400", "401", "403", "422", "429"),
+        event_stream=True,
+    ),
+    Operation(
+        "get",
         "/api/ledger/verify",
         "verifyLedger",
         "Walk the ledger's hash chain (admin): ok, or the first broken position",
@@ -316,10 +343,22 @@ def build_openapi() -> dict[str, Any]:
                 }
             if op.status == 201:
                 headers["Location"] = {"schema": {"type": "string"}}
+            content: dict[str, Any] = {"application/json": {"schema": _ref(op.response)}}
+            if op.event_stream:
+                register(schemas.FeedEvent, "serialization")
+                content["text/event-stream"] = {
+                    "schema": {
+                        "type": "string",
+                        "description": "Server-Sent Events: per event `id: <position>`, "
+                        "`event: <type>`, `data:` one FeedEvent as JSON; `: keep-alive` "
+                        "comments when idle. Resume with the Last-Event-ID header.",
+                    },
+                    "x-item-schema": _ref(schemas.FeedEvent),
+                }
             operation["responses"][str(op.status)] = {
                 "description": "OK" if op.status == 200 else "Created",
                 "headers": headers,
-                "content": {"application/json": {"schema": _ref(op.response)}},
+                "content": content,
             }
         for code, description in op.extra_responses.items():
             content_model = (

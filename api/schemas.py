@@ -174,6 +174,21 @@ class ProjectionLag(BaseModel):
     lag_events: int
 
 
+class FeedEvent(BaseModel):
+    position: int = Field(description="in the ledger's log; resume after it")
+    task_id: UUID
+    version: int
+    type: str
+    at: datetime
+    data: dict[str, Any] = Field(description="the event's own fields")
+    hash: str | None = Field(description="the hash chain at this position (hex SHA-256)")
+
+
+class EventFeed(BaseModel):
+    items: list[FeedEvent]
+    next_after: int = Field(description="pass as `after` for the next page")
+
+
 class ChainPoint(BaseModel):
     position: int
     chain: str = Field(description="hex SHA-256 of the hash chain at this position")

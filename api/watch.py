@@ -1,8 +1,9 @@
-"""Wake long-polling requests when their task gets a new event.
+"""Wake long-polling requests when their task gets a new event, and event streams when
+the log gets any.
 
 One LISTEN connection per API process follows the event log's positions (ids only, no
-payloads) and sets the waiters of the tasks that changed; a waiter then rereads its task
-from the ledger. A poll every `poll_interval` covers a lost notification.
+payloads) and sets the waiters of the tasks that changed, and every stream's; a waiter
+then rereads what it follows. A poll every `poll_interval` covers a lost notification.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TaskWatcher:
         self.schema = schema
         self.poll_interval = poll_interval
         self._waiters: defaultdict[UUID, set[asyncio.Event]] = defaultdict(set)
+        self._everyone: set[asyncio.Event] = set()  # the event streams: any change
         self._task: asyncio.Task[None] | None = None
 
     def _ensure_running(self) -> None:
@@ -51,6 +53,17 @@ class TaskWatcher:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[task_id]
+
+    @contextlib.contextmanager
+    def subscribe_all(self) -> Iterator[asyncio.Event]:
+        """An event set whenever the log gets any new event, while the block runs."""
+        self._ensure_running()
+        event = asyncio.Event()
+        self._everyone.add(event)
+        try:
+            yield event
+        finally:
+            self._everyone.discard(event)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -79,6 +92,7 @@ class TaskWatcher:
             # made) would never wake its waiter: they all reread once.
             self._wake_all()
             while True:
+                before = last
                 if self._waiters:
                     changed = await event_log.tasks_changed_after(conn, self.schema, last)
                     for position, task_id in changed:
@@ -90,6 +104,9 @@ class TaskWatcher:
                     # Someone subscribed while we skipped ahead: they may have missed a
                     # change below `last`; a spurious wake only costs them a reread.
                     self._wake_all()
+                if last != before:
+                    for event in self._everyone:
+                        event.set()
                 async for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
                     pass
 
@@ -97,3 +114,5 @@ class TaskWatcher:
         for waiters in self._waiters.values():
             for event in waiters:
                 event.set()
+        for event in self._everyone:
+            event.set()

@@ -20,6 +20,7 @@ import psycopg
 from psycopg import Connection, sql
 from psycopg.rows import dict_row
 
+from ledger.log import EVENTS_TABLE
 from projections import audit, task_periods, task_status
 from projections.tracking import listen_to_views, view_position
 
@@ -215,3 +216,24 @@ def wait_for_position(
                 return False
             for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
                 pass
+
+
+def events_after(
+    conn: Connection[Any], schema: str, *, tenant: str | None, after: int, limit: int
+) -> list[dict[str, Any]]:
+    """The events past position `after`, oldest first, as the audit view has applied them
+    (it applies in position order, so a reader resuming from its last position misses
+    none), each with the hash chain at its position (ledger.chain)."""
+    query = sql.SQL(
+        "SELECT a.position, a.task_id, a.version, a.type, a.at, a.payload AS data,"
+        " encode(e.chain, 'hex') AS hash"
+        " FROM {audit} a JOIN {events} e ON e.notification_id = a.position"
+        " WHERE a.position > %s {tenant} ORDER BY a.position LIMIT %s"
+    ).format(
+        audit=sql.Identifier(schema, audit.AuditProjection.name),
+        events=sql.Identifier(schema, EVENTS_TABLE),
+        tenant=sql.SQL("AND a.tenant = %s") if tenant is not None else sql.SQL(""),
+    )
+    params: list[Any] = [after, *([tenant] if tenant is not None else []), limit]
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchall()

@@ -230,6 +230,12 @@ async def test_every_operation_answers_what_its_document_says(api: Api) -> None:
     (seen,) = document.check(await get("/api/workers", headers=reader), "/api/workers")["workers"]
     assert "attempts" not in seen
 
+    # The events feed, as JSON pages (the stream is tested in test_events_feed).
+    feed = document.check(await get("/api/events?limit=3", headers=reader), "/api/events")
+    assert len(feed["items"]) == 3
+    rest = await get(f"/api/events?after={feed['next_after']}", headers=reader)
+    assert document.check(rest, "/api/events")["items"]
+
     # The ledger's chain walked: admin only.
     verified = document.check(await get("/api/ledger/verify", headers=admin), "/api/ledger/verify")
     assert verified["status"] == "ok"

@@ -340,7 +340,7 @@ async def test_operations_that_need_a_key_answer_401_problem_without_one(
             assert problem["status"] == 401
             assert problem["type"].endswith("/unauthorized")
             checked += 1
-    assert checked == 11  # every secured operation, GET /api/workers and /api/ledger/verify too
+    assert checked == 12  # every secured one: /api/workers, /api/ledger/verify, /api/events
 
 
 @pytest.mark.asyncio
