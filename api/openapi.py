@@ -51,8 +51,16 @@ class Operation:
     auth: bool = True
     extra_responses: dict[str, str] = field(default_factory=dict)
     event_stream: bool = False  # also answers text/event-stream (Accept), one item per event
+    exports: type[BaseModel] | None = None  # ?format=ndjson|csv streams these items
 
 
+FORMAT = Param(
+    "format",
+    "query",
+    {"type": "string", "enum": ["json", "ndjson", "csv"], "default": "json"},
+    "ndjson or csv: every matching event, streamed as a file (one item per line, or a "
+    "header row and one row per item with `data` as a JSON string); not with limit/cursor.",
+)
 TASK_ID = Param(
     "task_id",
     "path",
@@ -198,8 +206,9 @@ OPERATIONS = (
         "taskHistory",
         "Every event of a task, in order",
         schemas.History,
-        params=(TASK_ID,),
+        params=(TASK_ID, FORMAT),
         problems=("401", "403", "404", "422", "503"),
+        exports=schemas.HistoryItem,
     ),
     Operation(
         "get",
@@ -207,7 +216,9 @@ OPERATIONS = (
         "audit",
         "Events across tasks, newest first",
         schemas.AuditList,
+        exports=schemas.AuditItem,
         params=(
+            FORMAT,
             Param(
                 "type",
                 "query",
@@ -354,6 +365,19 @@ def build_openapi() -> dict[str, Any]:
                         "comments when idle. Resume with the Last-Event-ID header.",
                     },
                     "x-item-schema": _ref(schemas.FeedEvent),
+                }
+            if op.exports is not None:
+                register(op.exports, "serialization")
+                content["application/x-ndjson"] = {
+                    "schema": {"type": "string", "description": "one item per line"},
+                    "x-item-schema": _ref(op.exports),
+                }
+                content["text/csv"] = {
+                    "schema": {
+                        "type": "string",
+                        "description": "a header row of the item's fields, then one row "
+                        "per item; data as a JSON string",
+                    }
                 }
             operation["responses"][str(op.status)] = {
                 "description": "OK" if op.status == 200 else "Created",

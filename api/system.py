@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ from starlette.responses import Response
 
 from api.context import ApiContext
 from api.errors import ApiProblem
+from api.exports import export, export_format
 from api.http import (
     authenticate,
     choice_params,
@@ -24,7 +27,7 @@ from api.http import (
     reject_unknown_params,
     time_param,
 )
-from api.schemas import AuditList, Health, LedgerVerification, Stats, Workers
+from api.schemas import AuditItem, AuditList, Health, LedgerVerification, Stats, Workers
 from ledger import verification
 from ledger.keys import Role
 from ledger.log import read_changes
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Checks whose failure leaves the API ready (status "degraded"): see readyz.
 DEGRADING = frozenset({"broker"})
+
+EXPORT_PAGE = 1_000  # audit events read at once while an export streams
 
 # A readiness probe that takes longer than this is a problem in itself.
 READY_PROBE_SECONDS = 3.0
@@ -56,8 +61,18 @@ async def audit(request: Request) -> Response:
     principal = await authenticate(request, Role.READ)
     ctx = context(request)
     reject_unknown_params(
-        request, {"type", "task_id", "worker_id", "since", "until", "limit", "cursor"}
+        request, {"type", "task_id", "worker_id", "since", "until", "limit", "cursor", "format"}
     )
+    kind = export_format(request)
+    if kind is not None:
+        for name in ("limit", "cursor"):
+            if name in request.query_params:
+                raise ApiProblem(
+                    422,
+                    "invalid-request",
+                    f"an export streams every matching event: {name} does not apply",
+                    errors=[{"field": name, "message": "not with format"}],
+                )
     types = choice_params(request, "type", EVENT_TYPES)
     task_id = request.query_params.get("task_id")
     if task_id is not None:
@@ -79,7 +94,7 @@ async def audit(request: Request) -> Response:
     limit = int_param(request, "limit", 100, 1, ctx.limits.max_page_size)
     cursor = request.query_params.get("cursor")
 
-    def query() -> Any:
+    def query(limit: int, cursor: str | None) -> Any:
         with ctx.queries.connection() as conn:
             return audit_events(
                 conn,
@@ -94,8 +109,20 @@ async def audit(request: Request) -> Response:
                 cursor=cursor,
             )
 
-    page = await in_thread(request, query)
-    # The view keeps an event's own fields as `payload`; the API calls them `data`.
+    if kind is not None:
+
+        async def pages() -> AsyncIterator[list[dict[str, Any]]]:
+            after: str | None = None
+            while True:
+                page = await in_thread(request, functools.partial(query, EXPORT_PAGE, after))
+                # The view keeps an event's own fields as `payload`; the API calls them `data`.
+                yield [{**row, "data": row["payload"]} for row in page.items]
+                if page.next_cursor is None:
+                    return
+                after = page.next_cursor
+
+        return export(kind, AuditItem, pages(), "audit")
+    page = await in_thread(request, lambda: query(limit, cursor))
     items = [{**row, "data": row["payload"]} for row in page.items]
     return model_response(AuditList, {"items": items, "next_cursor": page.next_cursor})
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.errors import ApiProblem
+from api.exports import export, export_format
 from api.http import (
     authenticate,
     choice_params,
@@ -27,6 +29,7 @@ from api.http import (
 from api.schemas import (
     CancelRequest,
     History,
+    HistoryItem,
     RetryRequest,
     TaskCreate,
     TaskList,
@@ -37,6 +40,7 @@ from api.schemas import (
 from ledger import Status, TaskState
 from ledger.keys import Role
 from ledger.service import SubmitRequest
+from ledger.state import HistoryEntry
 from projections.queries import list_tasks
 
 STATUSES = tuple(str(s) for s in Status)
@@ -296,8 +300,15 @@ async def cancel_task(request: Request) -> Response:
 
 async def task_history(request: Request) -> Response:
     principal = await authenticate(request, Role.READ)
-    reject_unknown_params(request, set())
+    reject_unknown_params(request, {"format"})
     task_id = task_id_param(request)
+    kind = export_format(request)
     ctx = context(request)
     entries = await in_thread(request, lambda: ctx.ledger.history(task_id, tenant=principal.scope))
+    if kind is not None:
+
+        async def one_batch() -> AsyncIterator[list[HistoryEntry]]:
+            yield entries
+
+        return export(kind, HistoryItem, one_batch(), f"task-{task_id}-history")
     return model_response(History, {"items": entries}, from_attributes=True)

@@ -718,3 +718,67 @@ async def test_the_task_list_as_of_a_time(api: Api, clock: ManualClock) -> None:
     assert await listed(as_of=before) == []
     bad = await api.client.get("/api/tasks", params={"as_of": "soon"}, headers=reader)
     assert_problem(bad, 422, "as_of")
+
+
+async def test_history_and_audit_export_as_ndjson_and_csv_that_the_standard_library_reads(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csv
+    import io
+    import json
+
+    from api import system
+
+    monkeypatch.setattr(system, "EXPORT_PAGE", 7)  # the audit export reads many pages
+    tasks = [await submit(api, description=f"export {n}") for n in range(6)]
+    await submit(api, key="globex-submit")
+    await asyncio.to_thread(api.context.ledger.start_attempt, uuid.UUID(tasks[0]["id"]), 1, "w")
+    await api.catch_up()
+    reader = api.auth("acme-read")
+    url = f"/api/tasks/{tasks[0]['id']}/history"
+    items = (await api.client.get(url, headers=reader)).json()["items"]
+
+    ndjson = await api.client.get(url, params={"format": "ndjson"}, headers=reader)
+    assert ndjson.status_code == 200
+    assert ndjson.headers["content-type"] == "application/x-ndjson"
+    assert "attachment" in ndjson.headers["content-disposition"]
+    assert [json.loads(line) for line in ndjson.text.splitlines()] == items
+    as_csv = await api.client.get(url, params={"format": "csv"}, headers=reader)
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert list(rows[0]) == ["version", "type", "at", "data", "position", "hash"]
+    assert [json.loads(r["data"]) for r in rows] == [item["data"] for item in items]
+    assert [(int(r["version"]), r["type"], r["at"], r["hash"]) for r in rows] == [
+        (i["version"], i["type"], i["at"], i["hash"]) for i in items
+    ]
+
+    # The audit: every matching event (here 13, two pages of 7), newest first, this tenant's.
+    pages: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+        page = (await api.client.get("/api/audit", params=params, headers=reader)).json()
+        pages += page["items"]
+        if not (cursor := page["next_cursor"]):
+            break
+    exported = await api.client.get("/api/audit", params={"format": "ndjson"}, headers=reader)
+    lines = [json.loads(line) for line in exported.text.splitlines()]
+    assert lines == pages
+    assert len(lines) == 13
+    scheduled = await api.client.get(
+        "/api/audit", params={"format": "csv", "type": "AttemptScheduled"}, headers=reader
+    )
+    rows = list(csv.DictReader(io.StringIO(scheduled.text)))
+    assert {r["type"] for r in rows} == {"AttemptScheduled"}
+    assert {r["task_id"] for r in rows} == {t["id"] for t in tasks}
+    assert {r["worker_id"] for r in rows} == {""}  # null: an empty cell
+    for params, field in (
+        ({"format": "xml"}, "format"),
+        ({"format": "csv", "limit": 5}, "limit"),
+        ({"format": "ndjson", "cursor": "x"}, "cursor"),
+    ):
+        assert_problem(
+            await api.client.get("/api/audit", params=params, headers=reader), 422, field
+        )
+    bad = await api.client.get(url, params={"format": "xml"}, headers=reader)
+    assert_problem(bad, 422, "format")
