@@ -42,7 +42,8 @@ from bench.report import (
 )
 from bench.services import temporary_database
 from ledger import AttemptResult, Ledger, SystemClock
-from ledger.persistence import LedgerRecorder, postgres_env
+from ledger.connections import postgres_env
+from ledger.persistence import LedgerRecorder
 
 NAME = "ledger_writes"
 RESULT = AttemptResult(stdout="1\n", exit_code=0, duration_ms=1.0)

@@ -37,8 +37,8 @@ from psycopg import sql
 from bench.report import Run, eprint, markdown_table, median, over_rounds, parser
 from bench.services import temporary_database
 from ledger import AttemptError, AttemptResult, Ledger, RetryPolicy, Task, TaskLimits
+from ledger.connections import postgres_env
 from ledger.log import EVENTS_TABLE
-from ledger.persistence import postgres_env
 from ledger.store import EventStore
 from projections import all_projections
 from projections.admin import rebuild

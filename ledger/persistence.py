@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from datetime import datetime
 from functools import cache
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 from uuid import UUID
 
 import orjson
@@ -44,7 +43,6 @@ from psycopg.sql import SQL, Identifier
 from psycopg_pool import PoolTimeout
 
 from ledger import chain
-from ledger.errors import LedgerError
 from ledger.leases import LeaseBook, ddl
 
 
@@ -85,10 +83,6 @@ class EventMapper(Mapper[UUID]):
             if isinstance(value, str):
                 state[name] = datetime.fromisoformat(value) if kind is datetime else UUID(value)
         return event
-
-
-class InvalidDatabaseURL(LedgerError):
-    pass
 
 
 log = logging.getLogger(__name__)
@@ -400,43 +394,3 @@ def _shut(conn: Connection[Any]) -> None:
         return  # already closed
     with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def postgres_env(
-    url: str, *, schema: str = "", pool_size: int = 5, max_overflow: int = 10
-) -> dict[str, str]:
-    """Translate `postgresql://user:password@host:port/dbname?host=/socket/dir` into the
-    `eventsourcing` PostgreSQL settings.
-
-    The library's faster `POSTGRES_ENABLE_DB_FUNCTIONS` insert path is deliberately left
-    off: it skips the table lock, so positions commit out of order, and a reader tailing
-    `notification_id > last` skips the late ones: with 16 writer threads, 28 of 10,329
-    events were never seen by the tail (eventsourcing 9.5.6, 2026-11). Every follower here
-    (ledger.log) reads that way.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise InvalidDatabaseURL(
-            f"database URL must start with postgresql:// (got {parts.scheme or 'no scheme'}://)"
-        )
-    query = parse_qs(parts.query)
-    host = query.get("host", [parts.hostname or ""])[0]
-    dbname = unquote(parts.path.lstrip("/")) or query.get("dbname", [""])[0]
-    if not host:
-        raise InvalidDatabaseURL("database URL names no host (or ?host=/socket/dir)")
-    if not dbname:
-        raise InvalidDatabaseURL("database URL names no database (postgresql://host/DBNAME)")
-    return {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "APPLICATION_RECORDER_TOPIC": "ledger.persistence:LedgerRecorder",
-        "POSTGRES_DBNAME": dbname,
-        "POSTGRES_HOST": host,
-        "POSTGRES_PORT": str(parts.port or query.get("port", ["5432"])[0]),
-        "POSTGRES_USER": unquote(parts.username or "") or query.get("user", ["postgres"])[0],
-        "POSTGRES_PASSWORD": unquote(parts.password or ""),
-        "POSTGRES_SCHEMA": schema,
-        "POSTGRES_POOL_SIZE": str(pool_size),
-        "POSTGRES_MAX_OVERFLOW": str(max_overflow),
-        "POSTGRES_PRE_PING": "y",
-        "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
-    }

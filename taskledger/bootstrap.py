@@ -24,8 +24,7 @@ from api.context import ApiContext
 from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger
-from ledger.connections import DEFAULT_BOUNDS, bounded_url
-from ledger.persistence import postgres_env
+from ledger.connections import DEFAULT_BOUNDS, bounded_url, postgres_env
 from ledger.values import TaskLimits
 from projections import all_projections
 from projections.runner import ProjectionRunner

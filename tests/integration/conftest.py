@@ -17,8 +17,8 @@ from api.context import ApiContext
 from api.metrics import ApiMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger, ManualClock, RetryPolicy, SystemClock
+from ledger.connections import postgres_env
 from ledger.keys import Role
-from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.base import ensure_installed
 from projections.runner import apply_batch

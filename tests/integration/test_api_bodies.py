@@ -18,7 +18,8 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import BaseModel
 
-from api.openapi import OPERATIONS, build_openapi
+from api.openapi import build_openapi
+from api.operations import OPERATIONS
 from api.schemas import Problem, TaskList, TaskOut, TaskSummaryOut, Workers
 from ledger import AttemptError, AttemptResult
 from ledger.leases import WorkerInfo

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock, Status
+from ledger.connections import postgres_env
 from ledger.errors import (
     AttemptNotCurrent,
     IdempotencyConflict,
@@ -24,7 +25,7 @@ from ledger.errors import (
     TaskNotFound,
     VersionMismatch,
 )
-from ledger.persistence import LedgerRecorder, postgres_env
+from ledger.persistence import LedgerRecorder
 
 pytestmark = pytest.mark.postgres
 

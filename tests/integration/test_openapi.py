@@ -44,8 +44,8 @@ from api.metrics import ApiMetrics
 from api.openapi import build_openapi
 from api.watch import TaskWatcher
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock, RetryPolicy
+from ledger.connections import postgres_env
 from ledger.keys import Role
-from ledger.persistence import postgres_env
 from projections import all_projections
 from projections.base import ensure_installed
 from projections.runner import apply_batch

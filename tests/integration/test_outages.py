@@ -22,9 +22,8 @@ import pytest
 import pytest_asyncio
 
 from ledger import Ledger
-from ledger.connections import Bounds
+from ledger.connections import Bounds, postgres_env
 from ledger.errors import LedgerUnavailable
-from ledger.persistence import postgres_env
 from ledger.values import AttemptResult
 from taskledger.bootstrap import Services, bootstrap
 from taskledger.settings import Settings

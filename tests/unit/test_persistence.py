@@ -11,9 +11,10 @@ from eventsourcing.persistence import StoredEvent
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ledger.connections import InvalidDatabaseURL, postgres_env
 from ledger.domain import Task
 from ledger.keys import ApiKey
-from ledger.persistence import EventMapper, InvalidDatabaseURL, OrjsonTranscoder, postgres_env
+from ledger.persistence import EventMapper, OrjsonTranscoder
 
 MAPPER = EventMapper(transcoder=OrjsonTranscoder())
 
