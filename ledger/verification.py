@@ -105,7 +105,7 @@ class Checkpoint:
 @dataclass
 class Report:
     events: int = 0  # events checked
-    tasks: int = 0
+    streams: int = 0  # tasks and API keys: each has its own stream of events
     head_position: int = 0  # the last one checked
     head_chain: bytes = GENESIS
     problems: list[Problem] = field(default_factory=list)
@@ -277,7 +277,7 @@ def verify(
                     )
                 )
     report.problems.sort(key=lambda found: found.position)
-    report.tasks = len(versions)
+    report.streams = len(versions)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -302,8 +302,9 @@ def run_ledger(args: argparse.Namespace) -> int:
     scope = f"task {args.task}" if args.task else "the log"
     if report.ok:
         print(
-            f"ledger intact: {scope}, {report.events:,} events of {report.tasks:,} tasks up to "
-            f"position {report.head_position}; head chain {report.head_chain.hex()}"
+            f"ledger intact: {scope}, {report.events:,} events of {report.streams:,} streams "
+            f"(tasks, keys) up to position {report.head_position}; "
+            f"head chain {report.head_chain.hex()}"
             + (f"; checkpoint at position {anchor.position} held" if anchor else "")
         )
     else:

@@ -120,7 +120,7 @@ def test_an_intact_log_verifies_and_its_chain_is_what_python_computes(
     report = verify(conn, schema)
     assert report.ok, [p.describe() for p in report.problems]
     assert report.events == 12
-    assert report.tasks == 3
+    assert report.streams == 3
     # Recomputed here from the stored bytes alone: the insert chained them the same way.
     previous = GENESIS
     for task_id, version, topic, state, stored_digest, stored_chain in conn.execute(
