@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from api.errors import ApiProblem
+from api.http import param_problem
 from api.schemas import dump_json
 
 FORMATS = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
@@ -31,12 +31,7 @@ def export_format(request: Request) -> str | None:
     if value is None or value == "json":
         return None
     if value not in FORMATS:
-        raise ApiProblem(
-            422,
-            "invalid-request",
-            f"format {value!r} is not one of json, ndjson, csv",
-            errors=[{"field": "format", "message": "must be json, ndjson or csv"}],
-        )
+        raise param_problem("format", f"{value!r} is not one of json, ndjson, csv")
     return value
 
 

@@ -147,7 +147,7 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise _param_problem(name, f"must be an integer from {low} to {high}")
+        raise param_problem(name, f"must be an integer from {low} to {high}")
     return value
 
 
@@ -160,7 +160,7 @@ def float_param(request: Request, name: str, default: float, low: float, high: f
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise _param_problem(name, f"must be a number from {low:g} to {high:g}")
+        raise param_problem(name, f"must be a number from {low:g} to {high:g}")
     return value
 
 
@@ -173,7 +173,7 @@ def time_param(request: Request, name: str) -> datetime | None:
     except ValueError:
         value = None
     if value is None or value.tzinfo is None:
-        raise _param_problem(
+        raise param_problem(
             name, "must be an RFC 3339 time with an offset, e.g. 2030-01-01T00:00:00Z"
         )
     return value
@@ -183,11 +183,12 @@ def choice_params(request: Request, name: str, allowed: tuple[str, ...]) -> list
     values = request.query_params.getlist(name)
     for value in values:
         if value not in allowed:
-            raise _param_problem(name, f"{value!r} is not one of {', '.join(allowed)}")
+            raise param_problem(name, f"{value!r} is not one of {', '.join(allowed)}")
     return values
 
 
-def _param_problem(name: str, message: str) -> ApiProblem:
+def param_problem(name: str, message: str) -> ApiProblem:
+    """A 422 naming the query parameter `name` and what is wrong with it."""
     return ApiProblem(
         422, "invalid-request", f"{name}: {message}", errors=[{"field": name, "message": message}]
     )
@@ -197,7 +198,7 @@ def reject_unknown_params(request: Request, known: set[str]) -> None:
     """Refuse parameters the endpoint does not know, and values no query could hold."""
     unknown = sorted(set(request.query_params) - known)
     if unknown:
-        raise _param_problem(unknown[0], "is not a parameter of this endpoint")
+        raise param_problem(unknown[0], "is not a parameter of this endpoint")
     for name, value in request.query_params.multi_items():
         if "\x00" in value:
-            raise _param_problem(name, "contains a NUL character (U+0000)")
+            raise param_problem(name, "contains a NUL character (U+0000)")

@@ -24,6 +24,7 @@ from api.http import (
     in_thread,
     int_param,
     model_response,
+    param_problem,
     reject_unknown_params,
     time_param,
 )
@@ -67,12 +68,7 @@ async def audit(request: Request) -> Response:
     if kind is not None:
         for name in ("limit", "cursor"):
             if name in request.query_params:
-                raise ApiProblem(
-                    422,
-                    "invalid-request",
-                    f"an export streams every matching event: {name} does not apply",
-                    errors=[{"field": name, "message": "not with format"}],
-                )
+                raise param_problem(name, "does not apply to an export: it has every event")
     types = choice_params(request, "type", EVENT_TYPES)
     task_id = request.query_params.get("task_id")
     if task_id is not None:

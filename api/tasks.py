@@ -21,6 +21,7 @@ from api.http import (
     in_thread,
     int_param,
     model_response,
+    param_problem,
     read_json,
     reject_unknown_params,
     task_id_param,
@@ -155,18 +156,12 @@ async def get_task(request: Request) -> Response:
     as_of_version = int_param(request, "as_of_version", 0, 1, 2**31 - 1)
     if as_of is not None or as_of_version:
         if as_of is not None and as_of_version:
-            raise ApiProblem(
-                422,
-                "invalid-request",
-                "as_of and as_of_version name two points in time: give one",
-                errors=[{"field": "as_of_version", "message": "cannot be combined with as_of"}],
+            raise param_problem(
+                "as_of_version", "cannot be combined with as_of: they name two points in time"
             )
         if "wait" in request.query_params:
-            raise ApiProblem(
-                422,
-                "invalid-request",
-                "wait asks for a change to come; as_of for a state that was: give one",
-                errors=[{"field": "wait", "message": "cannot be combined with as_of"}],
+            raise param_problem(
+                "wait", "cannot be combined with as_of: it waits for a change to come"
             )
         past = await in_thread(
             request,

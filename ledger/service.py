@@ -120,12 +120,12 @@ class Ledger:
     ) -> TaskState:
         """The task exactly as it was at time `at` (its events up to then), or at `version`,
         replayed; TaskNotFound if it did not exist yet."""
-        current = self.store.load(task_id, tenant)
+        current, stored = self.store.load_with_events(task_id, tenant)
         if version is not None and version > current.version:
             raise InvalidTask(
                 "as_of_version", f"is {version}; the task's last version is {current.version}"
             )
-        events = [event for event, _, _ in self.store.events_of(task_id)]
+        events = [event for event, _, _ in stored]
         if version is not None:
             kept = events[:version]
         else:
@@ -144,7 +144,7 @@ class Ledger:
         return TaskState.of(task)
 
     def history(self, task_id: UUID, *, tenant: str | None = None) -> list[HistoryEntry]:
-        self.store.load(task_id, tenant)
+        _, events = self.store.load_with_events(task_id, tenant)
         return [
             HistoryEntry(
                 version=event.originator_version,
@@ -154,7 +154,7 @@ class Ledger:
                 position=position,
                 hash=None if chain is None else chain.hex(),
             )
-            for event, position, chain in self.store.events_of(task_id)
+            for event, position, chain in events
         ]
 
     # -- commands from clients ----------------------------------------------------------------

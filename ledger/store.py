@@ -188,14 +188,8 @@ class EventStore(Application[UUID]):
             rows = conn.execute(statement, (list(task_ids),), prepare=True).fetchall()
         streams: dict[UUID, list[Any]] = {}
         for row in rows:
-            stored = StoredEvent(
-                originator_id=row["originator_id"],
-                originator_version=row["originator_version"],
-                topic=row["topic"],
-                state=bytes(row["state"]),
-            )
-            stream = typing.cast(UUID, stored.originator_id)  # a uuid column
-            streams.setdefault(stream, []).append(self.mapper.to_domain_event(stored))
+            stream = typing.cast(UUID, row["originator_id"])  # a uuid column
+            streams.setdefault(stream, []).append(self._event(row))
         tasks: dict[UUID, Task] = {}
         for task_id, events in streams.items():
             task = project_aggregate(None, events)
@@ -233,23 +227,38 @@ class EventStore(Application[UUID]):
             with store_errors():
                 return [(event, None, None) for event in self.events.get(stream_id)]
         statement = SQL(
-            "SELECT originator_version, topic, state, notification_id, chain FROM {}.{}"
-            " WHERE originator_id = %s ORDER BY originator_version"
+            "SELECT originator_id, originator_version, topic, state, notification_id, chain"
+            " FROM {}.{} WHERE originator_id = %s ORDER BY originator_version"
         ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
         with store_errors(), recorder.datastore.get_connection() as conn:
             rows = conn.execute(statement, (stream_id,), prepare=True).fetchall()
         return [
             (
-                self.mapper.to_domain_event(
-                    StoredEvent(
-                        originator_id=stream_id,
-                        originator_version=row["originator_version"],
-                        topic=row["topic"],
-                        state=bytes(row["state"]),
-                    )
-                ),
+                self._event(row),
                 row["notification_id"],
                 None if row["chain"] is None else bytes(row["chain"]),
             )
             for row in rows
         ]
+
+    def load_with_events(
+        self, task_id: UUID, tenant: str | None = None
+    ) -> tuple[Task, list[tuple[Any, int | None, bytes | None]]]:
+        """The task (as `load` finds it) and its events as `events_of` gives them, from
+        one read of its stream."""
+        events = self.events_of(task_id)
+        task = project_aggregate(None, [event for event, _, _ in events]) if events else None
+        if not isinstance(task, Task) or (tenant is not None and task.tenant != tenant):
+            raise TaskNotFound(task_id)
+        return task, events
+
+    def _event(self, row: dict[str, Any]) -> Any:
+        """A domain event from a row of the events table."""
+        return self.mapper.to_domain_event(
+            StoredEvent(
+                originator_id=row["originator_id"],
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+        )

@@ -333,15 +333,15 @@ def _check(
 
 def head(conn: Connection[Any], schema: str) -> tuple[int, bytes]:
     """The last position and the chain there ((0, GENESIS) for an empty log)."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT notification_id, chain FROM {} ORDER BY notification_id DESC LIMIT 1"
-        ).format(sql.Identifier(schema, EVENTS_TABLE))
-    ).fetchone()
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            sql.SQL(
+                "SELECT notification_id, chain FROM {} ORDER BY notification_id DESC LIMIT 1"
+            ).format(sql.Identifier(schema, EVENTS_TABLE))
+        ).fetchone()
     if row is None:
         return 0, GENESIS
-    values = list(row.values()) if isinstance(row, dict) else list(row)
-    return int(values[0]), bytes(values[1]) if values[1] is not None else GENESIS
+    return int(row[0]), _maybe(row[1]) or GENESIS
 
 
 def checkpoint(

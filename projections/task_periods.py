@@ -44,7 +44,9 @@ class TaskPeriodsProjection(Projection):
         base.create_table(cur, table, COLUMN_TYPES, indexes, "PRIMARY KEY (id, version)")
 
     def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
-        current = self._current_rows(cur, table, changes)
+        current = base.rows_of_changed_tasks(
+            cur, table, COLUMNS, changes, sql.SQL("ORDER BY t.version DESC LIMIT 1")
+        )
         closed: list[tuple[Any, UUID, int]] = []  # (valid_to, id, version)
         opened: dict[tuple[UUID, int], dict[str, Any]] = {}
         for change in changes:
@@ -74,23 +76,6 @@ class TaskPeriodsProjection(Projection):
             ),
             [tuple(row[c] for c in COLUMNS) for row in opened.values()],
         )
-
-    def _current_rows(
-        self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]
-    ) -> dict[UUID, dict[str, Any]]:
-        created = {c.task_id for c in changes if c.type == "TaskSubmitted"}
-        wanted = list({c.task_id for c in changes} - created)
-        if not wanted:
-            return {}
-        cur.execute(
-            sql.SQL(
-                "SELECT {} FROM unnest(%s::uuid[]) AS wanted(id) CROSS JOIN LATERAL ("
-                " SELECT * FROM {} t WHERE t.id = wanted.id"
-                " ORDER BY t.version DESC LIMIT 1) found"
-            ).format(sql.SQL(", ").join(sql.Identifier("found", c) for c in COLUMNS), table),
-            (wanted,),
-        )
-        return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
 
 
 def _status_row(period: dict[str, Any]) -> dict[str, Any]:

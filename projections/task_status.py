@@ -128,7 +128,7 @@ class TaskStatusProjection(Projection):
         base.create_table(cur, table, COLUMN_TYPES, indexes)
 
     def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
-        rows = self._existing_rows(cur, table, changes)
+        rows = base.rows_of_changed_tasks(cur, table, COLUMNS, changes, sql.SQL("OFFSET 0"))
         for change in changes:
             rows[change.task_id] = fold(rows.get(change.task_id), change)
         touched = {c.task_id for c in changes}
@@ -144,25 +144,6 @@ class TaskStatusProjection(Projection):
             ),
         )
         cur.executemany(upsert, [tuple(rows[t][c] for c in COLUMNS) for t in touched if t in rows])
-
-    def _existing_rows(
-        self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]
-    ) -> dict[UUID, dict[str, Any]]:
-        created = {c.task_id for c in changes if c.type == "TaskSubmitted"}
-        wanted = list({c.task_id for c in changes} - created)
-        if not wanted:
-            return {}
-        # One index lookup per id (LATERAL, kept from being flattened by OFFSET 0): with
-        # `id = ANY(...)` the planner chose a sequential scan of the whole view for a few
-        # hundred ids while the table was young, ~10 ms per batch and growing with it.
-        cur.execute(
-            sql.SQL(
-                "SELECT {} FROM unnest(%s::uuid[]) AS wanted(id)"
-                " CROSS JOIN LATERAL (SELECT * FROM {} t WHERE t.id = wanted.id OFFSET 0) found"
-            ).format(sql.SQL(", ").join(sql.Identifier("found", c) for c in COLUMNS), table),
-            (wanted,),
-        )
-        return {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
 
 
 # -- what the dispatcher and the reaper ask of the view ---------------------------------------

@@ -25,19 +25,9 @@ from ledger.chain import GENESIS, digest, link
 from ledger.log import EVENTS_TABLE
 from ledger.store import EventStore
 from ledger.verification import Checkpoint, Report, checkpoint, verify
+from tests.integration.test_ledger_postgres import TASK
 
 pytestmark = pytest.mark.postgres
-
-TASK: dict[str, Any] = {
-    "description": "sum",
-    "language": "python",
-    "code": "print(sum(data))",
-    "data": [1, 2, 3],
-    "ttl_seconds": 30,
-    "max_attempts": 2,
-    "tenant": "acme",
-    "submitted_by": "key-1",
-}
 
 
 @pytest.fixture
