@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -88,13 +89,17 @@ def serve(services: Services, args: argparse.Namespace, *, dev: bool) -> int:
             bound.begin()
             super().handle_exit(sig, frame)
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening: a client may connect from now on
+                log.info("serving the API", extra={"url": url})
+
     server = Server(config)
     # Once shut down, uvicorn hands the signal that stopped it back to the handler it found:
     # the default one would kill the process before the services close (the projections,
     # the embedded PostgreSQL). This one asks the server to stop and lets run() return.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
-    log.info("serving the API", extra={"url": url})
     server.run()
     return 0
 
