@@ -111,12 +111,21 @@ class Task(Aggregate):
             }
 
     class AttemptScheduled(Aggregate.Event):
+        # v2 added bulk_id: the bulk action (POST /api/tasks/bulk) this retry was part of,
+        # else None. Version 1 events are read as bulk_id None (the library upcasts them).
+        class_version = 2
+
         attempt: int
         reason: str
         not_before: datetime
         deadline: datetime
         ttl_seconds: float
         by: str
+        bulk_id: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["bulk_id"] = None
 
         def apply(self, task: Task) -> None:
             if self.reason != ScheduleReason.AUTO_RETRY:
@@ -176,9 +185,16 @@ class Task(Aggregate):
             current.detected_by = self.detected_by
 
     class TaskCancelled(Aggregate.Event):
+        class_version = 2  # v2 added bulk_id, as AttemptScheduled did
+
         attempt: int
         by: str
         reason: str
+        bulk_id: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["bulk_id"] = None
 
         def apply(self, task: Task) -> None:
             current = task.current
@@ -388,7 +404,7 @@ class Task(Aggregate):
             self.TaskExpired, timestamp=_utc(now), attempt=attempt, detected_by=detected_by
         )
 
-    def cancel(self, by: str, reason: str, now: datetime) -> None:
+    def cancel(self, by: str, reason: str, now: datetime, bulk_id: str | None = None) -> None:
         check_text("reason", reason)
         self._require_not_terminal("it cannot be cancelled")
         self.trigger_event(
@@ -397,9 +413,17 @@ class Task(Aggregate):
             attempt=self.current.number,
             by=by,
             reason=reason,
+            bulk_id=bulk_id,
         )
 
-    def retry(self, now: datetime, ttl_seconds: float | None, limits: TaskLimits, by: str) -> None:
+    def retry(
+        self,
+        now: datetime,
+        ttl_seconds: float | None,
+        limits: TaskLimits,
+        by: str,
+        bulk_id: str | None = None,
+    ) -> None:
         """A client's retry: a new run of attempts with a new deadline. History is kept."""
         if self.status not in RETRYABLE_BY_CLIENT:
             raise NotRetryable(
@@ -415,6 +439,7 @@ class Task(Aggregate):
             not_before=now,
             ttl_seconds=ttl,
             by=by,
+            bulk_id=bulk_id,
         )
 
     def update(self, patch: dict[str, Any], by: str, now: datetime, limits: TaskLimits) -> bool:
@@ -465,6 +490,7 @@ class Task(Aggregate):
         ttl_seconds: float,
         by: str,
         deadline: datetime | None = None,
+        bulk_id: str | None = None,
     ) -> None:
         self.trigger_event(
             self.AttemptScheduled,
@@ -475,6 +501,7 @@ class Task(Aggregate):
             deadline=deadline or now + timedelta(seconds=ttl_seconds),
             ttl_seconds=ttl_seconds,
             by=by,
+            bulk_id=bulk_id,
         )
 
     def _require_current(self, attempt: int, verb: str) -> Attempt:

@@ -255,9 +255,17 @@ class Ledger:
         return Submission(TaskState.of(existing), created=False)
 
     def cancel(
-        self, task_id: UUID, *, by: str, reason: str = "", tenant: str | None = None
+        self,
+        task_id: UUID,
+        *,
+        by: str,
+        reason: str = "",
+        tenant: str | None = None,
+        bulk_id: str | None = None,
     ) -> TaskState:
-        return self.decisions.run(task_id, tenant, lambda t: t.cancel(by, reason, self.clock.now()))
+        return self.decisions.run(
+            task_id, tenant, lambda t: t.cancel(by, reason, self.clock.now(), bulk_id)
+        )
 
     def retry(
         self,
@@ -266,9 +274,12 @@ class Ledger:
         by: str,
         ttl_seconds: float | None = None,
         tenant: str | None = None,
+        bulk_id: str | None = None,
     ) -> TaskState:
         return self.decisions.run(
-            task_id, tenant, lambda t: t.retry(self.clock.now(), ttl_seconds, self.limits, by)
+            task_id,
+            tenant,
+            lambda t: t.retry(self.clock.now(), ttl_seconds, self.limits, by, bulk_id),
         )
 
     def update(

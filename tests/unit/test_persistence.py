@@ -66,6 +66,7 @@ EVENT_FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
         "deadline": instants,
         "ttl_seconds": numbers,
         "by": texts,
+        "bulk_id": st.none() | texts,
     },
     Task.AttemptStarted: {"attempt": st.integers(1, 100), "worker_id": texts},
     Task.AttemptCompleted: {"attempt": st.integers(1, 100), "result": payloads},
@@ -75,7 +76,12 @@ EVENT_FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
         "retryable": st.booleans(),
     },
     Task.TaskExpired: {"attempt": st.integers(1, 100), "detected_by": texts},
-    Task.TaskCancelled: {"attempt": st.integers(1, 100), "by": texts, "reason": texts},
+    Task.TaskCancelled: {
+        "attempt": st.integers(1, 100),
+        "by": texts,
+        "reason": texts,
+        "bulk_id": st.none() | texts,
+    },
     Task.TaskUpdated: {"changes": payloads, "by": texts},
     ApiKey.KeyIssued: {
         "originator_topic": st.just("ledger.keys:ApiKey"),
@@ -153,6 +159,44 @@ def test_stored_state_is_json() -> None:
     assert stored.state == (
         b'{"timestamp":"2030-01-01T12:00:00.000005+00:00","attempt":1,"detected_by":"reaper"}'
     )
+
+
+@pytest.mark.parametrize(
+    ("event_class", "state"),
+    [
+        (
+            Task.AttemptScheduled,
+            b'{"timestamp":"2030-01-01T12:00:00+00:00","attempt":2,"reason":"manual-retry",'
+            b'"not_before":"2030-01-01T12:00:00+00:00","deadline":"2030-01-01T12:01:00+00:00",'
+            b'"ttl_seconds":60.0,"by":"key-1"}',
+        ),
+        (
+            Task.TaskCancelled,
+            b'{"timestamp":"2030-01-01T12:00:00+00:00","attempt":1,"by":"key-1","reason":""}',
+        ),
+    ],
+)
+def test_events_stored_before_bulk_ids_read_back_with_none(event_class: type, state: bytes) -> None:
+    """Version 1 of these events, stored before bulk actions existed, has no bulk_id."""
+    topic = f"ledger.domain:Task.{event_class.__name__}"
+    restored = MAPPER.to_domain_event(StoredEvent(uuid.uuid4(), 2, topic, state))
+    assert type(restored) is event_class
+    assert restored.bulk_id is None
+    assert restored.by == "key-1"
+
+
+def test_new_events_are_stored_as_version_2() -> None:
+    event = Task.TaskCancelled(
+        originator_id=uuid.uuid4(),
+        originator_version=3,
+        timestamp=datetime(2030, 1, 1, tzinfo=UTC),
+        attempt=1,
+        by="key-1",
+        reason="",
+        bulk_id="b-1",
+    )
+    assert b'"class_version":2' in MAPPER.to_stored_event(event).state
+    assert MAPPER.to_domain_event(MAPPER.to_stored_event(event)).bulk_id == "b-1"
 
 
 @pytest.mark.parametrize(
