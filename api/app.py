@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import events, system, tasks
+from api import events, keys, system, tasks
 from api.context import ApiContext
 from api.errors import EXCEPTION_HANDLERS
 from api.http import json_response
@@ -119,6 +119,8 @@ def create_app(context: ApiContext) -> Starlette:
             by_method(GET=tasks.list_tasks_route, POST=tasks.submit_task),
             methods=["GET", "POST"],
         ),
+        # Before /api/tasks/{task_id}, which its path also fits (a 405 would name GET, PATCH).
+        Route("/api/tasks/bulk", tasks.bulk_tasks, methods=["POST"]),
         Route(
             "/api/tasks/{task_id}",
             by_method(GET=tasks.get_task, PATCH=tasks.patch_task),
@@ -129,6 +131,13 @@ def create_app(context: ApiContext) -> Starlette:
         Route("/api/tasks/{task_id}/history", tasks.task_history, methods=["GET"]),
         Route("/api/audit", system.audit, methods=["GET"]),
         Route("/api/stats", system.stats, methods=["GET"]),
+        Route("/api/stats/minutes", system.stats_minutes, methods=["GET"]),
+        Route(
+            "/api/keys",
+            by_method(GET=keys.list_keys_route, POST=keys.issue_key_route),
+            methods=["GET", "POST"],
+        ),
+        Route("/api/keys/{key_id}/revoke", keys.revoke_key_route, methods=["POST"]),
         Route("/api/workers", system.workers, methods=["GET"]),
         Route("/api/ledger/verify", system.verify_ledger, methods=["GET"]),
         Route("/api/events", events.events_feed, methods=["GET"]),

@@ -86,6 +86,7 @@ class Authenticator:
         configured: Sequence[ConfiguredKey],
         lookup: Callable[[str], KeyPrincipal | None],
         *,
+        active: Callable[[str], bool] = lambda key_id: False,
         cache_seconds: float = 10.0,
     ) -> None:
         self._configured = [
@@ -93,9 +94,34 @@ class Authenticator:
             for k in configured
         ]
         self._lookup = lookup
+        self._active = active
         self._cache_seconds = cache_seconds
         self._cache: dict[bytes, tuple[float, Principal]] = {}
+        self._active_cache: dict[str, tuple[float, bool]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def configured(self) -> list[Principal]:
+        """Who the keys configured in settings speak for (not the keys)."""
+        return [principal for _, principal in self._configured]
+
+    def session_valid(self, key_id: str) -> bool:
+        """Whether the key a dashboard session was opened with still counts: configured
+        now, or issued and not revoked (looked up at most every `cache_seconds`, so a
+        revoked key's sessions end within that time). May read the ledger."""
+        if any(principal.key_id == key_id for _, principal in self._configured):
+            return True
+        now = time.monotonic()
+        with self._lock:
+            cached = self._active_cache.get(key_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        valid = self._active(key_id)
+        with self._lock:
+            if len(self._active_cache) > 10_000:
+                self._active_cache.clear()
+            self._active_cache[key_id] = (now + self._cache_seconds, valid)
+        return valid
 
     @staticmethod
     def presented_key(request: Request) -> str | None:

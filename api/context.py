@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class ApiContext:
     submissions: Batcher[SubmitRequest, Submission] = field(init=False)
     # Event streams open in this process, by key id (api.events bounds them per key).
     open_streams: Counter[str] = field(default_factory=Counter)
+    # Signs the dashboard's session cookies (TASKLEDGER_UI_SECRET; random when unset).
+    ui_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
     def __post_init__(self) -> None:
         self.submissions = Batcher(self.ledger.submit_many)

@@ -20,6 +20,7 @@ from ledger.errors import (
     ContentionExhausted,
     IdempotencyConflict,
     InvalidTask,
+    KeyNotFound,
     LedgerError,
     LedgerUnavailable,
     TaskNotFound,
@@ -105,6 +106,8 @@ def validation_errors(error: ValidationError) -> list[dict[str, str]]:
 def ledger_problem(error: LedgerError) -> ApiProblem:
     if isinstance(error, TaskNotFound):
         return ApiProblem(404, "task-not-found", str(error))
+    if isinstance(error, KeyNotFound):
+        return ApiProblem(404, "key-not-found", str(error))
     if isinstance(error, InvalidTask):
         return ApiProblem(
             422,

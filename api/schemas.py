@@ -7,7 +7,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 Language = Literal["python", "csharp", "echo"]
 StatusName = Literal["Pending", "InProgress", "Completed", "Expired", "Failed", "Cancelled"]
@@ -219,9 +219,100 @@ class LedgerVerification(BaseModel):
     seconds: float
 
 
+class RunTime(BaseModel):
+    """Start to finish of the tasks completed in the last hour (their last attempt)."""
+
+    count: int
+    p50_ms: float | None
+    p95_ms: float | None
+
+
 class Stats(BaseModel):
     counts: dict[str, int]
     projections: dict[str, ProjectionLag]
+    queue_depth: int = Field(description="Pending tasks that may start now (not in a backoff).")
+    run_time: RunTime
+
+
+class MinuteOutcomes(BaseModel):
+    minute: datetime = Field(description="The start of the minute (UTC).")
+    completed: int
+    failed: int
+    expired: int
+
+
+class OutcomesPerMinute(BaseModel):
+    """Attempt outcomes per minute, oldest first; minutes without any have zeros."""
+
+    minutes: list[MinuteOutcomes]
+
+
+class TaskFilterIn(_Request):
+    """Which tasks: the filters of `GET /api/tasks`."""
+
+    status: list[StatusName] = Field(default_factory=list, description="Any of these.")
+    language: Language | None = None
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+    q: str | None = Field(
+        default=None, min_length=1, max_length=200, description="Description contains (any case)."
+    )
+
+
+class BulkRequest(_Request):
+    action: Literal["retry", "cancel"]
+    filter: TaskFilterIn = Field(default_factory=TaskFilterIn)
+    reason: str = Field(default="", max_length=1_000, description="For a cancel: why.")
+    limit: int = Field(
+        default=1_000,
+        ge=1,
+        le=1_000,
+        description="Refuse (422, nothing done) if more tasks than this match: a client "
+        "that confirmed N tasks sends N, and learns if more match by now.",
+    )
+
+
+class RefusedTask(BaseModel):
+    id: UUID
+    why: str
+
+
+class BulkOut(BaseModel):
+    bulk_id: str = Field(description="On each acted-on task's event (`bulk_id`).")
+    action: Literal["retry", "cancel"]
+    matched: int
+    done: int
+    refused: dict[str, int] = Field(description="Why tasks were refused, and how many each.")
+    refused_tasks: list[RefusedTask] = Field(description="The first 100 refused tasks.")
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    tenant: str
+    role: Literal["read", "submit", "admin"]
+    label: str
+    source: Literal["issued", "configured"] = Field(
+        description="issued through the API or `taskledger keys`, or configured in "
+        "TASKLEDGER_API_KEYS (changed there, not here)"
+    )
+    issued_by: str | None
+    issued_at: datetime | None
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]
+
+
+class KeyCreate(_Request):
+    tenant: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$")
+    role: Literal["read", "submit", "admin"]
+    label: str = Field(default="", max_length=200)
+
+
+class IssuedKey(KeyOut):
+    key: str = Field(description="The key itself: shown this once, never stored.")
 
 
 class WorkerAttempt(BaseModel):

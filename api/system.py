@@ -7,6 +7,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,13 +29,27 @@ from api.http import (
     reject_unknown_params,
     time_param,
 )
-from api.schemas import AuditItem, AuditList, Health, LedgerVerification, Stats, Workers
+from api.schemas import (
+    AuditItem,
+    AuditList,
+    Health,
+    LedgerVerification,
+    OutcomesPerMinute,
+    Stats,
+    Workers,
+)
 from ledger import verification
 from ledger.keys import Role
 from ledger.log import read_changes
 from projections import all_projections, task_status
 from projections.admin import status as projection_status
-from projections.queries import audit_events, counts_by_status
+from projections.queries import (
+    audit_events,
+    counts_by_status,
+    outcomes_per_minute,
+    queue_depth,
+    run_times,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +170,45 @@ async def stats(request: Request) -> Response:
     ctx = context(request)
 
     def query() -> dict[str, Any]:
+        now = ctx.ledger.clock.now()
         with ctx.queries.connection() as conn:
             counts = counts_by_status(conn, ctx.schema, tenant=principal.scope)
             lags = projection_lags(ctx, conn)
+            depth = queue_depth(conn, ctx.schema, tenant=principal.scope, now=now)
+            runs = run_times(conn, ctx.schema, tenant=principal.scope, since=now - RUN_TIME_WINDOW)
         return {
             "counts": counts,
             "projections": {r.name: {"position": r.position, "lag_events": r.events} for r in lags},
+            "queue_depth": depth,
+            "run_time": runs,
         }
 
     return model_response(Stats, await in_thread(request, query))
+
+
+RUN_TIME_WINDOW = timedelta(hours=1)
+MAX_MINUTES = 24 * 60
+
+
+async def stats_minutes(request: Request) -> Response:
+    """Attempt outcomes per minute over the last `minutes` (the dashboard's chart)."""
+    principal = await authenticate(request, Role.READ)
+    reject_unknown_params(request, {"minutes"})
+    minutes = int_param(request, "minutes", 60, 1, MAX_MINUTES)
+    ctx = context(request)
+
+    def query() -> list[dict[str, Any]]:
+        now = ctx.ledger.clock.now()
+        with ctx.queries.connection() as conn:
+            return outcomes_per_minute(
+                conn,
+                ctx.schema,
+                tenant=principal.scope,
+                since=now - timedelta(minutes=minutes - 1),
+                until=now,
+            )
+
+    return model_response(OutcomesPerMinute, {"minutes": await in_thread(request, query)})
 
 
 # Workers silent for longer than this are no longer listed.

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api.bulk import TaskFilter, bulk_action
 from api.errors import ApiProblem
 from api.exports import export, export_format
 from api.http import (
@@ -28,6 +29,8 @@ from api.http import (
     time_param,
 )
 from api.schemas import (
+    BulkOut,
+    BulkRequest,
     CancelRequest,
     History,
     HistoryItem,
@@ -193,20 +196,10 @@ async def list_tasks_route(request: Request) -> Response:
     ctx = context(request)
     reject_unknown_params(
         request,
-        {"status", "language", "created_after", "created_before", "limit", "cursor", "as_of"},
+        {"status", "language", "created_after", "created_before", "q", "limit", "cursor", "as_of"},
     )
-    statuses = choice_params(request, "status", STATUSES)
-    languages = choice_params(request, "language", LANGUAGES)
-    if len(languages) > 1:
-        raise ApiProblem(
-            422,
-            "invalid-request",
-            "language: give at most one",
-            errors=[{"field": "language", "message": "give at most one"}],
-        )
+    filters = task_filter_params(request)
     limit = int_param(request, "limit", ctx.limits.page_size, 1, ctx.limits.max_page_size)
-    created_after = time_param(request, "created_after")
-    created_before = time_param(request, "created_before")
     as_of = time_param(request, "as_of")
     cursor = request.query_params.get("cursor")
 
@@ -216,10 +209,11 @@ async def list_tasks_route(request: Request) -> Response:
                 conn,
                 ctx.schema,
                 tenant=principal.scope,
-                statuses=statuses,
-                language=languages[0] if languages else None,
-                created_after=created_after,
-                created_before=created_before,
+                statuses=filters.statuses,
+                language=filters.language,
+                created_after=filters.created_after,
+                created_before=filters.created_before,
+                text=filters.text,
                 limit=limit,
                 cursor=cursor,
                 columns=_LISTED_COLUMNS,
@@ -229,6 +223,26 @@ async def list_tasks_route(request: Request) -> Response:
     page = await in_thread(request, query)
     return model_response(TaskList, {"items": page.items, "next_cursor": page.next_cursor})
 
+
+def task_filter_params(request: Request) -> TaskFilter:
+    """The task list's filters from the query string (422 naming a bad one)."""
+    statuses = choice_params(request, "status", STATUSES)
+    languages = choice_params(request, "language", LANGUAGES)
+    if len(languages) > 1:
+        raise param_problem("language", "give at most one")
+    text = request.query_params.get("q")
+    if text is not None and not 1 <= len(text) <= MAX_TEXT:
+        raise param_problem("q", f"must be 1 to {MAX_TEXT} characters")
+    return TaskFilter(
+        statuses=tuple(statuses),
+        language=languages[0] if languages else None,
+        created_after=time_param(request, "created_after"),
+        created_before=time_param(request, "created_before"),
+        text=text,
+    )
+
+
+MAX_TEXT = 200  # characters of `q`
 
 # The list reads from the view what its items show, no more.
 _LISTED_COLUMNS = tuple(TaskSummaryOut.model_fields)
@@ -291,6 +305,28 @@ async def cancel_task(request: Request) -> Response:
     )
     ctx.metrics.tasks_cancelled.labels(task.language).inc()
     return task_response(task)
+
+
+async def bulk_tasks(request: Request) -> Response:
+    principal = await authenticate(request, Role.SUBMIT)
+    reject_unknown_params(request, set())
+    body = await read_json(request, BulkRequest)
+    given = body.filter
+    filters = TaskFilter(
+        statuses=tuple(given.status),
+        language=given.language,
+        created_after=given.created_after,
+        created_before=given.created_before,
+        text=given.q,
+    )
+    ctx = context(request)
+    result = await in_thread(
+        request,
+        lambda: bulk_action(
+            ctx, principal, body.action, filters, reason=body.reason, limit=body.limit
+        ),
+    )
+    return model_response(BulkOut, result.body())
 
 
 async def task_history(request: Request) -> Response:

@@ -44,6 +44,7 @@ class TransitionRefused(LedgerError):
     def __init__(self, task_id: UUID, message: str) -> None:
         super().__init__(f"task {task_id}: {message}")
         self.task_id = task_id
+        self.reason = message  # the same, without the task (a bulk action counts by it)
 
 
 class AttemptNotCurrent(TransitionRefused):

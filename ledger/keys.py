@@ -70,12 +70,14 @@ class ApiKey(Aggregate):
             key.role = Role(self.role)
             key.secret_sha256 = self.secret_sha256
             key.label = self.label
+            key.issued_by = self.issued_by
 
     class KeyRevoked(Aggregate.Event):
         by: str
 
         def apply(self, key: ApiKey) -> None:
             key.revoked_at = self.timestamp
+            key.revoked_by = self.by
 
     def __init__(self) -> None:
         self.key_id = ""
@@ -83,7 +85,9 @@ class ApiKey(Aggregate):
         self.role = Role.READ
         self.secret_sha256 = ""
         self.label = ""
+        self.issued_by = ""
         self.revoked_at: datetime | None = None
+        self.revoked_by: str | None = None
 
     @classmethod
     def issue(
@@ -148,13 +152,15 @@ class Keys:
         self.store.record(key)
         return KeyPrincipal(key.key_id, key.tenant, str(key.role)), token
 
-    def revoke(self, key_id: str, *, by: str) -> None:
+    def revoke(self, key_id: str, *, by: str) -> ApiKey:
+        """Revoke the key (again: nothing changes); returns it, revoked."""
         key = self._load(key_id)
         if key is None:
             raise KeyNotFound(f"no API key with id {key_id}")
         with contextlib.suppress(KeyAlreadyRevoked):
             key.revoke(by, self.clock.now())
             self.store.record(key)
+        return key
 
     def authenticate(self, token: str) -> KeyPrincipal | None:
         """Who the token speaks for, or None if it is malformed, unknown or revoked."""
@@ -166,6 +172,11 @@ class Keys:
         if key is None or not key.accepts(secret):
             return None
         return KeyPrincipal(key.key_id, key.tenant, str(key.role))
+
+    def is_active(self, key_id: str) -> bool:
+        """Whether the key was issued and is not revoked (a dashboard session's check)."""
+        key = self._load(key_id)
+        return key is not None and key.revoked_at is None
 
     def _load(self, key_id: str) -> ApiKey | None:
         key = self.store.load_aggregate(key_stream_id(key_id))

@@ -282,6 +282,31 @@ class Ledger:
             lambda t: t.retry(self.clock.now(), ttl_seconds, self.limits, by, bulk_id),
         )
 
+    def client_decision(
+        self,
+        task_id: UUID,
+        action: str,
+        *,
+        by: str,
+        tenant: str | None = None,
+        reason: str = "",
+        bulk_id: str | None = None,
+    ) -> Decision:
+        """A client's "retry" or "cancel" of a task as a value, for `execute_many` (a bulk
+        action); a task of another tenant than `tenant` is refused as not found."""
+
+        def decide(task: Task) -> None:
+            if tenant is not None and task.tenant != tenant:
+                raise TaskNotFound(task_id)
+            if action == "retry":
+                task.retry(self.clock.now(), None, self.limits, by, bulk_id)
+            elif action == "cancel":
+                task.cancel(by, reason, self.clock.now(), bulk_id)
+            else:
+                raise ValueError(f"unknown client action {action!r}")
+
+        return Decision(task_id, decide)
+
     def update(
         self,
         task_id: UUID,

@@ -3,11 +3,13 @@
 - `task_status`: one row per task (the task list, counts by status, the reaper's scan);
 - `audit`: one row per event (the audit queries);
 - `task_periods`: one row per version of each task, with the period it held (the task
-  list as of any time).
+  list as of any time);
+- `api_keys`: one row per issued API key (the keys page and `GET /api/keys`).
 
 Each view is rebuildable from the log (`taskledger projections rebuild NAME`).
 """
 
+from projections.api_keys import ApiKeysProjection
 from projections.audit import AuditProjection
 from projections.base import Projection
 from projections.task_periods import TaskPeriodsProjection
@@ -15,10 +17,19 @@ from projections.task_status import TaskStatusProjection
 
 
 def all_projections() -> dict[str, Projection]:
-    return {p.name: p for p in (TaskStatusProjection(), AuditProjection(), TaskPeriodsProjection())}
+    return {
+        p.name: p
+        for p in (
+            TaskStatusProjection(),
+            AuditProjection(),
+            TaskPeriodsProjection(),
+            ApiKeysProjection(),
+        )
+    }
 
 
 __all__ = [
+    "ApiKeysProjection",
     "AuditProjection",
     "Projection",
     "TaskPeriodsProjection",

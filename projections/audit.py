@@ -58,6 +58,8 @@ class AuditProjection(Projection):
             ("task_position", "task_id, position DESC", ""),
             ("worker_position", "worker_id, position DESC", " WHERE worker_id IS NOT NULL"),
             ("tenant_at", "tenant, at", ""),
+            # The outcomes per minute across tenants (queries.outcomes_per_minute).
+            ("at", "at", ""),
         ):
             cur.execute(
                 sql.SQL("CREATE INDEX {} ON {} (" + columns + ")" + where).format(

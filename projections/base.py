@@ -25,6 +25,8 @@ class Projection(ABC):
     """A view of the event log, applied a batch of changes at a time."""
 
     name: str  # also the name of the SQL view readers query
+    # The aggregates whose events it applies (Change.stream); the others pass it by.
+    streams: frozenset[str] = frozenset({"Task"})
 
     @abstractmethod
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:

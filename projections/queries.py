@@ -11,7 +11,7 @@ import binascii
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -21,7 +21,7 @@ from psycopg import Connection, sql
 from psycopg.rows import dict_row
 
 from ledger.log import EVENTS_TABLE
-from projections import audit, task_periods, task_status
+from projections import api_keys, audit, task_periods, task_status
 from projections.tracking import listen_to_views, view_position
 
 
@@ -88,8 +88,12 @@ def list_tasks(
     cursor: str | None = None,
     columns: Sequence[str] = task_status.COLUMNS,
     as_of: datetime | None = None,
+    text: str | None = None,
 ) -> Page:
     """Tasks newest first. `tenant=None` lists every tenant's (admins only).
+
+    `text`: only tasks whose description contains it, ignoring case (a scan of the
+    tenant's rows that the other filters leave: no index serves a substring).
 
     `columns`: what to read of each row (by default all of them); `created_at` and `id`
     are always read, as the cursor is made of them. `as_of`: the tasks created by then,
@@ -119,6 +123,9 @@ def list_tasks(
     if created_before is not None:
         where.append(sql.SQL("created_at < %s"))
         params.append(created_before)
+    if text:
+        where.append(sql.SQL("description ILIKE %s"))
+        params.append(contains_pattern(text))
     if cursor is not None:
         created_at, task_id = _decode_cursor(cursor, 2)
         if not (isinstance(created_at, str) and isinstance(task_id, str)):
@@ -141,6 +148,12 @@ def list_tasks(
     )
 
 
+def contains_pattern(text: str) -> str:
+    """A LIKE pattern matching `text` anywhere, its own % _ and \\ taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 def counts_by_status(conn: Connection[Any], schema: str, *, tenant: str | None) -> dict[str, int]:
     query = sql.SQL("SELECT status, count(*) FROM {} {} GROUP BY status").format(
         sql.Identifier(schema, task_status.TaskStatusProjection.name),
@@ -148,6 +161,101 @@ def counts_by_status(conn: Connection[Any], schema: str, *, tenant: str | None) 
     )
     rows = conn.execute(query, [tenant] if tenant is not None else []).fetchall()
     return {status: int(count) for status, count in rows}
+
+
+# The attempt outcomes the per-minute counts report, by their event type.
+OUTCOME_EVENTS = {
+    "AttemptCompleted": "completed",
+    "AttemptFailed": "failed",
+    "TaskExpired": "expired",
+}
+
+
+def outcomes_per_minute(
+    conn: Connection[Any], schema: str, *, tenant: str | None, since: datetime, until: datetime
+) -> list[dict[str, Any]]:
+    """Attempts completed, failed and expired in each minute from the one `since` falls in
+    to the one `until` falls in, oldest first; a minute without any has zeros. Counted
+    from the audit view, so a task that failed twice and then completed counts three."""
+    first = since.replace(second=0, microsecond=0)
+    last = until.replace(second=0, microsecond=0)
+    counts = sql.SQL(", ").join(
+        sql.SQL("count(*) FILTER (WHERE type = {}) AS {}").format(
+            sql.Literal(kind), sql.Identifier(name)
+        )
+        for kind, name in OUTCOME_EVENTS.items()
+    )
+    query = sql.SQL(
+        "WITH counted AS ("
+        " SELECT date_trunc('minute', at) AS minute, {counts} FROM {audit}"
+        " WHERE type = ANY(%s) AND at >= %s AND at < %s {tenant} GROUP BY 1)"
+        " SELECT series.minute, {totals}"
+        " FROM generate_series(%s::timestamptz, %s::timestamptz, interval '1 minute')"
+        " AS series(minute) LEFT JOIN counted USING (minute) ORDER BY series.minute"
+    ).format(
+        counts=counts,
+        audit=sql.Identifier(schema, audit.AuditProjection.name),
+        tenant=sql.SQL("AND tenant = %s") if tenant is not None else sql.SQL(""),
+        totals=sql.SQL(", ").join(
+            sql.SQL("coalesce({0}, 0) AS {0}").format(sql.Identifier(name))
+            for name in OUTCOME_EVENTS.values()
+        ),
+    )
+    params: list[Any] = [list(OUTCOME_EVENTS), first, last + timedelta(minutes=1)]
+    if tenant is not None:
+        params.append(tenant)
+    params.extend((first, last))
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+def run_times(
+    conn: Connection[Any], schema: str, *, tenant: str | None, since: datetime
+) -> dict[str, Any]:
+    """The median and 95th percentile, in ms, of the time from start to finish of the
+    tasks completed since `since` (their last attempt), and how many there were."""
+    query = sql.SQL(
+        "SELECT count(*),"
+        " percentile_cont(0.5) WITHIN GROUP (ORDER BY run_ms),"
+        " percentile_cont(0.95) WITHIN GROUP (ORDER BY run_ms)"
+        " FROM (SELECT extract(epoch FROM finished_at - started_at) * 1000 AS run_ms"
+        " FROM {} WHERE status = 'Completed' AND finished_at >= %s {}) runs"
+    ).format(
+        sql.Identifier(schema, task_status.TaskStatusProjection.name),
+        sql.SQL("AND tenant = %s") if tenant is not None else sql.SQL(""),
+    )
+    row = conn.execute(query, [since, *([tenant] if tenant is not None else [])]).fetchone()
+    assert row is not None  # an aggregate always answers one row
+    count, p50, p95 = row
+    return {
+        "count": int(count),
+        "p50_ms": None if p50 is None else round(float(p50), 1),
+        "p95_ms": None if p95 is None else round(float(p95), 1),
+    }
+
+
+def queue_depth(conn: Connection[Any], schema: str, *, tenant: str | None, now: datetime) -> int:
+    """Pending tasks that may start now (not those waiting out a retry's backoff)."""
+    query = sql.SQL(
+        "SELECT count(*) FROM {} WHERE status = 'Pending'"
+        " AND (not_before IS NULL OR not_before <= %s) {}"
+    ).format(
+        sql.Identifier(schema, task_status.TaskStatusProjection.name),
+        sql.SQL("AND tenant = %s") if tenant is not None else sql.SQL(""),
+    )
+    row = conn.execute(query, [now, *([tenant] if tenant is not None else [])]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def list_keys(conn: Connection[Any], schema: str, *, tenant: str | None) -> list[dict[str, Any]]:
+    """Issued API keys, oldest first; `tenant=None`: every tenant's."""
+    query = sql.SQL("SELECT {} FROM {} {} ORDER BY issued_at, key_id").format(
+        sql.SQL(", ").join(map(sql.Identifier, api_keys.LISTED)),
+        sql.Identifier(schema, api_keys.ApiKeysProjection.name),
+        sql.SQL("WHERE tenant = %s") if tenant is not None else sql.SQL(""),
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query, [tenant] if tenant is not None else []).fetchall()
 
 
 def audit_events(

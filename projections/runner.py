@@ -83,10 +83,10 @@ def apply_batch(
             return gen, 0
         if len(changes) == batch_size or sum(c.size for c in changes) >= event_log.BATCH_BYTES:
             changes = extend_to_transaction_end(conn, schema, changes)
-        task_changes = [c for c in changes if c.stream == "Task"]
-        if task_changes:
+        wanted = [c for c in changes if c.stream in projection.streams]
+        if wanted:
             with conn.cursor() as cur:
-                projection.apply(cur, sql.Identifier(schema, gen.table), task_changes)
+                projection.apply(cur, sql.Identifier(schema, gen.table), wanted)
         new_position = changes[-1].position
         tracking.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
         tracking.notify_progress(conn, schema, projection.name, new_position)

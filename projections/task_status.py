@@ -124,6 +124,8 @@ class TaskStatusProjection(Projection):
             ("created", "created_at DESC, id DESC", ""),
             # The reaper's nearest deadline among unfinished tasks.
             ("open_deadline", "deadline", " WHERE status IN ('Pending', 'InProgress')"),
+            # Run times of the tasks finished lately (queries.run_times).
+            ("finished", "finished_at", " WHERE finished_at IS NOT NULL"),
         )
         base.create_table(cur, table, COLUMN_TYPES, indexes)
 

@@ -178,7 +178,9 @@ class Services:
             queries=queries,
             database_url=self.database_url,
             schema=self.schema,
-            authenticator=Authenticator(configured, self.ledger.keys.authenticate),
+            authenticator=Authenticator(
+                configured, self.ledger.keys.authenticate, active=self.ledger.keys.is_active
+            ),
             readiness={"broker": self.broker.problem},
             background=list(background or []),
             shutdown=[self.broker.close],
@@ -186,6 +188,14 @@ class Services:
             metrics=self.api_metrics,
             limiter=anyio.CapacityLimiter(LEDGER_THREADS),
         )
+        if self.settings.ui_secret is not None:
+            context.ui_secret = self.settings.ui_secret.get_secret_value().encode()
+        else:
+            log.warning(
+                "TASKLEDGER_UI_SECRET is not set: dashboard (/ui) sessions are signed with a "
+                "random secret of this process, so they end when it restarts and other api "
+                "processes refuse them; set it (32+ random characters, the same everywhere)"
+            )
         return create_app(context)
 
     def dev_api_key(self) -> str:

@@ -36,7 +36,7 @@ from api.auth import parse_configured_keys
 ENV_PREFIX = "TASKLEDGER_"
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-SECRET_FIELDS = frozenset({"api_keys", "ledger_signing_key"})
+SECRET_FIELDS = frozenset({"api_keys", "ledger_signing_key", "ui_secret"})
 SECTIONS = ("sandbox",)  # settings that are TOML tables of their own
 URL_FIELDS = frozenset({"database_url", "broker_url"})
 
@@ -164,6 +164,12 @@ class Settings(BaseSettings):
         le=10_080,
         description="the api's leader logs a ledger checkpoint this often, for log shipping "
         "to anchor the chain off the host (0 = never)",
+    )
+    ui_secret: SecretStr | None = Field(
+        default=None,
+        min_length=32,
+        description="signs the dashboard's session cookies (/ui); give every api process "
+        "the same one. Unset = random per process: sessions end when it restarts",
     )
     sandbox: SandboxSettings = Field(
         default_factory=SandboxSettings, description="the [sandbox] section"

@@ -159,7 +159,9 @@ def api_context(ledger: Ledger, database_url: str, schema: str) -> Iterator[ApiC
         queries=pool,
         database_url=database_url,
         schema=schema,
-        authenticator=Authenticator(configured, ledger.keys.authenticate),
+        authenticator=Authenticator(
+            configured, ledger.keys.authenticate, active=ledger.keys.is_active
+        ),
         watcher=TaskWatcher(database_url, schema, poll_interval=0.2),
         metrics=ApiMetrics(),
         limiter=anyio.CapacityLimiter(8),

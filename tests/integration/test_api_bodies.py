@@ -210,6 +210,36 @@ async def test_every_operation_answers_what_its_document_says(api: Api) -> None:
     stats = document.check(await get("/api/stats", headers=reader), "/api/stats")
     assert stats["counts"]
     assert stats["projections"]
+    assert stats["run_time"]["count"] >= 1
+    minutes = document.check(await get("/api/stats/minutes", headers=reader), "/api/stats/minutes")
+    assert len(minutes["minutes"]) == 60
+    found = document.check(await get("/api/tasks?q=RENAMED", headers=reader), "/api/tasks")
+    assert [task["id"] for task in found["items"]] == [pending["id"]]
+
+    # Bulk: a retry of the Cancelled task and a refusal of the Completed one.
+    bulk = await post(
+        "/api/tasks/bulk",
+        json={"action": "retry", "filter": {"status": ["Cancelled", "Completed"]}},
+        headers=submitter,
+    )
+    assert bulk.status_code == 200, bulk.text
+    outcome = document.check(bulk, "/api/tasks/bulk")
+    assert (outcome["matched"], outcome["done"]) == (2, 1)
+    assert [refused["id"] for refused in outcome["refused_tasks"]] == [completed["id"]]
+
+    # Keys: issued (the key shown once), listed without it, revoked.
+    issued = await post(
+        "/api/keys", json={"tenant": "acme", "role": "read", "label": "ci"}, headers=admin
+    )
+    assert issued.status_code == 201, issued.text
+    key = document.check(issued, "/api/keys")
+    await api.catch_up()
+    listed = document.check(await get("/api/keys", headers=admin), "/api/keys")["items"]
+    assert key["key_id"] in [item["key_id"] for item in listed]
+    assert all("key" not in item for item in listed)
+    revoked = await post(f"/api/keys/{key['key_id']}/revoke", headers=admin)
+    assert revoked.status_code == 200, revoked.text
+    assert document.check(revoked, "/api/keys/{key_id}/revoke")["revoked_at"] is not None
 
     # Workers: with their attempts for an admin key, without them (absent) for others.
     assert ledger.leases is not None

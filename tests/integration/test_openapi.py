@@ -340,7 +340,9 @@ async def test_operations_that_need_a_key_answer_401_problem_without_one(
             assert problem["status"] == 401
             assert problem["type"].endswith("/unauthorized")
             checked += 1
-    assert checked == 12  # every secured one: /api/workers, /api/ledger/verify, /api/events
+    # Every secured one, /api/workers, /api/ledger/verify, /api/events, /api/keys and
+    # /api/tasks/bulk included.
+    assert checked == 17
 
 
 @pytest.mark.asyncio

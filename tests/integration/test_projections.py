@@ -30,6 +30,7 @@ from projections.queries import (
     InvalidCursor,
     audit_events,
     counts_by_status,
+    list_keys,
     list_tasks,
     wait_for_position,
 )
@@ -54,7 +55,7 @@ def conn(database_url: str, ledger: Ledger, schema: str) -> Iterator[psycopg.Con
 
 
 def catch_up(conn: psycopg.Connection[Any], schema: str, batch_size: int = 500) -> None:
-    for projection in (STATUS, AUDIT, PERIODS):
+    for projection in all_projections().values():
         while apply_batch(conn, schema, projection, batch_size)[1]:
             pass
 
@@ -355,6 +356,7 @@ def test_rebuild_while_tasks_are_written_and_followed(
     assert {"task_status_g2", "audit_g2"} <= tables
     assert not {"task_status_g1", "audit_g1"} & tables
     assert {s.name: s.lag for s in status(conn, schema)} == {
+        "api_keys": 0,
         "audit": 0,
         "task_periods": 0,
         "task_status": 0,
@@ -468,14 +470,27 @@ def test_audit_queries(
     assert completed["attempt"] == 1
 
 
-def test_views_skip_key_events_but_move_past_them(
+def test_task_views_skip_key_events_and_the_keys_view_takes_only_them(
     ledger: Ledger, conn: psycopg.Connection[Any], schema: str
 ) -> None:
-    ledger.keys.issue(tenant="acme", role="read", issued_by="test")
+    first, _ = ledger.keys.issue(tenant="acme", role="read", issued_by="test", label="ci")
     task_id = submit(ledger)
-    ledger.keys.issue(tenant="acme", role="read", issued_by="test")
+    second, _ = ledger.keys.issue(tenant="globex", role="admin", issued_by="test")
+    ledger.keys.revoke(first.key_id, by="admin-1")
     catch_up(conn, schema)
+    # Issued at the same (manual) time: listed by key id then.
+    keys = sorted(list_keys(conn, schema, tenant=None), key=lambda k: k["tenant"])
+    assert [(k["key_id"], k["tenant"], k["role"], k["label"]) for k in keys] == [
+        (first.key_id, "acme", "read", "ci"),
+        (second.key_id, "globex", "admin", ""),
+    ]
+    assert keys[0]["revoked_by"] == "admin-1"
+    assert keys[0]["revoked_at"] is not None
+    assert keys[1]["revoked_at"] is None
+    assert [k["key_id"] for k in list_keys(conn, schema, tenant="globex")] == [second.key_id]
+    assert "secret_sha256" not in keys[0]
     assert {s.name: s.lag for s in status(conn, schema)} == {
+        "api_keys": 0,
         "audit": 0,
         "task_periods": 0,
         "task_status": 0,
