@@ -27,7 +27,7 @@ STATUS_SYMBOLS = {
     "InProgress": "▶",
     "Completed": "✓",
     "Failed": "✗",
-    "Expired": "⌛",
+    "Expired": "◔",
     "Cancelled": "⊘",
 }
 STATUS_TEXT = {"InProgress": "In progress"}

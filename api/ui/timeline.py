@@ -14,7 +14,7 @@ from ledger.state import HistoryEntry
 WIDTH = 900.0
 LABEL_WIDTH = 120.0  # the attempt names, left of the plot
 RIGHT_MARGIN = 24.0
-ROW_HEIGHT = 40.0
+ROW_HEIGHT = 48.0
 BAR_HEIGHT = 18.0
 TOP = 10.0
 AXIS_HEIGHT = 30.0
