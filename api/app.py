@@ -24,6 +24,7 @@ from api.context import ApiContext
 from api.errors import EXCEPTION_HANDLERS
 from api.http import json_response
 from api.openapi import build_openapi
+from api.ui import ui_routes
 
 log = logging.getLogger("api")
 
@@ -149,6 +150,7 @@ def create_app(context: ApiContext) -> Starlette:
         Mount(
             "/swagger/static", StaticFiles(directory=str(swagger_ui.static_path)), name="swagger"
         ),
+        *ui_routes(context),  # the web dashboard (api/ui/, docs/ui.md)
     ]
 
     @contextlib.asynccontextmanager

@@ -50,6 +50,11 @@ _TITLES = {
 }
 
 
+def problem_title(status: int) -> str:
+    """The title of a problem of this status (the JSON problems' and the UI's pages')."""
+    return _TITLES.get(status, "Error")
+
+
 class ApiProblem(Exception):
     """Raise to answer with a problem response."""
 
@@ -81,7 +86,7 @@ def problem_response(
 ) -> Response:
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + kind,
-        "title": _TITLES.get(status, "Error"),
+        "title": problem_title(status),
         "status": status,
         "detail": detail,
     }

@@ -22,7 +22,9 @@ from api.http import (
 )
 from api.schemas import IssuedKey, KeyCreate, KeyList, KeyOut
 from ledger.keys import Role
-from projections.queries import list_keys
+from ledger.log import head_position
+from projections.api_keys import ApiKeysProjection
+from projections.queries import list_keys, wait_for_position
 
 
 def all_keys(ctx: ApiContext, principal: Principal) -> list[dict[str, Any]]:
@@ -65,6 +67,19 @@ def issue_key(ctx: ApiContext, principal: Principal, body: KeyCreate) -> dict[st
         "revoked_by": None,
         "key": token,
     }
+
+
+SETTLE_SECONDS = 2.0
+
+
+def settle_keys(ctx: ApiContext) -> None:
+    """Wait (at most SETTLE_SECONDS) until the keys view holds every event written so far,
+    so that a page listing the keys right after an issue or a revoke shows it."""
+    with ctx.queries.connection() as conn:
+        head = head_position(conn, ctx.schema)
+    wait_for_position(
+        ctx.database_url, ctx.schema, ApiKeysProjection.name, head, timeout=SETTLE_SECONDS
+    )
 
 
 def revoke_key(ctx: ApiContext, principal: Principal, key_id: str) -> dict[str, Any]:

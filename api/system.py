@@ -7,14 +7,16 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg import Connection
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api.auth import Principal
 from api.context import ApiContext
 from api.errors import ApiProblem
 from api.exports import export, export_format
@@ -44,6 +46,7 @@ from ledger.log import read_changes
 from projections import all_projections, task_status
 from projections.admin import status as projection_status
 from projections.queries import (
+    Page,
     audit_events,
     counts_by_status,
     outcomes_per_minute,
@@ -73,6 +76,86 @@ EVENT_TYPES = (
 )
 
 
+@dataclass(frozen=True)
+class AuditFilters:
+    """What `GET /api/audit` (and the UI's audit page) filters the events on."""
+
+    types: list[str]
+    task_id: UUID | None
+    worker_id: str | None
+    since: datetime | None
+    until: datetime | None
+
+
+def audit_filters(request: Request) -> AuditFilters:
+    """The audit's filters from the query; 422 naming a bad one."""
+    types = choice_params(request, "type", EVENT_TYPES)
+    task_id = request.query_params.get("task_id")
+    parsed_task: UUID | None = None
+    if task_id is not None:
+        try:
+            parsed_task = UUID(task_id)
+        except ValueError:
+            raise ApiProblem(
+                422,
+                "invalid-request",
+                f"task_id {task_id!r} is not a UUID",
+                errors=[{"field": "task_id", "message": "must be a UUID"}],
+            ) from None
+    return AuditFilters(
+        types=types,
+        task_id=parsed_task,
+        worker_id=request.query_params.get("worker_id"),
+        since=time_param(request, "since"),
+        until=time_param(request, "until"),
+    )
+
+
+def audit_page(
+    ctx: ApiContext,
+    principal: Principal,
+    filters: AuditFilters,
+    limit: int,
+    cursor: str | None,
+) -> Page:
+    """One page of the audit (blocking: run it with `in_thread`); items in the API's
+    shape (the view keeps an event's own fields as `payload`; the API calls them `data`)."""
+    with ctx.queries.connection() as conn:
+        page = audit_events(
+            conn,
+            ctx.schema,
+            tenant=principal.scope,
+            types=filters.types,
+            task_id=filters.task_id,
+            worker_id=filters.worker_id,
+            since=filters.since,
+            until=filters.until,
+            limit=limit,
+            cursor=cursor,
+        )
+    return Page([{**row, "data": row["payload"]} for row in page.items], page.next_cursor)
+
+
+def audit_export(
+    request: Request, principal: Principal, filters: AuditFilters, kind: str
+) -> Response:
+    """Every matching event as a file of `kind` (ndjson or csv), streamed page by page."""
+    ctx = context(request)
+
+    async def pages() -> AsyncIterator[list[dict[str, Any]]]:
+        after: str | None = None
+        while True:
+            page = await in_thread(
+                request, functools.partial(audit_page, ctx, principal, filters, EXPORT_PAGE, after)
+            )
+            yield page.items
+            if page.next_cursor is None:
+                return
+            after = page.next_cursor
+
+    return export(kind, AuditItem, pages(), "audit")
+
+
 async def audit(request: Request) -> Response:
     principal = await authenticate(request, Role.READ)
     ctx = context(request)
@@ -84,58 +167,13 @@ async def audit(request: Request) -> Response:
         for name in ("limit", "cursor"):
             if name in request.query_params:
                 raise param_problem(name, "does not apply to an export: it has every event")
-    types = choice_params(request, "type", EVENT_TYPES)
-    task_id = request.query_params.get("task_id")
-    if task_id is not None:
-        from uuid import UUID
-
-        try:
-            parsed_task: UUID | None = UUID(task_id)
-        except ValueError:
-            raise ApiProblem(
-                422,
-                "invalid-request",
-                f"task_id {task_id!r} is not a UUID",
-                errors=[{"field": "task_id", "message": "must be a UUID"}],
-            ) from None
-    else:
-        parsed_task = None
-    worker_id = request.query_params.get("worker_id")
-    since, until = time_param(request, "since"), time_param(request, "until")
+    filters = audit_filters(request)
     limit = int_param(request, "limit", 100, 1, ctx.limits.max_page_size)
     cursor = request.query_params.get("cursor")
-
-    def query(limit: int, cursor: str | None) -> Any:
-        with ctx.queries.connection() as conn:
-            return audit_events(
-                conn,
-                ctx.schema,
-                tenant=principal.scope,
-                types=types,
-                task_id=parsed_task,
-                worker_id=worker_id,
-                since=since,
-                until=until,
-                limit=limit,
-                cursor=cursor,
-            )
-
     if kind is not None:
-
-        async def pages() -> AsyncIterator[list[dict[str, Any]]]:
-            after: str | None = None
-            while True:
-                page = await in_thread(request, functools.partial(query, EXPORT_PAGE, after))
-                # The view keeps an event's own fields as `payload`; the API calls them `data`.
-                yield [{**row, "data": row["payload"]} for row in page.items]
-                if page.next_cursor is None:
-                    return
-                after = page.next_cursor
-
-        return export(kind, AuditItem, pages(), "audit")
-    page = await in_thread(request, lambda: query(limit, cursor))
-    items = [{**row, "data": row["payload"]} for row in page.items]
-    return model_response(AuditList, {"items": items, "next_cursor": page.next_cursor})
+        return audit_export(request, principal, filters, kind)
+    page = await in_thread(request, lambda: audit_page(ctx, principal, filters, limit, cursor))
+    return model_response(AuditList, {"items": page.items, "next_cursor": page.next_cursor})
 
 
 @dataclass(frozen=True)
@@ -240,12 +278,20 @@ async def workers(request: Request) -> Response:
     """The workers from their heartbeats; the attempts they run only for admin keys."""
     principal = await authenticate(request, Role.READ)
     reject_unknown_params(request, set())
-    leases = context(request).ledger.leases
+    ctx = context(request)
+    listed = await in_thread(request, lambda: list_workers(ctx, principal))
+    # Without an admin key `attempts` is absent, not null: the key may not see them.
+    return model_response(Workers, {"workers": listed}, exclude_unset=True)
+
+
+def list_workers(ctx: ApiContext, principal: Principal) -> list[dict[str, Any]]:
+    """The workers seen within the last hour, each with its state (alive, lost,
+    stopped); the attempts they run only for admins (blocking: run it with `in_thread`)."""
+    leases = ctx.ledger.leases
     if leases is None:
-        return model_response(Workers, {"workers": []})
-    rows = await in_thread(request, lambda: leases.workers(WORKERS_REMEMBERED_SECONDS))
+        return []
     listed = []
-    for row in rows:
+    for row in leases.workers(WORKERS_REMEMBERED_SECONDS):
         silent = row["silence"].total_seconds()
         state = (
             "stopped"
@@ -269,8 +315,7 @@ async def workers(request: Request) -> Response:
         if principal.role is Role.ADMIN:
             item["attempts"] = row["running"]
         listed.append(item)
-    # Without an admin key `attempts` is absent, not null: the key may not see them.
-    return model_response(Workers, {"workers": listed}, exclude_unset=True)
+    return listed
 
 
 async def healthz(request: Request) -> Response:

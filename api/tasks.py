@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+from uuid import UUID
 
 from starlette.requests import Request
 from starlette.responses import Response
 
+from api.auth import Principal
 from api.bulk import TaskFilter, bulk_action
+from api.context import ApiContext
 from api.errors import ApiProblem
 from api.exports import export, export_format
 from api.http import (
@@ -41,7 +44,7 @@ from api.schemas import (
     TaskPatch,
     TaskSummaryOut,
 )
-from ledger import Status, TaskState
+from ledger import Status, Submission, TaskState
 from ledger.keys import Role
 from ledger.service import SubmitRequest
 from ledger.state import HistoryEntry
@@ -124,7 +127,20 @@ async def submit_task(request: Request) -> Response:
             "Idempotency-Key must be 1 to 255 characters",
             errors=[{"field": "Idempotency-Key", "message": "must be 1 to 255 characters"}],
         )
-    ctx = context(request)
+    submission = await submit(context(request), principal, body, key)
+    task = submission.task
+    request.state.task_id = str(task.id)
+    return task_response(
+        task,
+        201 if submission.created else 200,
+        {"Location": f"/api/tasks/{task.id}"},
+    )
+
+
+async def submit(
+    ctx: ApiContext, principal: Principal, body: TaskCreate, idempotency_key: str | None
+) -> Submission:
+    """Submit a checked task body for `principal` (the API's POST and the UI's form)."""
     submission = await ctx.submissions.run(
         SubmitRequest(
             description=body.description,
@@ -135,18 +151,12 @@ async def submit_task(request: Request) -> Response:
             max_attempts=body.max_attempts,
             tenant=principal.tenant,
             submitted_by=principal.key_id,
-            idempotency_key=key,
+            idempotency_key=idempotency_key,
         )
     )
-    task = submission.task
-    request.state.task_id = str(task.id)
     if submission.created:
-        ctx.metrics.tasks_submitted.labels(task.language).inc()
-    return task_response(
-        task,
-        201 if submission.created else 200,
-        {"Location": f"/api/tasks/{task.id}"},
-    )
+        ctx.metrics.tasks_submitted.labels(submission.task.language).inc()
+    return submission
 
 
 async def get_task(request: Request) -> Response:
@@ -179,14 +189,28 @@ async def get_task(request: Request) -> Response:
 
     if wait <= 0:
         return task_response(await in_thread(request, load))
-    deadline = time.monotonic() + wait
-    with ctx.watcher.subscribe(task_id) as changed:
+    return task_response(
+        await watch_task(request, task_id, load, lambda task: task.status.is_terminal, wait)
+    )
+
+
+async def watch_task(
+    request: Request,
+    task_id: UUID,
+    load: Callable[[], TaskState],
+    done: Callable[[TaskState], bool],
+    seconds: float,
+) -> TaskState:
+    """The task as soon as `done` holds for it, or as it is after `seconds`: reread
+    whenever the task gets an event (the API's `?wait=` and the UI's live status)."""
+    deadline = time.monotonic() + seconds
+    with context(request).watcher.subscribe(task_id) as changed:
         while True:
             changed.clear()
             task = await in_thread(request, load)
             remaining = deadline - time.monotonic()
-            if task.status.is_terminal or remaining <= 0:
-                return task_response(task)
+            if done(task) or remaining <= 0:
+                return task
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
 
@@ -198,7 +222,7 @@ async def list_tasks_route(request: Request) -> Response:
         request,
         {"status", "language", "created_after", "created_before", "q", "limit", "cursor", "as_of"},
     )
-    filters = task_filter_params(request)
+    filters = task_filters(request)
     limit = int_param(request, "limit", ctx.limits.page_size, 1, ctx.limits.max_page_size)
     as_of = time_param(request, "as_of")
     cursor = request.query_params.get("cursor")
@@ -216,7 +240,7 @@ async def list_tasks_route(request: Request) -> Response:
                 text=filters.text,
                 limit=limit,
                 cursor=cursor,
-                columns=_LISTED_COLUMNS,
+                columns=LISTED_COLUMNS,
                 as_of=as_of,
             )
 
@@ -224,8 +248,9 @@ async def list_tasks_route(request: Request) -> Response:
     return model_response(TaskList, {"items": page.items, "next_cursor": page.next_cursor})
 
 
-def task_filter_params(request: Request) -> TaskFilter:
-    """The task list's filters from the query string (422 naming a bad one)."""
+def task_filters(request: Request) -> TaskFilter:
+    """The task list's filters from the query (`status`, `language`, `created_after`,
+    `created_before`, `q`): the API's list and the UI's pages; 422 naming a bad one."""
     statuses = choice_params(request, "status", STATUSES)
     languages = choice_params(request, "language", LANGUAGES)
     if len(languages) > 1:
@@ -245,7 +270,7 @@ def task_filter_params(request: Request) -> TaskFilter:
 MAX_TEXT = 200  # characters of `q`
 
 # The list reads from the view what its items show, no more.
-_LISTED_COLUMNS = tuple(TaskSummaryOut.model_fields)
+LISTED_COLUMNS = tuple(TaskSummaryOut.model_fields)
 
 
 async def patch_task(request: Request) -> Response:

@@ -57,6 +57,10 @@ class SubmitRequest:
     idempotency_key: str | None = None
 
 
+# The events a submission saves at once: TaskSubmitted and AttemptScheduled(1).
+SUBMISSION_EVENTS = 2
+
+
 class Ledger:
     """Commands and queries on tasks, over an event store."""
 
@@ -127,7 +131,9 @@ class Ledger:
             )
         events = [event for event, _, _ in stored]
         if version is not None:
-            kept = events[:version]
+            # Only states a reader could have seen: TaskSubmitted is saved together with
+            # its AttemptScheduled, so version 1 is read as that whole save.
+            kept = events[: max(version, SUBMISSION_EVENTS)]
         else:
             assert at is not None, "as of a time or a version"
             # A prefix, always: clocks of other processes may put a later event a moment

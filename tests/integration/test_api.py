@@ -664,6 +664,10 @@ async def test_a_task_as_of_a_time_or_a_version(api: Api) -> None:
     assert first.status_code == 200, first.text
     assert (first.json()["status"], first.json()["version"]) == ("Pending", 2)
     assert first.headers["etag"] == '"2"'
+    # Version 1 (TaskSubmitted) was saved with AttemptScheduled: read as that save.
+    submitted = await api.client.get(url, params={"as_of_version": 1}, headers=reader)
+    assert submitted.status_code == 200, submitted.text
+    assert submitted.json() == first.json()
     then = await api.client.get(url, params={"as_of": created.isoformat()}, headers=reader)
     assert then.json()["version"] in (2, 3)  # both events may share the moment
     before = (created - timedelta(microseconds=1)).isoformat()

@@ -1,0 +1,226 @@
+"""A task's timeline, from its events: one row per attempt, its backoff, queued and
+running segments, its deadline, and who did each step (the client's key, the retry
+policy, the worker, the reaper). Pure: the page draws it as SVG and as a list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ledger.state import HistoryEntry
+
+# The drawing's coordinates (its viewBox; the page scales it to its width).
+WIDTH = 900.0
+LABEL_WIDTH = 120.0  # the attempt names, left of the plot
+RIGHT_MARGIN = 24.0
+ROW_HEIGHT = 48.0
+BAR_HEIGHT = 18.0
+TOP = 10.0
+AXIS_HEIGHT = 30.0
+
+
+@dataclass(frozen=True)
+class Step:
+    at: datetime
+    text: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    kind: str  # "backoff", "queued", "running"
+    start: datetime
+    end: datetime
+    ongoing: bool  # still going at the timeline's end
+    label: str
+    x: float = 0.0
+    width: float = 0.0
+
+
+@dataclass
+class AttemptRow:
+    number: int
+    reason: str
+    scheduled_at: datetime
+    not_before: datetime
+    deadline: datetime
+    started_at: datetime | None = None
+    worker_id: str | None = None
+    finished_at: datetime | None = None
+    outcome: str | None = None
+    steps: list[Step] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    y: float = 0.0
+    deadline_x: float | None = None  # None: after the timeline's end
+
+
+@dataclass(frozen=True)
+class Tick:
+    x: float
+    at: datetime
+    anchor: str  # SVG text-anchor
+
+
+@dataclass(frozen=True)
+class Timeline:
+    start: datetime
+    end: datetime
+    rows: list[AttemptRow]
+    before: list[Step]  # steps before the first attempt (none today: submit schedules one)
+    ticks: list[Tick]
+    height: float
+    width: float = WIDTH
+    label_width: float = LABEL_WIDTH
+
+    @property
+    def summary(self) -> str:
+        """The drawing's accessible name."""
+        count = len(self.rows)
+        return (
+            f"Timeline of {count} attempt{'s' if count != 1 else ''}, "
+            f"{self.start:%H:%M:%S} to {self.end:%H:%M:%S} UTC; the list below says the same"
+        )
+
+
+def _actor(by: str) -> str:
+    """Who a `by` names, in words."""
+    if by.startswith("ledger:"):
+        return f"the retry policy ({by})"
+    return f"key {by}"
+
+
+def _attempt_steps(rows: dict[int, AttemptRow], entry: HistoryEntry) -> AttemptRow | None:
+    data: dict[str, Any] = entry.data
+    kind = entry.type
+    number = data.get("attempt")
+    if kind == "AttemptScheduled":
+        row = AttemptRow(
+            number=int(data["attempt"]),
+            reason=str(data["reason"]),
+            scheduled_at=entry.at,
+            not_before=data["not_before"],
+            deadline=data["deadline"],
+        )
+        rows[row.number] = row
+        wait = (row.not_before - entry.at).total_seconds()
+        row.steps.append(
+            Step(
+                entry.at,
+                f"scheduled ({row.reason}) by {_actor(str(data['by']))}"
+                + (f", to start after a backoff of {wait:.1f} s" if wait > 0 else ""),
+            )
+        )
+        return row
+    found = rows.get(number) if isinstance(number, int) else None
+    if found is None:
+        return None
+    row = found
+    if kind == "AttemptStarted":
+        row.started_at = entry.at
+        row.worker_id = str(data["worker_id"])
+        row.steps.append(Step(entry.at, f"started by worker {row.worker_id}"))
+    elif kind == "AttemptCompleted":
+        row.finished_at, row.outcome = entry.at, "completed"
+        result = data.get("result") or {}
+        row.steps.append(
+            Step(
+                entry.at,
+                f"completed on worker {row.worker_id} (exit code {result.get('exit_code', 0)}, "
+                f"{float(result.get('duration_ms', 0.0)):.0f} ms)",
+            )
+        )
+    elif kind == "AttemptFailed":
+        row.finished_at, row.outcome = entry.at, "failed"
+        error = data.get("error") or {}
+        where = f" on worker {row.worker_id}" if row.worker_id else ""
+        again = "; the retry policy may try again" if data.get("retryable") else ""
+        row.steps.append(
+            Step(
+                entry.at,
+                f"failed{where}: {error.get('kind', '?')}: {error.get('message', '')}{again}",
+            )
+        )
+    elif kind == "TaskExpired":
+        row.finished_at, row.outcome = entry.at, "expired"
+        row.steps.append(
+            Step(
+                entry.at, f"expired at its deadline, detected by the reaper ({data['detected_by']})"
+            )
+        )
+    elif kind == "TaskCancelled":
+        row.finished_at, row.outcome = entry.at, "cancelled"
+        reason = f": {data['reason']}" if data.get("reason") else ""
+        row.steps.append(Step(entry.at, f"cancelled by {_actor(str(data['by']))}{reason}"))
+    return row
+
+
+def build(entries: list[HistoryEntry], now: datetime) -> Timeline:
+    """The timeline of a task whose events are `entries` (in order), as seen at `now`:
+    what has not ended by then is drawn up to then."""
+    rows: dict[int, AttemptRow] = {}
+    before: list[Step] = []
+    current: AttemptRow | None = None
+    for entry in entries:
+        if entry.type == "TaskSubmitted":
+            before.append(Step(entry.at, f"submitted by {_actor(str(entry.data['submitted_by']))}"))
+            continue
+        if entry.type == "TaskUpdated":
+            changed = ", ".join(sorted(entry.data.get("changes", {})))
+            step = Step(entry.at, f"{changed} changed by {_actor(str(entry.data['by']))}")
+            (current.steps if current is not None else before).append(step)
+            continue
+        current = _attempt_steps(rows, entry) or current
+    ordered = sorted(rows.values(), key=lambda r: r.number)
+    if ordered:
+        ordered[0].steps[:0] = before
+        before = []
+    start = entries[0].at if entries else now
+    last = entries[-1].at if entries else now
+    end = max(now if any(r.finished_at is None for r in ordered) else last, last)
+    if end <= start:
+        end = start + timedelta(seconds=1)
+    span = (end - start).total_seconds()
+    plot = WIDTH - LABEL_WIDTH - RIGHT_MARGIN
+
+    def x(at: datetime) -> float:
+        return LABEL_WIDTH + plot * min(max((at - start).total_seconds() / span, 0.0), 1.0)
+
+    for index, row in enumerate(ordered):
+        row.y = TOP + index * ROW_HEIGHT
+        row.segments = [
+            Segment(s.kind, s.start, s.end, s.ongoing, s.label, x(s.start), x(s.end) - x(s.start))
+            for s in _segments(row, end)
+        ]
+        row.deadline_x = x(row.deadline) if row.deadline <= end else None
+    ticks = [
+        Tick(x(start), start, "start"),
+        Tick(x(start + (end - start) / 2), start + (end - start) / 2, "middle"),
+        Tick(x(end), end, "end"),
+    ]
+    height = TOP + max(len(ordered), 1) * ROW_HEIGHT + AXIS_HEIGHT
+    return Timeline(start, end, ordered, before, ticks, height)
+
+
+def _segments(row: AttemptRow, end: datetime) -> list[Segment]:
+    segments = []
+    stop = row.finished_at or end
+    backoff_end = min(row.not_before, row.started_at or stop, stop)
+    if backoff_end > row.scheduled_at:
+        ongoing = row.finished_at is None and row.started_at is None and end < row.not_before
+        segments.append(Segment("backoff", row.scheduled_at, backoff_end, ongoing, "backoff"))
+    queued_from = max(row.scheduled_at, row.not_before)
+    queued_to = row.started_at or stop
+    if queued_to > queued_from:
+        ongoing = row.started_at is None and row.finished_at is None
+        segments.append(Segment("queued", queued_from, queued_to, ongoing, "queued"))
+    if row.started_at is not None:
+        segments.append(
+            Segment(
+                "running",
+                row.started_at,
+                stop,
+                row.finished_at is None,
+                f"running on {row.worker_id}",
+            )
+        )
+    return segments
