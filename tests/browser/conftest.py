@@ -236,7 +236,7 @@ def signed_in(ui: Ui) -> SignIn:
 
     def signing_in(page: Page, key_name: str) -> Page:
         page.goto("/ui/login")
-        page.get_by_label("API key").fill(KEYS[key_name][2])
+        page.get_by_label("API key", exact=True).fill(KEYS[key_name][2])
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_role("heading", name="Overview")).to_be_visible()
         return page
