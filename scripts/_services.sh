@@ -410,3 +410,45 @@ tl_provide_mono() {
     tl_warn "Mono (mcs, mono) is not installed and cannot be installed here: C# tasks fail with language_unavailable"
     return 1
 }
+
+# tl_find_chromium: prints the path of Debian's Chromium (/usr/bin/chromium, else
+# `chromium` on PATH); returns 1 when there is none.
+tl_find_chromium() {
+    if [ -x /usr/bin/chromium ]; then
+        printf '/usr/bin/chromium\n'
+    elif tl_have chromium; then
+        command -v chromium
+    else
+        return 1
+    fi
+}
+
+# tl_provide_chromium: the browser tests (tests/browser) drive Chromium through Playwright,
+# launched from its path: Playwright's own browser builds cannot be downloaded here.
+# Exports TASKLEDGER_TEST_CHROMIUM: as given, else the installed Chromium, else (root with
+# apt-get) after `apt-get install chromium fonts-liberation` (the fonts are only a
+# recommendation of the package; screenshots need them). Returns 1, after saying why,
+# when there is none.
+tl_provide_chromium() {
+    local found
+    if [ -n "${TASKLEDGER_TEST_CHROMIUM:-}" ]; then
+        if [ -x "$TASKLEDGER_TEST_CHROMIUM" ]; then
+            tl_say "Chromium: using TASKLEDGER_TEST_CHROMIUM=$TASKLEDGER_TEST_CHROMIUM"
+            return 0
+        fi
+        tl_warn "TASKLEDGER_TEST_CHROMIUM=$TASKLEDGER_TEST_CHROMIUM is not an executable file"
+        return 1
+    fi
+    if ! found="$(tl_find_chromium)" && tl_can_apt; then
+        tl_say "Chromium is not installed; installing Debian's chromium with apt-get (root) for the browser tests"
+        tl_apt_install chromium fonts-liberation >/dev/null || tl_warn "apt-get install chromium failed"
+        found="$(tl_find_chromium)" || found=""
+    fi
+    if [ -z "${found:-}" ]; then
+        tl_warn "Chromium is not installed and cannot be installed here (apt-get install chromium):" \
+            "the browser tests (tests/browser) cannot run"
+        return 1
+    fi
+    export TASKLEDGER_TEST_CHROMIUM="$found"
+    tl_say "Chromium: $found"
+}

@@ -1,13 +1,15 @@
-"""Where the tests find PostgreSQL and RabbitMQ, and what happens when one is absent.
+"""Where the tests find PostgreSQL, RabbitMQ and Chromium, and what happens when one is absent.
 
-`scripts/test` provides the services and exports their URLs; by default the tests look on
-127.0.0.1. A test that needs an absent service fails in CI (CI=true) and is skipped
-elsewhere, with a banner at the end of the run naming what did not run.
+`scripts/test` provides the services and exports their URLs (and Chromium's path); by
+default the tests look on 127.0.0.1 (and for /usr/bin/chromium or `chromium` on PATH). A
+test that needs an absent service fails in CI (CI=true) and is skipped elsewhere, with a
+banner at the end of the run naming what did not run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from urllib.parse import urlsplit
 
@@ -18,6 +20,13 @@ DATABASE_URL = os.environ.get(
     "TASKLEDGER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 BROKER_URL = os.environ.get("TASKLEDGER_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# The browser tests (tests/browser) drive this Chromium, Debian's, through Playwright:
+# Playwright's own browser builds cannot be downloaded here.
+CHROMIUM = (
+    os.environ.get("TASKLEDGER_TEST_CHROMIUM")
+    or ("/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+    or shutil.which("chromium")
+)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 missing: dict[str, str] = {}
@@ -59,3 +68,12 @@ def broker_for(role: str) -> str:
     if problem:
         unavailable("RabbitMQ", problem)
     return BROKER_URL
+
+
+def chromium_problem(path: str | None = CHROMIUM) -> str | None:
+    """Why the browser tests cannot launch Chromium, or None when they can."""
+    if path is None:
+        return "no /usr/bin/chromium and no chromium on PATH (apt-get install chromium)"
+    if not os.access(path, os.X_OK):
+        return f"TASKLEDGER_TEST_CHROMIUM={path} is not an executable file"
+    return None
