@@ -12,7 +12,6 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -20,7 +19,7 @@ from api.auth import Principal
 from api.context import ApiContext
 from api.errors import ApiProblem
 from ledger.errors import TaskNotFound, TransitionRefused
-from projections.queries import list_tasks
+from projections.queries import TaskFilter, list_tasks
 
 log = logging.getLogger("api.bulk")
 
@@ -28,17 +27,6 @@ Action = Literal["retry", "cancel"]
 MAX_TASKS = 1_000  # per bulk action
 BATCH = 100  # tasks decided in one transaction
 REFUSED_LISTED = 100
-
-
-@dataclass(frozen=True)
-class TaskFilter:
-    """The filters of the task list (GET /api/tasks), as the bulk action and pages use them."""
-
-    statuses: tuple[str, ...] = ()
-    language: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    text: str | None = None
 
 
 @dataclass
@@ -74,11 +62,7 @@ def matching_ids(
                 conn,
                 ctx.schema,
                 tenant=principal.scope,
-                statuses=filters.statuses,
-                language=filters.language,
-                created_after=filters.created_after,
-                created_before=filters.created_before,
-                text=filters.text,
+                filters=filters,
                 limit=min(500, limit + 1),
                 cursor=cursor,
                 columns=("id",),

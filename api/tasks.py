@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.auth import Principal
-from api.bulk import TaskFilter, bulk_action
+from api.bulk import bulk_action
 from api.context import ApiContext
 from api.errors import ApiProblem
 from api.exports import export, export_format
@@ -48,7 +48,7 @@ from ledger import Status, Submission, TaskState
 from ledger.keys import Role
 from ledger.service import SubmitRequest
 from ledger.state import HistoryEntry
-from projections.queries import list_tasks
+from projections.queries import TaskFilter, list_tasks
 
 STATUSES = tuple(str(s) for s in Status)
 LANGUAGES = ("python", "csharp", "echo")
@@ -233,11 +233,7 @@ async def list_tasks_route(request: Request) -> Response:
                 conn,
                 ctx.schema,
                 tenant=principal.scope,
-                statuses=filters.statuses,
-                language=filters.language,
-                created_after=filters.created_after,
-                created_before=filters.created_before,
-                text=filters.text,
+                filters=filters,
                 limit=limit,
                 cursor=cursor,
                 columns=LISTED_COLUMNS,

@@ -75,25 +75,33 @@ def _page(
     return Page(rows, cursor_of(rows[-1]))
 
 
+@dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a list shows (GET /api/tasks, a bulk action, the dashboard's list).
+
+    `text`: the description contains it, ignoring case (a scan of the tenant's rows the
+    other filters leave: no index serves a substring).
+    """
+
+    statuses: Sequence[str] = ()
+    language: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    text: str | None = None
+
+
 def list_tasks(
     conn: Connection[Any],
     schema: str,
     *,
     tenant: str | None,
-    statuses: Sequence[str] = (),
-    language: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    filters: TaskFilter = TaskFilter(),
     limit: int = 50,
     cursor: str | None = None,
     columns: Sequence[str] = task_status.COLUMNS,
     as_of: datetime | None = None,
-    text: str | None = None,
 ) -> Page:
     """Tasks newest first. `tenant=None` lists every tenant's (admins only).
-
-    `text`: only tasks whose description contains it, ignoring case (a scan of the
-    tenant's rows that the other filters leave: no index serves a substring).
 
     `columns`: what to read of each row (by default all of them); `created_at` and `id`
     are always read, as the cursor is made of them. `as_of`: the tasks created by then,
@@ -111,21 +119,21 @@ def list_tasks(
     if tenant is not None:
         where.append(sql.SQL("tenant = %s"))
         params.append(tenant)
-    if statuses:
+    if filters.statuses:
         where.append(sql.SQL("status = ANY(%s)"))
-        params.append(list(statuses))
-    if language is not None:
+        params.append(list(filters.statuses))
+    if filters.language is not None:
         where.append(sql.SQL("language = %s"))
-        params.append(language)
-    if created_after is not None:
+        params.append(filters.language)
+    if filters.created_after is not None:
         where.append(sql.SQL("created_at > %s"))
-        params.append(created_after)
-    if created_before is not None:
+        params.append(filters.created_after)
+    if filters.created_before is not None:
         where.append(sql.SQL("created_at < %s"))
-        params.append(created_before)
-    if text:
+        params.append(filters.created_before)
+    if filters.text:
         where.append(sql.SQL("description ILIKE %s"))
-        params.append(contains_pattern(text))
+        params.append(contains_pattern(filters.text))
     if cursor is not None:
         created_at, task_id = _decode_cursor(cursor, 2)
         if not (isinstance(created_at, str) and isinstance(task_id, str)):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.bulk import MAX_TASKS, BulkResult, TaskFilter, bulk_action, matching_ids
+from api.bulk import MAX_TASKS, BulkResult, bulk_action, matching_ids
 from api.errors import ApiProblem
 from api.http import context, in_thread, reject_unknown_params
 from api.tasks import LANGUAGES, LISTED_COLUMNS, STATUSES, task_filters
@@ -16,7 +16,7 @@ from api.ui.params import as_query, filled
 from api.ui.render import fragment, page
 from api.ui.sessions import Session, checked_form, require_session
 from ledger.keys import Role
-from projections.queries import Page, list_tasks
+from projections.queries import Page, TaskFilter, list_tasks
 
 FILTERS = ("status", "language", "created_after", "created_before", "q")
 
@@ -30,11 +30,7 @@ def _page(request: Request, session: Session, filters: TaskFilter, cursor: str |
                 conn,
                 ctx.schema,
                 tenant=session.principal.scope,
-                statuses=filters.statuses,
-                language=filters.language,
-                created_after=filters.created_after,
-                created_before=filters.created_before,
-                text=filters.text,
+                filters=filters,
                 limit=ctx.limits.page_size,
                 cursor=cursor,
                 columns=LISTED_COLUMNS,

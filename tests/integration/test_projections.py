@@ -28,7 +28,9 @@ from projections.admin import rebuild, status
 from projections.base import ensure_installed
 from projections.queries import (
     InvalidCursor,
+    TaskFilter,
     audit_events,
+    contains_pattern,
     counts_by_status,
     list_keys,
     list_tasks,
@@ -403,7 +405,8 @@ def test_list_filters(
     catch_up(conn, schema)
 
     def ids(**filters: Any) -> set[uuid.UUID]:
-        return {r["id"] for r in list_tasks(conn, schema, tenant="acme", **filters).items}
+        chosen = TaskFilter(**filters)
+        return {r["id"] for r in list_tasks(conn, schema, tenant="acme", filters=chosen).items}
 
     assert ids(statuses=["Pending"]) == {first}
     assert ids(statuses=["InProgress", "Cancelled"]) == {second, third}
@@ -533,3 +536,23 @@ def test_a_batch_stops_at_its_byte_bound_but_never_inside_a_save(
     assert len(sizes) > 1, sizes  # the bound cut the log into several batches
     assert sum(sizes) == 6 * 4 + 3 * 1  # submit 2, start 1, outcome 1 (+1 retry scheduled)
     assert view_rows(conn, schema, ids) == {t: expected_row(ledger, t) for t in ids}
+
+
+# Letters in both cases, LIKE's own wildcards and escape, and a plain character.
+LIKE_ALPHABET = "aAbB%_\\x"
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    description=st.text(LIKE_ALPHABET, max_size=8),
+    text=st.text(LIKE_ALPHABET, min_size=1, max_size=4),
+)
+def test_the_text_filter_takes_every_character_literally(
+    conn: psycopg.Connection[Any], description: str, text: str
+) -> None:
+    """`q=50%` finds "50% off", not "500 off": the pattern's % _ and \\ match themselves."""
+    row = conn.execute("SELECT %s ILIKE %s", (description, contains_pattern(text))).fetchone()
+    assert row is not None
+    assert row[0] == (text.lower() in description.lower())
