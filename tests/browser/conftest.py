@@ -105,7 +105,7 @@ class Ui:
         return self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ui_schema(database_url: str) -> Iterator[str]:
     """A schema of the browser tests' own, dropped afterwards."""
     name = f"ui_{uuid.uuid4().hex[:12]}"
@@ -114,7 +114,7 @@ def ui_schema(database_url: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ui(database_url: str, ui_schema: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
     """`taskledger dev` as a process, with the keys of KEYS and a fixed session secret."""
     problem = services.broker_problem()
@@ -144,13 +144,15 @@ def ui(database_url: str, ui_schema: str, tmp_path_factory: pytest.TempPathFacto
         stop(process)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API runs an event loop in this thread for as
+# long as it is open, and pytest-asyncio's tests after it would find that loop running.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     """Debian's Chromium, headless. Its sandbox refuses to start as root, so only there it
     runs with --no-sandbox (Playwright's `chromium_sandbox=False`)."""
