@@ -17,6 +17,7 @@ BENCHMARKS = {
     "ledger_writes": ("bench.ledger_writes", "Ledger saves/s against eventsourcing's own"),
     "projections": ("bench.projections", "rebuild and live lag against eventsourcing's runner"),
     "faults": ("bench.faults.suite", "did every accepted task end exactly once, through faults?"),
+    "bulk": ("bench.bulk", "POST /api/tasks/bulk against one cancel request per task"),
 }
 
 
