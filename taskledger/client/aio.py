@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -158,7 +158,7 @@ class AsyncClient:
         created_before: datetime | None = None,
         q: str | None = None,
         page_size: int = 100,
-    ) -> AsyncIterator[TaskSummaryOut]:
+    ) -> AsyncGenerator[TaskSummaryOut, None]:
         """Every task the filters select, newest first, page after page as it is read."""
         cursor: str | None = None
         while True:
@@ -181,11 +181,17 @@ class AsyncClient:
     # -- the event feed ----------------------------------------------------------------------
 
     async def events(
-        self, *, after: int = 0, follow: bool = False, page_size: int = 100
-    ) -> AsyncIterator[FeedEvent]:
+        self,
+        *,
+        after: int = 0,
+        follow: bool = False,
+        timeout: float | None = None,
+        page_size: int = 100,
+    ) -> AsyncGenerator[FeedEvent, None]:
         """The ledger's events past position `after`, oldest first (the key's tenant's; an
-        admin's, every tenant's). Resume with the last `position` seen. `follow`: then wait
-        for new ones, over the server's event stream, for as long as the iteration goes on."""
+        admin's, every tenant's); resume with the last `position` seen. `follow`: then wait
+        for new ones over the server's event stream, as long as the iteration goes on or,
+        with `timeout`, for that many seconds."""
         while True:
             page = await self._send(calls.events_page(after, page_size), EventFeed)
             for item in page.items:
@@ -194,17 +200,18 @@ class AsyncClient:
             if len(page.items) < page_size:
                 break
         if follow:
-            async for event in self._follow(after):
+            async for event in self._follow(after, calls.deadline_after(timeout)):
                 yield event
 
-    async def _follow(self, after: int) -> AsyncIterator[FeedEvent]:
+    async def _follow(self, after: int, deadline: float | None) -> AsyncGenerator[FeedEvent, None]:
         failures = 0
-        while True:
-            call = calls.events_stream(after)
-            request = call.build(self._http, self.retries)
+        while (read_timeout := calls.stream_read_timeout(deadline)) > 0:
+            request = calls.events_stream(after, read_timeout).build(self._http, self.retries)
             try:
                 response = await self._http.send(request, stream=True)
             except httpx.HTTPError as error:
+                if calls.passed(deadline):
+                    return
                 raise ConnectionFailed("GET", str(request.url), error, retried=True) from None
             try:
                 if response.is_error:
@@ -217,7 +224,11 @@ class AsyncClient:
                         failures = 0
                         after = event.position
                         yield event
+                    if calls.passed(deadline):
+                        return
             except httpx.TransportError as error:
+                if calls.passed(deadline):
+                    return
                 # The stream broke (the server restarted, a proxy cut it): resume after
                 # the last event received, a bounded number of times in a row.
                 failures += 1

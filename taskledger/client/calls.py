@@ -13,6 +13,7 @@ applied them, and a second one would act again or fail on the state the first on
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -229,14 +230,30 @@ def events_page(after: int, limit: int) -> Call:
 STREAM_READ_TIMEOUT = 45.0  # the server sends a keep-alive every 15 s
 
 
-def events_stream(after: int) -> Call:
+def events_stream(after: int, read_timeout: float = STREAM_READ_TIMEOUT) -> Call:
     return Call(
         "GET",
         "/api/events",
         params=(("after", str(after)),),
         headers={"Accept": "text/event-stream"},
-        read_timeout=STREAM_READ_TIMEOUT,
+        read_timeout=read_timeout,
     )
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def stream_read_timeout(deadline: float | None) -> float:
+    """How long one read of the event stream may wait: the keep-alive's bound, or less up
+    to the deadline (0: the deadline has passed)."""
+    if deadline is None:
+        return STREAM_READ_TIMEOUT
+    return max(0.0, min(STREAM_READ_TIMEOUT, deadline - time.monotonic()))
 
 
 class EventStreamParser:

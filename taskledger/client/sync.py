@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -154,7 +154,7 @@ class Client:
         created_before: datetime | None = None,
         q: str | None = None,
         page_size: int = 100,
-    ) -> Iterator[TaskSummaryOut]:
+    ) -> Generator[TaskSummaryOut, None, None]:
         """Every task the filters select, newest first, page after page as it is read."""
         cursor: str | None = None
         while True:
@@ -176,11 +176,17 @@ class Client:
     # -- the event feed ----------------------------------------------------------------------
 
     def events(
-        self, *, after: int = 0, follow: bool = False, page_size: int = 100
-    ) -> Iterator[FeedEvent]:
+        self,
+        *,
+        after: int = 0,
+        follow: bool = False,
+        timeout: float | None = None,
+        page_size: int = 100,
+    ) -> Generator[FeedEvent, None, None]:
         """The ledger's events past position `after`, oldest first (the key's tenant's; an
-        admin's, every tenant's). Resume with the last `position` seen. `follow`: then wait
-        for new ones, over the server's event stream, for as long as the iteration goes on."""
+        admin's, every tenant's); resume with the last `position` seen. `follow`: then wait
+        for new ones over the server's event stream, as long as the iteration goes on or,
+        with `timeout`, for that many seconds."""
         while True:
             page = self._send(calls.events_page(after, page_size), EventFeed)
             for item in page.items:
@@ -189,16 +195,17 @@ class Client:
             if len(page.items) < page_size:
                 break
         if follow:
-            yield from self._follow(after)
+            yield from self._follow(after, calls.deadline_after(timeout))
 
-    def _follow(self, after: int) -> Iterator[FeedEvent]:
+    def _follow(self, after: int, deadline: float | None) -> Generator[FeedEvent, None, None]:
         failures = 0
-        while True:
-            call = calls.events_stream(after)
-            request = call.build(self._http, self.retries)
+        while (read_timeout := calls.stream_read_timeout(deadline)) > 0:
+            request = calls.events_stream(after, read_timeout).build(self._http, self.retries)
             try:
                 response = self._http.send(request, stream=True)
             except httpx.HTTPError as error:
+                if calls.passed(deadline):
+                    return
                 raise ConnectionFailed("GET", str(request.url), error, retried=True) from None
             try:
                 if response.is_error:
@@ -211,7 +218,11 @@ class Client:
                         failures = 0
                         after = event.position
                         yield event
+                    if calls.passed(deadline):
+                        return
             except httpx.TransportError as error:
+                if calls.passed(deadline):
+                    return
                 # The stream broke (the server restarted, a proxy cut it): resume after
                 # the last event received, a bounded number of times in a row.
                 failures += 1
