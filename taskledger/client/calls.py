@@ -41,7 +41,7 @@ class RetryPolicy:
     """How often and how patiently a retryable request is tried again."""
 
     attempts: int = 4  # retries after the first try
-    backoff_seconds: float = 0.25  # the first backoff; doubled each time, fully jittered
+    backoff_seconds: float = 0.25  # the first backoff's bound; doubled each time, fully jittered
     max_backoff_seconds: float = 10.0  # also caps a Retry-After
 
     def for_reads(self) -> Retry:
@@ -50,7 +50,9 @@ class RetryPolicy:
             total=self.attempts,
             allowed_methods=["GET", "HEAD"],
             status_forcelist=[429, 503],
-            backoff_factor=self.backoff_seconds,
+            # httpx-retries waits up to factor x 2^n before retry n (from 1): half of it
+            # makes `backoff_seconds` the first wait's bound.
+            backoff_factor=self.backoff_seconds / 2,
             max_backoff_wait=self.max_backoff_seconds,
         )
 
