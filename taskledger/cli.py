@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ledger.errors import LedgerError
 from projections import all_projections
-from taskledger import commands
+from taskledger import client_cli, commands
 from taskledger.logs import configure_logging
 from taskledger.settings import ConfigError
 
@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
         "TASKLEDGER_LEDGER_SIGNING_KEY): keep it elsewhere",
     )
     _config_option_everywhere(parser)
+    # After --config went everywhere: the client commands read no server settings.
+    client_cli.add_client_commands(commands)
     return parser
 
 
@@ -176,7 +178,19 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    client = args.command in client_cli.CLIENT_COMMANDS
+    if unknown:
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        if client:  # 2 is a task's outcome there (Expired): a usage error is 4
+            parser.print_usage(sys.stderr)
+            parser.exit(client_cli.EXIT_ERROR, f"{parser.prog}: error: {message}\n")
+        parser.error(message)
+    if client:
+        # No server logging set up: its JSON lines (httpx's among them) would mix with the
+        # output scripts read.
+        return client_cli.run_client_command(args, parser)
     configure_logging()
     try:
         runners = {
