@@ -68,10 +68,10 @@ def address_problem(address: IPAddress) -> str | None:
         return "is a multicast address"
     if isinstance(address, ipaddress.IPv4Address) and address in _CGNAT:
         return "is a shared (carrier-grade NAT) address"
-    if address.is_private:
-        return "is a private address"
     if address.is_reserved:
         return "is a reserved address"
+    if address.is_private:
+        return "is a private address"
     if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
         return "is a site-local address"
     if not address.is_global:
