@@ -172,8 +172,8 @@ class Settings(BaseSettings):
         description="signs the dashboard's session cookies (/ui); give every api process "
         "the same one. Unset = random per process: sessions end when it restarts",
     )
-    webhook_allow: str = Field(
-        default="",
+    webhook_allow: str | None = Field(
+        default=None,
         description="exceptions to the webhooks' SSRF rules: CIDRs and host names, "
         "comma-separated (e.g. 10.20.0.0/16,hooks.internal); unset = only public addresses",
     )
@@ -247,12 +247,14 @@ class Settings(BaseSettings):
 
     @field_validator("webhook_allow")
     @classmethod
-    def _webhook_allow(cls, value: str) -> str:
-        TargetPolicy.parse(value)  # ValueError names the entry
+    def _webhook_allow(cls, value: str | None) -> str | None:
+        if value is not None:
+            TargetPolicy.parse(value)  # ValueError names the entry
         return value
 
     def webhook_targets(self) -> TargetPolicy:
-        return TargetPolicy.parse(self.webhook_allow)
+        """Where webhooks may go besides public addresses (`webhook_allow`)."""
+        return TargetPolicy.parse(self.webhook_allow or "")
 
     @field_validator("host")
     @classmethod
