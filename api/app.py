@@ -19,7 +19,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import events, keys, system, tasks
+from api import events, keys, system, tasks, webhooks
 from api.context import ApiContext
 from api.errors import EXCEPTION_HANDLERS
 from api.http import json_response
@@ -139,6 +139,16 @@ def create_app(context: ApiContext) -> Starlette:
             methods=["GET", "POST"],
         ),
         Route("/api/keys/{key_id}/revoke", keys.revoke_key_route, methods=["POST"]),
+        Route(
+            "/api/webhooks/secret",
+            by_method(GET=webhooks.get_secret, POST=webhooks.rotate_secret),
+            methods=["GET", "POST"],
+        ),
+        Route(
+            "/api/webhooks/default",
+            by_method(GET=webhooks.get_default, PUT=webhooks.put_default),
+            methods=["GET", "PUT"],
+        ),
         Route("/api/workers", system.workers, methods=["GET"]),
         Route("/api/ledger/verify", system.verify_ledger, methods=["GET"]),
         Route("/api/events", events.events_feed, methods=["GET"]),

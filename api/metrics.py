@@ -55,3 +55,23 @@ class ApiMetrics:
     def set_projection_lag(self, projection: str, events: int, seconds: float) -> None:
         self.projection_lag.labels(projection).set(events)
         self.projection_lag_seconds.labels(projection).set(seconds)
+
+
+class WebhookMetrics:
+    """The deliverer's: attempts by outcome, and how long each took."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.deliveries = Counter(
+            "taskledger_webhook_deliveries_total",
+            "Webhook delivery attempts recorded, by outcome (delivered, failed: tried again "
+            "later, gave-up: its retry window ended).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.delivery_seconds = Histogram(
+            "taskledger_webhook_delivery_seconds",
+            "Time of one webhook delivery attempt, from connecting to the receiver's answer.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )

@@ -69,6 +69,12 @@ TASK_ID = Param(
     "The task's id. One that is not a UUID names no task: 404, like an unknown one.",
     True,
 )
+WEBHOOK_TENANT = Param(
+    "tenant",
+    "query",
+    {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,100}$"},
+    "The tenant (default: the admin key's own).",
+)
 TIME = {"type": "string", "format": "date-time"}
 CURSOR = {"type": "string", "minLength": 1, "pattern": "^[A-Za-z0-9_-]+$"}
 
@@ -307,6 +313,45 @@ OPERATIONS = (
         schemas.KeyOut,
         params=(Param("key_id", "path", {"type": "string"}, "The key's id.", True),),
         problems=("401", "403", "404", "409", "422", "503"),
+    ),
+    Operation(
+        "get",
+        "/api/webhooks/secret",
+        "getWebhookSecret",
+        "The tenant's webhook signing secret (admin; made on first need), and whether the "
+        "previous one still signs and until when",
+        schemas.WebhookSecretOut,
+        params=(WEBHOOK_TENANT,),
+        problems=("400", "401", "403", "422", "503"),
+    ),
+    Operation(
+        "post",
+        "/api/webhooks/secret",
+        "rotateWebhookSecret",
+        "Rotate the tenant's webhook signing secret (admin): the new one signs at once, the "
+        "previous one beside it for 24 h",
+        schemas.WebhookSecretOut,
+        params=(WEBHOOK_TENANT,),
+        problems=("400", "401", "403", "422", "503"),
+    ),
+    Operation(
+        "get",
+        "/api/webhooks/default",
+        "getWebhookDefault",
+        "The tenant's default callback (admin): for its tasks without one of their own",
+        schemas.WebhookDefaultOut,
+        params=(WEBHOOK_TENANT,),
+        problems=("400", "401", "403", "422", "503"),
+    ),
+    Operation(
+        "put",
+        "/api/webhooks/default",
+        "setWebhookDefault",
+        "Set the tenant's default callback (admin); a null callback_url clears it",
+        schemas.WebhookDefaultOut,
+        body=schemas.WebhookDefaultIn,
+        params=(WEBHOOK_TENANT,),
+        problems=("400", "401", "403", "413", "415", "422", "503"),
     ),
     Operation(
         "get",

@@ -11,6 +11,25 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 Language = Literal["python", "csharp", "echo"]
 StatusName = Literal["Pending", "InProgress", "Completed", "Expired", "Failed", "Cancelled"]
+# The transitions a callback may name (ledger.targets.CALLBACK_EVENTS).
+CallbackEvent = Literal[
+    "AttemptScheduled",
+    "AttemptStarted",
+    "AttemptCompleted",
+    "AttemptFailed",
+    "TaskExpired",
+    "TaskCancelled",
+]
+CALLBACK_URL = (
+    "Where to POST this task's webhooks (http or https, at most 2,000 characters, no "
+    "credentials; private, loopback and link-local addresses are refused). Null: the "
+    "tenant's default callback, if any. See docs/webhooks.md."
+)
+CALLBACK_EVENTS = (
+    "Which transitions are sent. Null: the terminal ones (AttemptCompleted, TaskExpired, "
+    "TaskCancelled, and AttemptFailed when no automatic retry follows it); a type named "
+    "here is sent every time it happens."
+)
 
 
 class _Request(BaseModel):
@@ -37,6 +56,10 @@ class TaskCreate(_Request):
     max_attempts: int = Field(
         default=3, ge=1, le=10, description="Attempts per run, counting automatic retries."
     )
+    callback_url: str | None = Field(default=None, max_length=2_000, description=CALLBACK_URL)
+    callback_events: list[CallbackEvent] | None = Field(
+        default=None, min_length=1, description=CALLBACK_EVENTS
+    )
 
     @model_validator(mode="after")
     def _code_unless_echo(self) -> TaskCreate:
@@ -53,6 +76,16 @@ class TaskPatch(_Request):
     code: str | None = None
     ttl_seconds: float | None = Field(default=None, gt=0, le=86_400)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2_000,
+        description="Until the task is terminal; null removes it (the tenant's default applies).",
+    )
+    callback_events: list[CallbackEvent] | None = Field(
+        default=None,
+        min_length=1,
+        description="Until the task is terminal; null: the terminal transitions.",
+    )
 
 
 class RetryRequest(_Request):
@@ -89,6 +122,20 @@ RUN_ATTEMPT = (
 MAX_ATTEMPTS = "Attempts per run, counting automatic retries; a manual retry starts a new run."
 
 
+class LastDelivery(BaseModel):
+    """The task's last webhook delivery attempt."""
+
+    delivery_id: UUID = Field(description="The `webhook-id` header: the same on every re-send.")
+    trigger_type: str = Field(description="The event the webhook was sent for.")
+    outcome: Literal["delivered", "failed", "gave-up"] = Field(
+        description="failed: it is tried again later; gave-up: its retry window ended."
+    )
+    status_code: int | None = Field(description="The receiver's HTTP status, if it answered.")
+    error: str | None = Field(description="Why it failed, when it did.")
+    attempt: int = Field(description="The delivery's attempt number, from 1.")
+    at: datetime
+
+
 class TaskOut(BaseModel):
     id: UUID
     description: str
@@ -109,6 +156,11 @@ class TaskOut(BaseModel):
     result: Result | None
     error: TaskError | None
     version: int
+    callback_url: str | None = Field(default=None, description=CALLBACK_URL)
+    callback_events: list[str] | None = Field(default=None, description=CALLBACK_EVENTS)
+    last_delivery: LastDelivery | None = Field(
+        default=None, description="The last webhook delivery attempt (docs/webhooks.md)."
+    )
 
 
 class TaskSummaryOut(BaseModel):
@@ -313,6 +365,55 @@ class KeyCreate(_Request):
 
 class IssuedKey(KeyOut):
     key: str = Field(description="The key itself: shown this once, never stored.")
+
+
+class WebhookSecretOut(BaseModel):
+    """A tenant's webhook signing secret (Standard Webhooks' `whsec_…`)."""
+
+    tenant: str
+    secret_id: str
+    secret: str = Field(description="`whsec_` and the base64 of 32 random bytes.")
+    created_at: datetime
+    previous_secret_id: str | None = Field(
+        description="The secret before it, while it still signs (beside this one)."
+    )
+    previous_signs_until: datetime | None = Field(
+        description="When the previous secret stops signing (24 h after the rotation)."
+    )
+
+
+class WebhookDefaultIn(_Request):
+    callback_url: str | None = Field(
+        max_length=2_000,
+        description="Where the tenant's tasks without a callback of their own send their "
+        "webhooks; null clears it.",
+    )
+    callback_events: list[CallbackEvent] | None = Field(
+        default=None, min_length=1, description=CALLBACK_EVENTS
+    )
+
+
+class WebhookDefaultOut(BaseModel):
+    tenant: str
+    callback_url: str | None
+    callback_events: list[str] | None
+    updated_at: datetime | None = Field(description="When it was last set (null: never).")
+
+
+class WebhookEvent(BaseModel):
+    version: int = Field(description="The event's version in the task's history.")
+    type: str
+    at: datetime
+    data: dict[str, Any] = Field(description="The event's own fields, as the history gives them.")
+
+
+class WebhookPayload(BaseModel):
+    """The body of a webhook: the task as `GET /api/tasks/{id}?as_of_version=<event's
+    version>` answers it, and the event that triggered it (docs/webhooks.md)."""
+
+    type: str = Field(description="The triggering event's type, e.g. AttemptCompleted.")
+    task: TaskOut
+    event: WebhookEvent
 
 
 class WorkerAttempt(BaseModel):

@@ -73,6 +73,7 @@ EVENT_TYPES = (
     "TaskExpired",
     "TaskCancelled",
     "TaskUpdated",
+    "WebhookAttempted",
 )
 
 

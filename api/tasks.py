@@ -89,6 +89,9 @@ def task_content(task: TaskState) -> dict[str, Any]:
         if error is not None and task.status is not Status.COMPLETED
         else None,
         "version": task.version,
+        "callback_url": task.callback_url,
+        "callback_events": task.callback_events,
+        "last_delivery": task.last_delivery,
     }
 
 
@@ -152,6 +155,8 @@ async def submit(
             tenant=principal.tenant,
             submitted_by=principal.key_id,
             idempotency_key=idempotency_key,
+            callback_url=body.callback_url,
+            callback_events=None if body.callback_events is None else list(body.callback_events),
         )
     )
     if submission.created:

@@ -38,8 +38,9 @@ from ledger.errors import (
     NotRetryable,
     TaskIsTerminal,
 )
-from ledger.jsonvalue import JSONValue, merge_patch
+from ledger.jsonvalue import JSONValue, merge_patch, without_nul
 from ledger.retry import RetryPolicy
+from ledger.targets import TargetPolicy, check_callback_events, check_callback_url
 from ledger.values import (
     RETRYABLE_BY_CLIENT,
     Attempt,
@@ -64,6 +65,12 @@ AUTO_RETRY_ACTOR = "ledger:retry-policy"
 # Fields a client may change, and whether they may change after the task has left Pending.
 UPDATABLE_ANY_TIME = frozenset({"description"})
 UPDATABLE_WHILE_PENDING = frozenset({"data", "code", "ttl_seconds", "max_attempts"})
+# ... and those that may change until the task is terminal (where its webhooks go).
+UPDATABLE_WHILE_OPEN = frozenset({"callback_url", "callback_events"})
+UPDATABLE = UPDATABLE_ANY_TIME | UPDATABLE_WHILE_PENDING | UPDATABLE_WHILE_OPEN
+
+# The outcomes of a webhook delivery attempt (WebhookAttempted.outcome).
+DELIVERY_OUTCOMES = ("delivered", "failed", "gave-up")
 
 
 def _utc(moment: datetime) -> datetime:
@@ -78,6 +85,10 @@ class Task(Aggregate):
     # -- events ---------------------------------------------------------------------------
 
     class TaskSubmitted(Aggregate.Created):
+        # v2 added callback_url and callback_events (webhooks); version 1 events are read
+        # with both None: no callback, and the default transitions.
+        class_version = 2
+
         description: str
         language: str
         code: str
@@ -87,6 +98,13 @@ class Task(Aggregate):
         tenant: str
         submitted_by: str
         idempotency_key: str | None
+        callback_url: str | None
+        callback_events: list[str] | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["callback_url"] = None
+            state["callback_events"] = None
 
         def apply(self, task: Task) -> None:
             task.description = self.description
@@ -98,6 +116,8 @@ class Task(Aggregate):
             task.tenant = self.tenant
             task.submitted_by = self.submitted_by
             task.idempotency_key = self.idempotency_key
+            task.callback_url = self.callback_url
+            task.callback_events = self.callback_events
             task.fingerprint = submission_fingerprint(self.request_fields())
 
         def request_fields(self) -> dict[str, Any]:
@@ -108,6 +128,8 @@ class Task(Aggregate):
                 "data": self.data,
                 "ttl_seconds": self.ttl_seconds,
                 "max_attempts": self.max_attempts,
+                "callback_url": self.callback_url,
+                "callback_events": self.callback_events,
             }
 
     class AttemptScheduled(Aggregate.Event):
@@ -213,6 +235,34 @@ class Task(Aggregate):
             if "ttl_seconds" in self.changes:
                 task.current.deadline = task.run_deadline_for(self.changes["ttl_seconds"])
 
+    class WebhookAttempted(Aggregate.Event):
+        """One attempt to deliver a webhook of this task: a fact about the delivery, not
+        a transition, so it is allowed in any state (terminal ones above all).
+
+        `delivery_attempt` counts the attempts of one delivery (not the task's
+        `attempt`, which every view and page reads as the attempt that ran)."""
+
+        delivery_id: UUID
+        trigger_version: int
+        trigger_type: str
+        url: str
+        delivery_attempt: int
+        outcome: str  # delivered | failed | gave-up
+        status_code: int | None
+        error: str | None
+        next_attempt_at: datetime | None
+
+        def apply(self, task: Task) -> None:
+            task.last_delivery = {
+                "delivery_id": self.delivery_id,
+                "trigger_type": self.trigger_type,
+                "outcome": self.outcome,
+                "status_code": self.status_code,
+                "error": self.error,
+                "attempt": self.delivery_attempt,
+                "at": self.timestamp,
+            }
+
     def __init__(self) -> None:
         # Called with no arguments when TaskSubmitted creates the task; its apply() then
         # sets the real values. Declared here so readers and type checkers see the state.
@@ -230,6 +280,9 @@ class Task(Aggregate):
         self.run_first_attempt: int = 1
         self.cancelled_by: str | None = None
         self.cancel_reason: str | None = None
+        self.callback_url: str | None = None
+        self.callback_events: list[str] | None = None
+        self.last_delivery: dict[str, Any] | None = None  # the last WebhookAttempted
 
     # -- derived state ---------------------------------------------------------------------
 
@@ -281,6 +334,9 @@ class Task(Aggregate):
         submitted_by: str,
         idempotency_key: str | None,
         limits: TaskLimits,
+        callback_url: str | None = None,
+        callback_events: list[str] | None = None,
+        targets: TargetPolicy | None = None,
     ) -> Task:
         check_description(description, limits)
         check_language(language)
@@ -294,6 +350,9 @@ class Task(Aggregate):
             check_text(name, value)
         if idempotency_key is not None:
             check_text("idempotency_key", idempotency_key)
+        if callback_url is not None:
+            check_callback_url(callback_url, targets or TargetPolicy())
+        check_callback_events(callback_events)
         task = cls._create(
             cls.TaskSubmitted,
             id=task_id,
@@ -307,6 +366,8 @@ class Task(Aggregate):
             tenant=tenant,
             submitted_by=submitted_by,
             idempotency_key=idempotency_key,
+            callback_url=callback_url,
+            callback_events=None if callback_events is None else list(callback_events),
         )
         task._schedule(
             1,
@@ -442,21 +503,29 @@ class Task(Aggregate):
             bulk_id=bulk_id,
         )
 
-    def update(self, patch: dict[str, Any], by: str, now: datetime, limits: TaskLimits) -> bool:
+    def update(
+        self,
+        patch: dict[str, Any],
+        by: str,
+        now: datetime,
+        limits: TaskLimits,
+        targets: TargetPolicy | None = None,
+    ) -> bool:
         """Apply a JSON merge patch to the task's fields; return whether anything changed.
 
         `description` may change in any state; `data`, `code`, `ttl_seconds` and
-        `max_attempts` only while the task is Pending.
+        `max_attempts` only while the task is Pending; `callback_url` and
+        `callback_events` (null: none, the default) until it is terminal.
         """
         if not isinstance(patch, dict):
             raise InvalidTask("patch", "must be a JSON object")
-        unknown = sorted(set(patch) - UPDATABLE_ANY_TIME - UPDATABLE_WHILE_PENDING)
+        unknown = sorted(set(patch) - UPDATABLE)
         if unknown:
             raise InvalidTask(unknown[0], "is not a field that can be updated")
         changes: dict[str, Any] = {}
         for name, value in patch.items():
             new = merge_patch(self.data, value) if name == "data" else value
-            if new is None and name != "data":
+            if new is None and name not in ("data", *UPDATABLE_WHILE_OPEN):
                 raise InvalidTask(name, "cannot be removed (null)")
             if new != getattr(self, name) or type(new) is not type(getattr(self, name)):
                 changes[name] = new
@@ -468,7 +537,18 @@ class Task(Aggregate):
                 self.id,
                 f"task is {self.status}; {', '.join(locked)} can only change while it is Pending",
             )
-        check_fields(changes, limits)
+        open_locked = sorted(set(changes) & UPDATABLE_WHILE_OPEN)
+        if open_locked and self.status.is_terminal:
+            raise TaskIsTerminal(
+                self.id,
+                f"task is already {self.status}; {', '.join(open_locked)} can only change "
+                "until it is terminal",
+            )
+        check_fields({k: v for k, v in changes.items() if k not in UPDATABLE_WHILE_OPEN}, limits)
+        if changes.get("callback_url") is not None:
+            check_callback_url(changes["callback_url"], targets or TargetPolicy())
+        if "callback_events" in changes:
+            check_callback_events(changes["callback_events"])
         if "ttl_seconds" in changes and self.run_deadline_for(changes["ttl_seconds"]) <= now:
             raise InvalidTask(
                 "ttl_seconds",
@@ -477,6 +557,41 @@ class Task(Aggregate):
             )
         self.trigger_event(self.TaskUpdated, timestamp=_utc(now), changes=changes, by=by)
         return True
+
+    def record_webhook_attempt(
+        self,
+        *,
+        delivery_id: UUID,
+        trigger_version: int,
+        trigger_type: str,
+        url: str,
+        delivery_attempt: int,
+        outcome: str,
+        status_code: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None,
+        now: datetime,
+    ) -> None:
+        """Record one attempt to deliver a webhook: allowed in any state."""
+        if outcome not in DELIVERY_OUTCOMES:
+            raise InvalidTask("outcome", f"must be one of {', '.join(DELIVERY_OUTCOMES)}")
+        if not 1 <= trigger_version <= self.version:
+            raise InvalidTask(
+                "trigger_version", f"is {trigger_version}; the task is at version {self.version}"
+            )
+        self.trigger_event(
+            self.WebhookAttempted,
+            timestamp=_utc(now),
+            delivery_id=delivery_id,
+            trigger_version=trigger_version,
+            trigger_type=trigger_type,
+            url=url,
+            delivery_attempt=delivery_attempt,
+            outcome=outcome,
+            status_code=status_code,
+            error=None if error is None else without_nul(error)[:2_000],
+            next_attempt_at=next_attempt_at,
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 

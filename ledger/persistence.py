@@ -42,7 +42,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 from psycopg_pool import PoolTimeout
 
-from ledger import chain
+from ledger import chain, secrets
 from ledger.leases import LeaseBook, ddl
 
 
@@ -167,7 +167,11 @@ class LedgerRecorder(PostgresApplicationRecorder):
         super().create_table()
         schema, table = self.datastore.schema, self.events_table_name
         with self.datastore.get_connection() as conn:
-            statements = [*ddl(schema), *chain.ddl(schema, table, self.stored_event_type_name)]
+            statements = [
+                *ddl(schema),
+                *secrets.ddl(schema),
+                *chain.ddl(schema, table, self.stored_event_type_name),
+            ]
             for statement in statements:
                 conn.execute(statement)
             chained = chain.backfill(conn, schema, table)

@@ -32,10 +32,14 @@ from ledger.jsonvalue import JSONValue
 from ledger.keys import Keys
 from ledger.leases import Leases
 from ledger.log import event_payload
+from ledger.persistence import LedgerRecorder
 from ledger.retry import RetryPolicy
+from ledger.secrets import SecretBook
 from ledger.state import HistoryEntry, Submission, TaskState
 from ledger.store import EventStore, unavailable
+from ledger.targets import TargetPolicy
 from ledger.values import AttemptError, AttemptResult, TaskLimits
+from ledger.webhooks import Webhooks
 
 # uuid5 namespace for tasks submitted with an idempotency key: the key decides the id, so
 # the store's primary key, not a lookup table, makes a repeated submission collide.
@@ -55,6 +59,8 @@ class SubmitRequest:
     ttl_seconds: float = 300
     max_attempts: int = 3
     idempotency_key: str | None = None
+    callback_url: str | None = None
+    callback_events: list[str] | None = None
 
 
 # The events a submission saves at once: TaskSubmitted and AttemptScheduled(1).
@@ -75,10 +81,24 @@ class Ledger:
         recent_capacity: int = 1024,
         lease_seconds: float = 10.0,
         bounds: Bounds = DEFAULT_BOUNDS,
+        webhook_targets: TargetPolicy | None = None,
     ) -> None:
         self.store = EventStore(env, lease_seconds=lease_seconds, bounds=bounds)
         self.clock = clock or SystemClock()
         self.keys = Keys(self.store, self.clock)
+        # Where webhooks may go (the `webhook_allow` setting's exceptions), and the
+        # tenants' defaults and signing secrets.
+        self.webhook_targets = webhook_targets or TargetPolicy()
+        recorder = self.store.recorder
+        self.webhooks = Webhooks(
+            self.store,
+            self.clock,
+            self.webhook_targets,
+            SecretBook(
+                recorder.datastore.get_connection if isinstance(recorder, LedgerRecorder) else None,
+                recorder.datastore.schema if isinstance(recorder, LedgerRecorder) else "",
+            ),
+        )
         self.retry_policy = retry_policy or RetryPolicy()
         self.limits = limits or TaskLimits()
         self.decisions = Decisions(
@@ -177,6 +197,8 @@ class Ledger:
         tenant: str,
         submitted_by: str,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        callback_events: list[str] | None = None,
     ) -> Submission:
         """Accept a task: TaskSubmitted and AttemptScheduled(1), in one transaction.
 
@@ -196,6 +218,8 @@ class Ledger:
                     tenant=tenant,
                     submitted_by=submitted_by,
                     idempotency_key=idempotency_key,
+                    callback_url=callback_url,
+                    callback_events=callback_events,
                 )
             ]
         )[0]
@@ -228,6 +252,9 @@ class Ledger:
                     submitted_by=r.submitted_by,
                     idempotency_key=r.idempotency_key,
                     limits=self.limits,
+                    callback_url=r.callback_url,
+                    callback_events=r.callback_events,
+                    targets=self.webhook_targets,
                 )
             except Exception as refused:  # noqa: BLE001 - this request's own outcome
                 results[i] = refused
@@ -325,9 +352,63 @@ class Ledger:
         def decide(task: Task) -> None:
             if expected_version is not None and task.version != expected_version:
                 raise VersionMismatch(task_id, expected_version, task.version)
-            task.update(patch, by, self.clock.now(), self.limits)
+            task.update(patch, by, self.clock.now(), self.limits, self.webhook_targets)
 
         return self.decisions.run(task_id, tenant, decide)
+
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def webhook_trigger(self, task_id: UUID, version: int) -> tuple[TaskState, HistoryEntry]:
+        """What a webhook of the task's event `version` carries: the task as of that
+        version (as `get_as_of` answers it) and that event (as `history` gives it)."""
+        current, stored = self.store.load_with_events(task_id)
+        if not 1 <= version <= current.version:
+            raise InvalidTask("trigger_version", f"is {version}; the task is at {current.version}")
+        events = [event for event, _, _ in stored]
+        task = project_aggregate(None, events[: max(version, SUBMISSION_EVENTS)])
+        assert isinstance(task, Task)
+        event, position, chain = stored[version - 1]
+        entry = HistoryEntry(
+            version=version,
+            type=type(event).__name__,
+            at=typing.cast(datetime, vars(event)["timestamp"]),
+            data=event_payload(event),
+            position=position,
+            hash=None if chain is None else chain.hex(),
+        )
+        return TaskState.of(task), entry
+
+    def record_webhook_attempt(
+        self,
+        task_id: UUID,
+        *,
+        delivery_id: UUID,
+        trigger_version: int,
+        trigger_type: str,
+        url: str,
+        delivery_attempt: int,
+        outcome: str,
+        status_code: int | None = None,
+        error: str | None = None,
+        next_attempt_at: datetime | None = None,
+    ) -> TaskState:
+        """WebhookAttempted on the task (any state): one attempt to deliver a webhook."""
+        return self.decisions.run(
+            task_id,
+            None,
+            lambda t: t.record_webhook_attempt(
+                delivery_id=delivery_id,
+                trigger_version=trigger_version,
+                trigger_type=trigger_type,
+                url=url,
+                delivery_attempt=delivery_attempt,
+                outcome=outcome,
+                status_code=status_code,
+                error=error,
+                next_attempt_at=next_attempt_at,
+                now=self.clock.now(),
+            ),
+        )
 
     # -- commands from workers and the reaper ----------------------------------------------------
 

@@ -75,6 +75,9 @@ class TaskState:
     idempotency_key: str | None
     version: int
     attempts: tuple[AttemptState, ...]
+    callback_url: str | None = None
+    callback_events: list[str] | None = None
+    last_delivery: dict[str, Any] | None = None  # the last WebhookAttempted, if any
 
     @classmethod
     def of(cls, task: Task) -> TaskState:
@@ -104,6 +107,9 @@ class TaskState:
             idempotency_key=task.idempotency_key,
             version=task.version,
             attempts=tuple(AttemptState.of(a) for a in task.attempts),
+            callback_url=task.callback_url,
+            callback_events=None if task.callback_events is None else list(task.callback_events),
+            last_delivery=None if task.last_delivery is None else dict(task.last_delivery),
         )
 
 

@@ -4,7 +4,9 @@
 - `audit`: one row per event (the audit queries);
 - `task_periods`: one row per version of each task, with the period it held (the task
   list as of any time);
-- `api_keys`: one row per issued API key (the keys page and `GET /api/keys`).
+- `api_keys`: one row per issued API key (the keys page and `GET /api/keys`);
+- `webhook_deliveries`: one row per webhook delivery owed, and where it stands (the
+  deliverer's work list).
 
 Each view is rebuildable from the log (`taskledger projections rebuild NAME`).
 """
@@ -14,6 +16,7 @@ from projections.audit import AuditProjection
 from projections.base import Projection
 from projections.task_periods import TaskPeriodsProjection
 from projections.task_status import TaskStatusProjection
+from projections.webhook_deliveries import WebhookDeliveriesProjection
 
 
 def all_projections() -> dict[str, Projection]:
@@ -24,6 +27,7 @@ def all_projections() -> dict[str, Projection]:
             AuditProjection(),
             TaskPeriodsProjection(),
             ApiKeysProjection(),
+            WebhookDeliveriesProjection(),
         )
     }
 
@@ -34,5 +38,6 @@ __all__ = [
     "Projection",
     "TaskPeriodsProjection",
     "TaskStatusProjection",
+    "WebhookDeliveriesProjection",
     "all_projections",
 ]

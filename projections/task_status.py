@@ -38,6 +38,10 @@ COLUMN_TYPES = {
     "error_kind": "text",
     "version": "int NOT NULL",
     "position": "bigint NOT NULL",
+    # The last webhook delivery attempt (WebhookAttempted), if any.
+    "last_delivery_id": "uuid",
+    "last_delivery_outcome": "text",
+    "last_delivery_at": "timestamptz",
 }
 COLUMNS = tuple(COLUMN_TYPES)
 
@@ -108,6 +112,13 @@ def fold(row: dict[str, Any] | None, change: Change) -> dict[str, Any]:
                 row[name] = data["changes"][name]
         if "ttl_seconds" in data["changes"]:
             row["deadline"] = row["scheduled_at"] + timedelta(seconds=row["ttl_seconds"])
+    elif kind == "WebhookAttempted":
+        # A fact about a delivery, not a transition: the status stays as it is.
+        row.update(
+            last_delivery_id=data["delivery_id"],
+            last_delivery_outcome=data["outcome"],
+            last_delivery_at=change.at,
+        )
     row.update(updated_at=change.at, version=change.version, position=change.position)
     return row
 

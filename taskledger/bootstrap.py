@@ -21,7 +21,8 @@ from starlette.applications import Starlette
 from api.app import create_app
 from api.auth import Authenticator, parse_configured_keys
 from api.context import ApiContext
-from api.metrics import ApiMetrics
+from api.delivery import Deliverer
+from api.metrics import ApiMetrics, WebhookMetrics
 from api.watch import TaskWatcher
 from ledger import Ledger
 from ledger.connections import DEFAULT_BOUNDS, bounded_url, postgres_env
@@ -72,6 +73,7 @@ class Services:
     _broker: Broker | None = None
     _worker_metrics: WorkerMetrics | None = None
     _api_metrics: ApiMetrics | None = None
+    _webhook_metrics: WebhookMetrics | None = None
     embedded: EmbeddedPostgres | None = None  # the no-configuration default's server
 
     @property
@@ -89,6 +91,13 @@ class Services:
         return self._api_metrics
 
     @property
+    def webhook_metrics(self) -> WebhookMetrics:
+        """The metrics of this process's webhook deliverer (on `registry`)."""
+        if self._webhook_metrics is None:
+            self._webhook_metrics = WebhookMetrics(self.registry)
+        return self._webhook_metrics
+
+    @property
     def broker(self) -> Broker:
         """The broker (created on first use; queues are namespaced by the schema)."""
         if self._broker is None:
@@ -99,15 +108,26 @@ class Services:
         return self._broker
 
     def singleton_roles(self) -> list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]:
-        """The dispatcher, the reaper and the checkpointer (each elects its leader across
-        processes; the checkpointer only with checkpoint_minutes > 0)."""
+        """The dispatcher, the reaper, the webhook deliverer and the checkpointer (each
+        elects its leader across processes; the checkpointer only with
+        checkpoint_minutes > 0)."""
         clock = self.ledger.clock
         metrics = self.worker_metrics
         dispatcher = Dispatcher(self.database_url, self.schema, self.broker, clock, metrics=metrics)
         reaper = Reaper(self.database_url, self.schema, self.ledger, clock, metrics=metrics)
+        deliverer = Deliverer(
+            self.database_url,
+            self.schema,
+            self.ledger,
+            clock,
+            targets=self.settings.webhook_targets(),
+            retry_hours=self.settings.webhook_retry_hours,
+            metrics=self.webhook_metrics,
+        )
         roles: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = [
             dispatcher.run,
             reaper.run,
+            deliverer.run,
         ]
         minutes = self.settings.checkpoint_minutes
         if minutes > 0:
@@ -260,6 +280,7 @@ def bootstrap(settings: Settings, **overrides: Any) -> Services:
         if ledger is None:
             env = postgres_env(database_url, schema=settings.database_schema)
             overrides.setdefault("lease_seconds", settings.lease_seconds)
+            overrides.setdefault("webhook_targets", settings.webhook_targets())
             ledger = Ledger(env, **overrides)
             stack.callback(ledger.close)
         return Services(

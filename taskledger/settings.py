@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from api.auth import parse_configured_keys
+from ledger.targets import TargetPolicy
 
 ENV_PREFIX = "TASKLEDGER_"
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
@@ -171,6 +172,18 @@ class Settings(BaseSettings):
         description="signs the dashboard's session cookies (/ui); give every api process "
         "the same one. Unset = random per process: sessions end when it restarts",
     )
+    webhook_allow: str | None = Field(
+        default=None,
+        description="exceptions to the webhooks' SSRF rules: CIDRs and host names, "
+        "comma-separated (e.g. 10.20.0.0/16,hooks.internal); unset = only public addresses",
+    )
+    webhook_retry_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=720,
+        description="a webhook that fails is retried (backoff, then hourly) this long after "
+        "the event that triggered it, then given up",
+    )
     sandbox: SandboxSettings = Field(
         default_factory=SandboxSettings, description="the [sandbox] section"
     )
@@ -231,6 +244,17 @@ class Settings(BaseSettings):
         if value is not None:
             parse_configured_keys(value.get_secret_value())  # ValueError names the entry
         return value
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _webhook_allow(cls, value: str | None) -> str | None:
+        if value is not None:
+            TargetPolicy.parse(value)  # ValueError names the entry
+        return value
+
+    def webhook_targets(self) -> TargetPolicy:
+        """Where webhooks may go besides public addresses (`webhook_allow`)."""
+        return TargetPolicy.parse(self.webhook_allow or "")
 
     @field_validator("host")
     @classmethod

@@ -154,6 +154,20 @@ def _attempt_steps(rows: dict[int, AttemptRow], entry: HistoryEntry) -> AttemptR
     return row
 
 
+def _delivery_text(data: dict[str, Any]) -> str:
+    """A webhook delivery attempt, in words."""
+    what = f"webhook for {data.get('trigger_type')} (try {data.get('delivery_attempt')})"
+    outcome = data.get("outcome")
+    why = data.get("error") or (
+        f"status {data['status_code']}" if data.get("status_code") is not None else ""
+    )
+    if outcome == "delivered":
+        return f"{what} delivered (status {data.get('status_code')})"
+    if outcome == "gave-up":
+        return f"{what} failed, given up: {why}"
+    return f"{what} failed: {why}; tried again later"
+
+
 def build(entries: list[HistoryEntry], now: datetime) -> Timeline:
     """The timeline of a task whose events are `entries` (in order), as seen at `now`:
     what has not ended by then is drawn up to then."""
@@ -167,6 +181,10 @@ def build(entries: list[HistoryEntry], now: datetime) -> Timeline:
         if entry.type == "TaskUpdated":
             changed = ", ".join(sorted(entry.data.get("changes", {})))
             step = Step(entry.at, f"{changed} changed by {_actor(str(entry.data['by']))}")
+            (current.steps if current is not None else before).append(step)
+            continue
+        if entry.type == "WebhookAttempted":
+            step = Step(entry.at, _delivery_text(entry.data))
             (current.steps if current is not None else before).append(step)
             continue
         current = _attempt_steps(rows, entry) or current

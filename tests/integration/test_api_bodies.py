@@ -267,6 +267,52 @@ async def test_every_operation_answers_what_its_document_says(api: Api) -> None:
     rest = await get(f"/api/events?after={feed['next_after']}", headers=reader)
     assert document.check(rest, "/api/events")["items"]
 
+    # Webhooks: a task with a callback and a delivery attempt; a tenant's secret (read,
+    # rotated) and default callback (set, read).
+    hooked = document.check(
+        await post(
+            "/api/tasks",
+            json={**echo, "callback_url": "https://hooks.example.com/t", "callback_events": None},
+            headers=submitter,
+        ),
+        "/api/tasks",
+    )
+    assert hooked["callback_url"] == "https://hooks.example.com/t"
+    assert hooked["last_delivery"] is None
+    await asyncio.to_thread(
+        ledger.record_webhook_attempt,
+        uuid.UUID(hooked["id"]),
+        delivery_id=uuid.uuid4(),
+        trigger_version=1,
+        trigger_type="TaskSubmitted",
+        url="https://hooks.example.com/t",
+        delivery_attempt=1,
+        outcome="failed",
+        status_code=None,
+        error="could not connect",
+        next_attempt_at=datetime.now(UTC),
+    )
+    body = document.check(await get(f"/api/tasks/{hooked['id']}", headers=reader), one)
+    assert body["last_delivery"]["outcome"] == "failed"
+    secret = document.check(
+        await get("/api/webhooks/secret", headers=admin), "/api/webhooks/secret"
+    )
+    assert secret["secret"].startswith("whsec_")
+    rotated = document.check(
+        await post("/api/webhooks/secret", headers=admin), "/api/webhooks/secret"
+    )
+    assert rotated["previous_secret_id"] == secret["secret_id"]
+    put = await api.client.put(
+        "/api/webhooks/default",
+        json={"callback_url": "https://hooks.example.com/default"},
+        headers=admin,
+    )
+    assert document.check(put, "/api/webhooks/default")["callback_events"] is None
+    default = document.check(
+        await get("/api/webhooks/default", headers=admin), "/api/webhooks/default"
+    )
+    assert default["callback_url"] == "https://hooks.example.com/default"
+
     # The ledger's chain walked: admin only.
     verified = document.check(await get("/api/ledger/verify", headers=admin), "/api/ledger/verify")
     assert verified["status"] == "ok"

@@ -18,10 +18,13 @@ from psycopg import sql
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock
 from ledger import log as event_log
 from ledger.errors import LedgerError
+from ledger.targets import TERMINAL_EVENTS
+from ledger.webhooks import delivery_id
 from projections import (
     AuditProjection,
     TaskPeriodsProjection,
     TaskStatusProjection,
+    WebhookDeliveriesProjection,
     all_projections,
 )
 from projections.admin import rebuild, status
@@ -44,6 +47,7 @@ pytestmark = pytest.mark.postgres
 STATUS = TaskStatusProjection()
 AUDIT = AuditProjection()
 PERIODS = TaskPeriodsProjection()
+DELIVERIES = WebhookDeliveriesProjection()
 
 
 @pytest.fixture
@@ -134,7 +138,7 @@ def expected_audit(ledger: Ledger, task_id: uuid.UUID) -> list[Any]:
     ]
 
 
-def snapshot(conn: psycopg.Connection[Any], schema: str) -> tuple[list[Any], list[Any], list[Any]]:
+def snapshot(conn: psycopg.Connection[Any], schema: str) -> tuple[list[Any], ...]:
     tasks = conn.execute(
         sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(schema, "task_status"))
     ).fetchall()
@@ -146,8 +150,11 @@ def snapshot(conn: psycopg.Connection[Any], schema: str) -> tuple[list[Any], lis
             sql.Identifier(schema, "task_periods")
         )
     ).fetchall()
+    deliveries = conn.execute(
+        sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(schema, "webhook_deliveries"))
+    ).fetchall()
     conn.commit()
-    return tasks, events, periods
+    return tasks, events, periods, deliveries
 
 
 # -- random histories: live in random batches == rebuilt from zero == the aggregates ------------
@@ -168,6 +175,9 @@ operations = st.lists(
                 "patch_data",
                 "patch_ttl",
                 "patch_max_attempts",
+                "hook_url",
+                "hook_default",
+                "deliver",
                 "time",
             ]
         ),
@@ -180,7 +190,16 @@ operations = st.lists(
 
 def perform(ledger: Ledger, clock: ManualClock, ids: list[uuid.UUID], op: str, k: int) -> None:
     if op == "submit" or not ids:
-        ids.append(submit(ledger, len(ids), ttl_seconds=30, max_attempts=2))
+        url = f"https://hooks.example.com/{len(ids)}" if len(ids) % 2 else None
+        ids.append(submit(ledger, len(ids), ttl_seconds=30, max_attempts=2, callback_url=url))
+        return
+    if op == "hook_default":
+        ledger.webhooks.set_default(
+            "acme",
+            None if k == 0 else f"https://default.example.com/{k}",
+            None if k % 2 else ["AttemptStarted", "AttemptFailed", "TaskCancelled"],
+            by="admin",
+        )
         return
     task_id = ids[k % len(ids)]
     attempt = ledger.get(task_id).attempt
@@ -200,6 +219,10 @@ def perform(ledger: Ledger, clock: ManualClock, ids: list[uuid.UUID], op: str, k
         "patch_data": lambda: ledger.update(task_id, {"data": {"k": k}}, by="key"),
         "patch_ttl": lambda: ledger.update(task_id, {"ttl_seconds": 40 + k}, by="key"),
         "patch_max_attempts": lambda: ledger.update(task_id, {"max_attempts": k + 1}, by="key"),
+        "hook_url": lambda: ledger.update(
+            task_id, {"callback_url": f"https://hooks.example.com/p{k}" if k else None}, by="key"
+        ),
+        "deliver": lambda: record_delivery(ledger, clock, task_id, k),
         "time": lambda: clock.advance(7 * k + 1),
     }
     try:
@@ -208,6 +231,27 @@ def perform(ledger: Ledger, clock: ManualClock, ids: list[uuid.UUID], op: str, k
         event(f"{op}: refused ({type(refused).__name__})")  # nothing written to project
     else:
         event(f"{op}: applied")
+
+
+def record_delivery(ledger: Ledger, clock: ManualClock, task_id: uuid.UUID, k: int) -> None:
+    """A WebhookAttempted for the task's last terminal event (delivery owed or not)."""
+    triggers = [h for h in ledger.history(task_id) if h.type in TERMINAL_EVENTS]
+    if not triggers:
+        raise LedgerError("nothing to deliver yet")
+    trigger = triggers[-1]
+    outcome = ("failed", "delivered", "gave-up")[k % 3]
+    ledger.record_webhook_attempt(
+        task_id,
+        delivery_id=delivery_id(task_id, trigger.version),
+        trigger_version=trigger.version,
+        trigger_type=trigger.type,
+        url="https://hooks.example.com/x",
+        delivery_attempt=k + 1,
+        outcome=outcome,
+        status_code=200 if outcome == "delivered" else 500,
+        error=None if outcome == "delivered" else "HTTP 500",
+        next_attempt_at=clock.now() + timedelta(seconds=10) if outcome == "failed" else None,
+    )
 
 
 @settings(
@@ -233,7 +277,7 @@ def test_views_built_live_in_any_batches_equal_a_rebuild_and_the_aggregates(
             i: (str(task.status), task.version) for i in ids for task in [ledger.get(i)]
         }
         if step % 3 == 0:  # apply part of what is there, in a random batch size
-            for projection in (STATUS, AUDIT, PERIODS):
+            for projection in (STATUS, AUDIT, PERIODS, DELIVERIES):
                 apply_batch(conn, schema, projection, batch_sizes[step % len(batch_sizes)])
     catch_up(conn, schema, batch_size=batch_sizes[0])
 
@@ -248,8 +292,24 @@ def test_views_built_live_in_any_batches_equal_a_rebuild_and_the_aggregates(
         assert {i: state for i, state in listed.items() if i in set(ids)} == expected
     conn.commit()
 
+    # Every delivery owed names an event of its task that a subscription may name.
+    with conn.cursor() as cur:
+        owed = cur.execute(
+            sql.SQL(
+                "SELECT task_id, trigger_version, trigger_type, url, state FROM {}"
+                " WHERE kind = 'delivery' AND task_id = ANY(%s)"
+            ).format(sql.Identifier(schema, "webhook_deliveries")),
+            (ids,),
+        ).fetchall()
+    conn.commit()
+    for task_id, version, kind, url, state in owed:
+        assert ledger.history(task_id)[version - 1].type == kind
+        assert url.startswith(("https://hooks.example.com/", "https://default.example.com/"))
+        assert state in ("pending", "delivered", "gave-up")
+        event(f"delivery owed for {kind}: {state}")
+
     live = snapshot(conn, schema)
-    for projection in (STATUS, AUDIT, PERIODS):
+    for projection in (STATUS, AUDIT, PERIODS, DELIVERIES):
         rebuild(database_url, schema, projection, batch_size=50)
     assert snapshot(conn, schema) == live
 
@@ -362,6 +422,7 @@ def test_rebuild_while_tasks_are_written_and_followed(
         "audit": 0,
         "task_periods": 0,
         "task_status": 0,
+        "webhook_deliveries": 0,
     }
 
 
@@ -497,6 +558,7 @@ def test_task_views_skip_key_events_and_the_keys_view_takes_only_them(
         "audit": 0,
         "task_periods": 0,
         "task_status": 0,
+        "webhook_deliveries": 0,
     }
     assert view_rows(conn, schema, [task_id]) == {task_id: expected_row(ledger, task_id)}
     assert [r[1] for r in audit_rows(conn, schema, task_id)] == [

@@ -76,6 +76,7 @@ def test_config_output_is_a_toml_file_of_the_effective_values(
         "heartbeat_seconds": 2.0,
         "shutdown_seconds": 10.0,
         "checkpoint_minutes": 60.0,
+        "webhook_retry_hours": 24.0,
         "sandbox": {"memory_mib": 512, "pids": 256, "cpus": 1.0, "tmp_mib": 64, "tmp_files": 16384},
     }
     assert f"file ({config})" in out.splitlines()[0]

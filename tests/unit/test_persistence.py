@@ -15,6 +15,7 @@ from ledger.connections import InvalidDatabaseURL, postgres_env
 from ledger.domain import Task
 from ledger.keys import ApiKey
 from ledger.persistence import EventMapper, OrjsonTranscoder
+from ledger.webhooks import TenantSettings
 
 MAPPER = EventMapper(transcoder=OrjsonTranscoder())
 
@@ -58,6 +59,8 @@ EVENT_FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
         "tenant": texts,
         "submitted_by": texts,
         "idempotency_key": st.none() | texts,
+        "callback_url": st.none() | texts,
+        "callback_events": st.none() | st.lists(texts, max_size=4),
     },
     Task.AttemptScheduled: {
         "attempt": st.integers(1, 100),
@@ -83,6 +86,27 @@ EVENT_FIELDS: dict[type, dict[str, st.SearchStrategy[Any]]] = {
         "bulk_id": st.none() | texts,
     },
     Task.TaskUpdated: {"changes": payloads, "by": texts},
+    Task.WebhookAttempted: {
+        "delivery_id": st.uuids(),
+        "trigger_version": st.integers(1, 100),
+        "trigger_type": texts,
+        "url": texts,
+        "delivery_attempt": st.integers(1, 100),
+        "outcome": st.sampled_from(["delivered", "failed", "gave-up"]),
+        "status_code": st.none() | st.integers(100, 599),
+        "error": st.none() | texts,
+        "next_attempt_at": st.none() | instants,
+    },
+    TenantSettings.SettingsCreated: {
+        "originator_topic": st.just("ledger.webhooks:TenantSettings"),
+        "tenant": texts,
+    },
+    TenantSettings.WebhookDefaultSet: {
+        "callback_url": st.none() | texts,
+        "callback_events": st.none() | st.lists(texts, max_size=4),
+        "by": texts,
+    },
+    TenantSettings.WebhookSecretRotated: {"secret_id": texts, "by": texts},
     ApiKey.KeyIssued: {
         "originator_topic": st.just("ledger.keys:ApiKey"),
         "key_id": texts,
@@ -112,7 +136,7 @@ def events() -> st.SearchStrategy[Any]:
 def test_every_event_type_is_covered() -> None:
     defined = {
         value
-        for aggregate in (Task, ApiKey)
+        for aggregate in (Task, ApiKey, TenantSettings)
         for value in vars(aggregate).values()
         if isinstance(value, type)
         and issubclass(value, aggregate.Event | aggregate.Created)
@@ -183,6 +207,26 @@ def test_events_stored_before_bulk_ids_read_back_with_none(event_class: type, st
     assert type(restored) is event_class
     assert restored.bulk_id is None
     assert restored.by == "key-1"
+
+
+def test_a_submission_stored_before_webhooks_reads_back_without_a_callback() -> None:
+    """Version 1 of TaskSubmitted has no callback fields: read as None (no callback of
+    its own, the default transitions)."""
+    state = (
+        b'{"timestamp":"2030-01-01T12:00:00+00:00","originator_topic":"ledger.domain:Task",'
+        b'"description":"d","language":"python","code":"print(1)","data":null,'
+        b'"ttl_seconds":60.0,"max_attempts":3,"tenant":"acme","submitted_by":"key-1",'
+        b'"idempotency_key":null}'
+    )
+    topic = "ledger.domain:Task.TaskSubmitted"
+    restored = MAPPER.to_domain_event(StoredEvent(uuid.uuid4(), 1, topic, state))
+    assert type(restored) is Task.TaskSubmitted
+    assert restored.callback_url is None
+    assert restored.callback_events is None
+    assert restored.tenant == "acme"
+    task = restored.mutate(None)
+    assert isinstance(task, Task)
+    assert (task.callback_url, task.callback_events) == (None, None)
 
 
 def test_new_events_are_stored_as_version_2() -> None:

@@ -153,6 +153,8 @@ class TaskMachine(RuleBasedStateMachine):
                 assert event.reason == "manual-retry"
             elif name == "TaskUpdated":
                 assert set(event.changes) == {"description"}
+            elif name == "WebhookAttempted":
+                pass  # a fact about a delivery, recorded in any state
             else:
                 raise AssertionError(f"{name} recorded on a terminal task")
 
@@ -293,6 +295,50 @@ class TaskMachine(RuleBasedStateMachine):
         if changed and name == "ttl_seconds":
             model.ttl = value
             model.current.deadline = model.run_scheduled_at + timedelta(seconds=value)
+
+    @rule(
+        url=st.sampled_from([None, "https://hooks.example.com/a", "https://hooks.example.com/b"]),
+        events=st.sampled_from([None, ["AttemptCompleted"], ["AttemptStarted", "TaskExpired"]]),
+    )
+    def update_callback(self, url: str | None, events: list[str] | None) -> None:
+        patch = {"callback_url": url, "callback_events": events}
+        unchanged = (self.task.callback_url, self.task.callback_events) == (url, events)
+        try:
+            changed = self.task.update(patch, "client", self.now, LIMITS)
+        except TaskIsTerminal:
+            assert self.model.status.is_terminal
+            assert not unchanged
+            assert self._collect() == []
+            return
+        assert changed != unchanged
+        assert not self.model.status.is_terminal or unchanged
+        assert (self.task.callback_url, self.task.callback_events) == (url, events)
+        self._collect()
+
+    @rule(
+        outcome=st.sampled_from(["delivered", "failed", "gave-up"]),
+        code=st.sampled_from([None, 200, 500]),
+    )
+    def webhook_attempted(self, outcome: str, code: int | None) -> None:
+        before = (self.task.status, self.task.current.number)
+        self._run(
+            None,
+            lambda: self.task.record_webhook_attempt(
+                delivery_id=uuid.uuid4(),
+                trigger_version=self.task.version,
+                trigger_type="AttemptCompleted",
+                url="https://hooks.example.com/a",
+                delivery_attempt=1,
+                outcome=outcome,
+                status_code=code,
+                error=None if code == 200 else "boom",
+                next_attempt_at=None,
+                now=self.now,
+            ),
+        )
+        assert (self.task.status, self.task.current.number) == before
+        assert self.task.last_delivery is not None
+        assert self.task.last_delivery["outcome"] == outcome
 
     # -- invariants ---------------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ class FoldMachine(aggregate_machine.TaskMachine):
             "error_kind": (current.error or {})["kind"] if failed else None,
             "version": task.version,
             "position": self.position,
+            "last_delivery_id": (task.last_delivery or {}).get("delivery_id"),
+            "last_delivery_outcome": (task.last_delivery or {}).get("outcome"),
+            "last_delivery_at": (task.last_delivery or {}).get("at"),
         }
 
 
