@@ -694,3 +694,27 @@ async def test_keys_are_issued_once_shown_and_revoked(
     assert re.search(rf'data-key-id="{key_id}">.*?revoked', after.text, re.S)
     bad = await admin.post("/ui/keys", tenant="no spaces", role="read", label="")
     assert bad.status_code == 422
+
+
+async def test_the_task_page_shows_its_webhook_and_the_last_delivery(
+    api: Api, browsers: Callable[..., Browser]
+) -> None:
+    created = await submit(api, callback_url="https://hooks.example.com/done")
+    browser = await signed_in(browsers, "acme-read")
+    before = await browser.client.get(f"/ui/tasks/{created['id']}")
+    assert "<code>https://hooks.example.com/done</code>; nothing sent yet" in before.text
+    await asyncio.to_thread(
+        api.context.ledger.record_webhook_attempt,
+        uuid.UUID(created["id"]),
+        delivery_id=uuid.uuid4(),
+        trigger_version=2,
+        trigger_type="AttemptScheduled",
+        url="https://hooks.example.com/done",
+        delivery_attempt=1,
+        outcome="failed",
+        status_code=503,
+        error="the receiver answered 503",
+    )
+    after = await browser.client.get(f"/ui/tasks/{created['id']}")
+    assert "<strong>failed</strong> (HTTP 503): the receiver answered 503" in after.text
+    assert "WebhookAttempted" in after.text  # in the history too
