@@ -10,6 +10,7 @@ batch can never be applied twice.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,8 @@ from psycopg import Connection, Cursor, sql
 from ledger.log import Change
 from projections.tracking import catalog_ddl, generation_table
 
+log = logging.getLogger(__name__)
+
 
 class Projection(ABC):
     """A view of the event log, applied a batch of changes at a time."""
@@ -27,6 +30,9 @@ class Projection(ABC):
     name: str  # also the name of the SQL view readers query
     # The aggregates whose events it applies (Change.stream); the others pass it by.
     streams: frozenset[str] = frozenset({"Task"})
+    # Its columns and their SQL types, when a release may add some: a nullable column a
+    # new release adds is added to the live generation at start (ensure_installed).
+    column_types: dict[str, str] | None = None
 
     @abstractmethod
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
@@ -54,6 +60,50 @@ def ensure_installed(conn: Connection[Any], schema: str, projection: Projection)
         if row is None:
             create_generation(conn, schema, projection, 1)
             switch_to(conn, schema, projection, 1)
+        elif add_new_columns(conn, schema, projection, row[0]):
+            switch_to(conn, schema, projection, row[0])  # the view's * was fixed at creation
+
+
+def add_new_columns(
+    conn: Connection[Any], schema: str, projection: Projection, generation: int
+) -> list[str]:
+    """Add to a generation made by an earlier release the nullable columns this release
+    declares and it lacks; which were added. Such a column is NULL on the rows already
+    there, which is right when the events that fill it are new in this release too; a
+    column that cannot be NULL, or a changed fold, still needs a rebuild."""
+    if projection.column_types is None:
+        return []
+    table = generation_table(projection.name, generation)
+    present = {
+        name
+        for (name,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = %s",
+            (schema, table),
+        ).fetchall()
+    }
+    added = []
+    for name, column_type in projection.column_types.items():
+        if name in present:
+            continue
+        if "NOT NULL" in column_type.upper() or "PRIMARY KEY" in column_type.upper():
+            raise RuntimeError(
+                f"view {projection.name}: this release adds column {name} ({column_type}), "
+                f"which cannot be added in place: run `taskledger projections rebuild "
+                f"{projection.name}`"
+            )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN {} " + column_type).format(
+                sql.Identifier(schema, table), sql.Identifier(name)
+            )
+        )
+        added.append(name)
+    if added:
+        log.warning(
+            "a view got this release's new columns, NULL on its existing rows",
+            extra={"view": projection.name, "generation": generation, "columns": added},
+        )
+    return added
 
 
 def create_generation(

@@ -35,6 +35,7 @@ COLUMNS = tuple(COLUMN_TYPES)
 
 class TaskPeriodsProjection(Projection):
     name = "task_periods"
+    column_types = COLUMN_TYPES
 
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
         indexes = (

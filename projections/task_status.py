@@ -125,6 +125,7 @@ def fold(row: dict[str, Any] | None, change: Change) -> dict[str, Any]:
 
 class TaskStatusProjection(Projection):
     name = "task_status"
+    column_types = COLUMN_TYPES
 
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
         indexes = (

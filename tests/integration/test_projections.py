@@ -618,3 +618,48 @@ def test_the_text_filter_takes_every_character_literally(
     row = conn.execute("SELECT %s ILIKE %s", (description, contains_pattern(text))).fetchone()
     assert row is not None
     assert row[0] == (text.lower() in description.lower())
+
+
+def test_a_view_of_an_earlier_release_gets_the_new_nullable_columns_at_start(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    """The release that added last_delivery_* to task_status and task_periods: a live
+    generation made before it gets them at start, and its runner goes on."""
+    new = ("last_delivery_id", "last_delivery_outcome", "last_delivery_at")
+    conn.autocommit = True
+    for projection in (STATUS, PERIODS):  # as the earlier release left them
+        table = sql.Identifier(schema, f"{projection.name}_g1")
+        conn.execute(sql.SQL("DROP VIEW {}").format(sql.Identifier(schema, projection.name)))
+        for column in new:
+            conn.execute(
+                sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, sql.Identifier(column))
+            )
+        conn.execute(
+            sql.SQL("CREATE VIEW {} AS SELECT * FROM {}").format(
+                sql.Identifier(schema, projection.name), table
+            )
+        )
+    task_id = submit(ledger)
+    for projection in (STATUS, PERIODS):
+        ensure_installed(conn, schema, projection)
+    conn.autocommit = False
+    ledger.record_webhook_attempt(
+        task_id,
+        delivery_id=uuid.uuid4(),
+        trigger_version=2,
+        trigger_type="AttemptScheduled",
+        url="https://hooks.example.com/x",
+        delivery_attempt=1,
+        outcome="delivered",
+        status_code=200,
+    )
+    catch_up(conn, schema)
+    for view in ("task_status", "task_periods"):
+        row = conn.execute(
+            sql.SQL(
+                "SELECT last_delivery_outcome FROM {} WHERE id = %s ORDER BY version DESC LIMIT 1"
+            ).format(sql.Identifier(schema, view)),
+            (task_id,),
+        ).fetchone()
+        assert row == ("delivered",), view
+    conn.commit()
