@@ -168,6 +168,23 @@ def create_table(
         )
 
 
+def upsert(table: sql.Identifier, columns: Sequence[str]) -> sql.Composed:
+    """INSERT of a row of `columns` that, when a row with its key (the first column, `id`)
+    exists, replaces that row's other columns."""
+    return sql.SQL(
+        "INSERT INTO {table} ({columns}) VALUES ({values})"
+        " ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    ).format(
+        table=table,
+        columns=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        values=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+        key=sql.Identifier(columns[0]),
+        updates=sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns[1:]
+        ),
+    )
+
+
 def rows_of_changed_tasks(
     cur: Cursor[Any],
     table: sql.Identifier,

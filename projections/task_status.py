@@ -146,17 +146,7 @@ class TaskStatusProjection(Projection):
         for change in changes:
             rows[change.task_id] = fold(rows.get(change.task_id), change)
         touched = {c.task_id for c in changes}
-        upsert = sql.SQL(
-            "INSERT INTO {table} ({columns}) VALUES ({values})"
-            " ON CONFLICT (id) DO UPDATE SET {updates}"
-        ).format(
-            table=table,
-            columns=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-            values=sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
-            updates=sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in COLUMNS[1:]
-            ),
-        )
+        upsert = base.upsert(table, COLUMNS)
         cur.executemany(upsert, [tuple(rows[t][c] for c in COLUMNS) for t in touched if t in rows])
 
 

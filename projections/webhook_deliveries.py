@@ -49,7 +49,7 @@ COLUMN_TYPES = {
     "last_error": "text",
     "updated_at": "timestamptz NOT NULL",
 }
-COLUMNS = tuple(c for c in COLUMN_TYPES)
+COLUMNS = tuple(COLUMN_TYPES)
 DELIVERY_COLUMNS = (
     "id",
     "task_id",
@@ -198,17 +198,7 @@ class WebhookDeliveriesProjection(Projection):
                 updated_at=change.at,
             )
             deliveries[key] = row
-        upsert = sql.SQL(
-            "INSERT INTO {table} ({columns}) VALUES ({values})"
-            " ON CONFLICT (id) DO UPDATE SET {updates}"
-        ).format(
-            table=table,
-            columns=sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-            values=sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
-            updates=sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in COLUMNS[1:]
-            ),
-        )
+        upsert = base.upsert(table, COLUMNS)
         rows = [*changed.values(), *deliveries.values()]
         if rows:
             cur.executemany(
