@@ -183,3 +183,10 @@ def test_counts_below_one_are_refused_naming_the_option(
         main(args)
     assert exit_.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_the_parser_names_every_view_and_only_them() -> None:
+    from projections import all_projections
+    from taskledger.cli import PROJECTIONS
+
+    assert tuple(sorted(all_projections())) == PROJECTIONS
