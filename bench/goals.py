@@ -69,6 +69,7 @@ METRICS = [
     Metric("rtt.p50", "p50, ms", Goal("ratio_max", 0.5)),
     Metric("rtt.p90", "p90, ms"),
     Metric("rtt.p99", "p99, ms"),
+    Metric("python.bare_p50", "bare `python3 -I -S -c pass` p50, ms (baseline)", shared=True),
     Metric("python.rate", "throughput, tasks/s"),
     Metric("python.cpu_ms", "CPU per task, ms (all cores, see below)"),
     Metric("python.run_p50", "program run p50, ms (executor's measure)"),
