@@ -33,7 +33,7 @@ from bench.cpu import measured
 from bench.goals import CELERY, TASKLEDGER, Record, table
 from bench.report import Run, eprint, parser
 from bench.report import percentile as p
-from bench.services import dbname, reachable, temporary_database
+from bench.services import dbname, require_broker, temporary_database
 from bench.systems import NOOP_CODE, Batch, Expiry, System
 
 NAME = "compare"
@@ -274,9 +274,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    problem = reachable(args.broker_url, 5672)
-    if problem is not None:
-        raise SystemExit(f"{NAME}: RabbitMQ is not reachable ({problem}); start it first")
+    require_broker(NAME, args.broker_url)
     if importlib.util.find_spec("celery") is None:
         raise SystemExit(f"{NAME}: Celery is not installed: pip install -e '.[bench]'")
     from bench.systems.celery import CelerySystem
