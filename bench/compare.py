@@ -34,7 +34,7 @@ from bench.cpu import measured
 from bench.goals import CELERY, LAG, TASKLEDGER, Record, table
 from bench.report import Run, eprint, parser
 from bench.report import percentile as p
-from bench.services import dbname, reachable, temporary_database
+from bench.services import dbname, require_broker, temporary_database
 from bench.systems import NOOP_CODE, Batch, Expiry, System
 from workers.sandbox.users import CLEAN_PATH
 
@@ -294,9 +294,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    problem = reachable(args.broker_url, 5672)
-    if problem is not None:
-        raise SystemExit(f"{NAME}: RabbitMQ is not reachable ({problem}); start it first")
+    require_broker(NAME, args.broker_url)
     if importlib.util.find_spec("celery") is None:
         raise SystemExit(f"{NAME}: Celery is not installed: pip install -e '.[bench]'")
     from bench.systems.celery import CelerySystem

@@ -53,6 +53,13 @@ def _connect(url: str) -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(url, autocommit=True, connect_timeout=5)
 
 
+def require_broker(benchmark: str, url: str) -> None:
+    """Exit with a message when the RabbitMQ of `url` cannot be reached."""
+    problem = reachable(url, 5672)
+    if problem is not None:
+        raise SystemExit(f"{benchmark}: RabbitMQ is not reachable ({problem}); start it first")
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into SystemExit so `finally` blocks (dropping the database) run."""

@@ -44,6 +44,11 @@ def _lags(stats: dict[str, Any]) -> list[int]:
     return [int(p["lag_events"]) for p in stats["projections"].values()]
 
 
+def python_task(code: str) -> dict[str, Any]:
+    """The body of a python task running `code` (the python scenario's, the soak's)."""
+    return {"language": "python", "code": code, "ttl_seconds": 600}
+
+
 def _loop(ttl_seconds: float) -> dict[str, Any]:
     return {"language": "python", "code": LOOP_CODE, "ttl_seconds": ttl_seconds, "max_attempts": 1}
 
@@ -183,6 +188,14 @@ class Taskledger:
         """Wait until both projections have applied the whole log."""
         self._run(self._until(lambda s: not any(_lags(s)), 60))
 
+    def settled_counts(self) -> dict[str, int]:
+        """Once no task is Pending or InProgress and the views have applied the whole
+        log: the number of tasks in each status."""
+        self._idle()
+        self._caught_up()
+        stats = self._run(self._until(lambda s: True, 10))
+        return {str(k): int(v) for k, v in stats["counts"].items()}
+
     async def _submit_all(self, bodies: Sequence[Any]) -> tuple[list[str], float, float, int]:
         """POST every body over `connections` keep-alive connections at once; (ids, wall
         time of the first send, seconds until the last answer, refusals)."""
@@ -214,34 +227,37 @@ class Taskledger:
         self, bodies: Sequence[Any], worker: ManagedProcess | None = None
     ) -> list[RoundTrip]:
         """Submit each body and long-poll it until it ends, one at a time."""
-        trips = []
         conn = RawConnection(self.port)
         try:
-            for body in bodies:
-                sent, started = time.time(), time.perf_counter()
-                task = await self._call(conn, "POST", "/api/tasks", body)
-                while task["status"] not in TERMINAL:
-                    if worker is not None and not worker.alive():
-                        raise RuntimeError("taskledger worker exited\n" + worker.output_tail())
-                    wait = min(60, body.get("ttl_seconds", 20) + 10)
-                    task = await self._call(conn, "GET", f"/api/tasks/{task['id']}?wait={wait:g}")
-                rtt = time.perf_counter() - started
-                created = _time(task.get("created_at"))
-                begun, ended = _time(task.get("started_at")), _time(task.get("finished_at"))
-                trip = RoundTrip(ms(rtt), task["status"] == "Completed", task_id=task["id"])
-                trip.run_ms = (task.get("result") or {}).get("duration_ms")
-                if created is not None and begun is not None and ended is not None:
-                    trip.worker_ms = ms((ended - begun).total_seconds())
-                    trip.legs_ms = {
-                        "sent..TaskSubmitted": ms(created.timestamp() - sent),
-                        "TaskSubmitted..AttemptStarted": ms((begun - created).total_seconds()),
-                        "AttemptStarted..AttemptCompleted": trip.worker_ms,
-                        "AttemptCompleted..received": ms(sent + rtt - ended.timestamp()),
-                    }
-                trips.append(trip)
+            return [await self.round_trip(conn, body, worker) for body in bodies]
         finally:
             conn.drop()
-        return trips
+
+    async def round_trip(
+        self, conn: RawConnection, body: Any, worker: ManagedProcess | None = None
+    ) -> RoundTrip:
+        """Submit `body` on `conn` and long-poll the task (``?wait=``) until it ends."""
+        sent, started = time.time(), time.perf_counter()
+        task = await self._call(conn, "POST", "/api/tasks", body)
+        while task["status"] not in TERMINAL:
+            if worker is not None and not worker.alive():
+                raise RuntimeError("taskledger worker exited\n" + worker.output_tail())
+            wait = min(60, body.get("ttl_seconds", 20) + 10)
+            task = await self._call(conn, "GET", f"/api/tasks/{task['id']}?wait={wait:g}")
+        rtt = time.perf_counter() - started
+        created = _time(task.get("created_at"))
+        begun, ended = _time(task.get("started_at")), _time(task.get("finished_at"))
+        trip = RoundTrip(ms(rtt), task["status"] == "Completed", task_id=task["id"])
+        trip.run_ms = (task.get("result") or {}).get("duration_ms")
+        if created is not None and begun is not None and ended is not None:
+            trip.worker_ms = ms((ended - begun).total_seconds())
+            trip.legs_ms = {
+                "sent..TaskSubmitted": ms(created.timestamp() - sent),
+                "TaskSubmitted..AttemptStarted": ms((begun - created).total_seconds()),
+                "AttemptStarted..AttemptCompleted": trip.worker_ms,
+                "AttemptCompleted..received": ms(sent + rtt - ended.timestamp()),
+            }
+        return trip
 
     # -- the views, after the projections caught up ---------------------------------------
 
@@ -317,8 +333,7 @@ class Taskledger:
                 batch.notes.append(f"lag monitor: {lost} heads never reached by {name}")
 
     def python_batch(self, tasks: int, code: str) -> Batch:
-        body = {"language": "python", "code": code, "ttl_seconds": 600}
-        return self._batch([body] * tasks, timeout=60 + tasks / 5, per_task=True)
+        return self._batch([python_task(code)] * tasks, timeout=60 + tasks / 5, per_task=True)
 
     def round_trips(self, count: int) -> list[RoundTrip]:
         self._idle()
