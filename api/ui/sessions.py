@@ -92,16 +92,30 @@ def start_session(request: Request, response: Response, principal: Principal) ->
         "csrf": secrets.token_urlsafe(32),
         "signed_in_at": int(time.time()),
     }
-    response.set_cookie(
+    _set_cookie(
+        request,
+        response,
         COOKIE,
         _signer(context(request), "session").dumps(fields),
-        max_age=SESSION_SECONDS,
-        path=COOKIE_PATH,
+        SESSION_SECONDS,
+        COOKIE_PATH,
+    )
+    response.delete_cookie(LOGIN_COOKIE, path=LOGIN_COOKIE_PATH)
+
+
+def _set_cookie(
+    request: Request, response: Response, name: str, value: str, max_age: int, path: str
+) -> None:
+    """Every cookie of the UI: HttpOnly, SameSite=Strict, Secure when served over HTTPS."""
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path=path,
         secure=request.url.scheme == "https",
         httponly=True,
         samesite="strict",
     )
-    response.delete_cookie(LOGIN_COOKIE, path=LOGIN_COOKIE_PATH)
 
 
 def end_session(request: Request, response: Response) -> None:
@@ -175,14 +189,13 @@ def login_page_with_token(request: Request, render: Callable[[str], Response]) -
     """The sign-in page `render(token)` makes, and the token's signed cookie on it."""
     token = secrets.token_urlsafe(32)
     response = render(token)
-    response.set_cookie(
+    _set_cookie(
+        request,
+        response,
         LOGIN_COOKIE,
         _signer(context(request), "login").dumps(token),
-        max_age=LOGIN_TOKEN_SECONDS,
-        path=LOGIN_COOKIE_PATH,
-        secure=request.url.scheme == "https",
-        httponly=True,
-        samesite="strict",
+        LOGIN_TOKEN_SECONDS,
+        LOGIN_COOKIE_PATH,
     )
     return response
 
