@@ -79,7 +79,7 @@ async def task_page(request: Request) -> Response:
         as_of=as_of or None,
         history=history,
         entries=entries,
-        timeline=build_timeline(entries, max(now, entries[-1].at)),
+        timeline=build_timeline(entries, shown.attempts, max(now, entries[-1].at)),
         code=highlighted(shown.code, shown.language),
         data=orjson.dumps(shown.data, option=orjson.OPT_INDENT_2).decode(),
         csrf=session.csrf,

@@ -4,11 +4,12 @@ policy, the worker, the reaper). Pure: the page draws it as SVG and as a list.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from ledger.state import HistoryEntry
+from ledger.state import AttemptState, HistoryEntry
 
 # The drawing's coordinates (its viewBox; the page scales it to its width).
 WIDTH = 900.0
@@ -89,69 +90,36 @@ def _actor(by: str) -> str:
     return f"key {by}"
 
 
-def _attempt_steps(rows: dict[int, AttemptRow], entry: HistoryEntry) -> AttemptRow | None:
+def _attempt_step(row: AttemptRow, entry: HistoryEntry) -> None:
+    """The step an attempt's event is, in words, added to its row."""
     data: dict[str, Any] = entry.data
     kind = entry.type
-    number = data.get("attempt")
     if kind == "AttemptScheduled":
-        row = AttemptRow(
-            number=int(data["attempt"]),
-            reason=str(data["reason"]),
-            scheduled_at=entry.at,
-            not_before=data["not_before"],
-            deadline=data["deadline"],
+        wait = (data["not_before"] - entry.at).total_seconds()
+        text = f"scheduled ({data['reason']}) by {_actor(str(data['by']))}" + (
+            f", to start after a backoff of {wait:.1f} s" if wait > 0 else ""
         )
-        rows[row.number] = row
-        wait = (row.not_before - entry.at).total_seconds()
-        row.steps.append(
-            Step(
-                entry.at,
-                f"scheduled ({row.reason}) by {_actor(str(data['by']))}"
-                + (f", to start after a backoff of {wait:.1f} s" if wait > 0 else ""),
-            )
-        )
-        return row
-    found = rows.get(number) if isinstance(number, int) else None
-    if found is None:
-        return None
-    row = found
-    if kind == "AttemptStarted":
-        row.started_at = entry.at
-        row.worker_id = str(data["worker_id"])
-        row.steps.append(Step(entry.at, f"started by worker {row.worker_id}"))
+    elif kind == "AttemptStarted":
+        text = f"started by worker {data['worker_id']}"
     elif kind == "AttemptCompleted":
-        row.finished_at, row.outcome = entry.at, "completed"
         result = data.get("result") or {}
-        row.steps.append(
-            Step(
-                entry.at,
-                f"completed on worker {row.worker_id} (exit code {result.get('exit_code', 0)}, "
-                f"{float(result.get('duration_ms', 0.0)):.0f} ms)",
-            )
+        text = (
+            f"completed on worker {row.worker_id} (exit code {result.get('exit_code', 0)}, "
+            f"{float(result.get('duration_ms', 0.0)):.0f} ms)"
         )
     elif kind == "AttemptFailed":
-        row.finished_at, row.outcome = entry.at, "failed"
         error = data.get("error") or {}
         where = f" on worker {row.worker_id}" if row.worker_id else ""
         again = "; the retry policy may try again" if data.get("retryable") else ""
-        row.steps.append(
-            Step(
-                entry.at,
-                f"failed{where}: {error.get('kind', '?')}: {error.get('message', '')}{again}",
-            )
-        )
+        text = f"failed{where}: {error.get('kind', '?')}: {error.get('message', '')}{again}"
     elif kind == "TaskExpired":
-        row.finished_at, row.outcome = entry.at, "expired"
-        row.steps.append(
-            Step(
-                entry.at, f"expired at its deadline, detected by the reaper ({data['detected_by']})"
-            )
-        )
+        text = f"expired at its deadline, detected by the reaper ({data['detected_by']})"
     elif kind == "TaskCancelled":
-        row.finished_at, row.outcome = entry.at, "cancelled"
         reason = f": {data['reason']}" if data.get("reason") else ""
-        row.steps.append(Step(entry.at, f"cancelled by {_actor(str(data['by']))}{reason}"))
-    return row
+        text = f"cancelled by {_actor(str(data['by']))}{reason}"
+    else:
+        return
+    row.steps.append(Step(entry.at, text))
 
 
 def _delivery_text(data: dict[str, Any]) -> str:
@@ -168,10 +136,28 @@ def _delivery_text(data: dict[str, Any]) -> str:
     return f"{what} failed: {why}; tried again later"
 
 
-def build(entries: list[HistoryEntry], now: datetime) -> Timeline:
-    """The timeline of a task whose events are `entries` (in order), as seen at `now`:
-    what has not ended by then is drawn up to then."""
-    rows: dict[int, AttemptRow] = {}
+def build(
+    entries: Sequence[HistoryEntry], attempts: Sequence[AttemptState], now: datetime
+) -> Timeline:
+    """The timeline of a task whose events are `entries` (in order) and whose attempts
+    are then `attempts` (the ledger's state at the last of them: their times, deadlines
+    and outcomes, so a deadline a TTL change moved is drawn where it is), as seen at
+    `now`: what has not ended by then is drawn up to then. The events say who did each
+    step."""
+    rows = {
+        a.number: AttemptRow(
+            number=a.number,
+            reason=a.reason,
+            scheduled_at=a.scheduled_at,
+            not_before=a.not_before,
+            deadline=a.deadline,
+            started_at=a.started_at,
+            worker_id=a.worker_id,
+            finished_at=a.finished_at,
+            outcome=a.outcome,
+        )
+        for a in attempts
+    }
     before: list[Step] = []
     current: AttemptRow | None = None
     for entry in entries:
@@ -187,7 +173,11 @@ def build(entries: list[HistoryEntry], now: datetime) -> Timeline:
             step = Step(entry.at, _delivery_text(entry.data))
             (current.steps if current is not None else before).append(step)
             continue
-        current = _attempt_steps(rows, entry) or current
+        number = entry.data.get("attempt")
+        row = rows.get(number) if isinstance(number, int) else None
+        if row is not None:
+            _attempt_step(row, entry)
+            current = row
     ordered = sorted(rows.values(), key=lambda r: r.number)
     if ordered:
         ordered[0].steps[:0] = before

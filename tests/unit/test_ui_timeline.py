@@ -1,4 +1,5 @@
-"""The task timeline of the dashboard (api/ui/timeline.py), from events made up here."""
+"""The task timeline of the dashboard (api/ui/timeline.py), from events and attempt states
+made up here."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from api.ui.timeline import LABEL_WIDTH, WIDTH, build
-from ledger.state import HistoryEntry
+from ledger.state import AttemptState, HistoryEntry
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -35,6 +36,36 @@ def scheduled(
     )
 
 
+def attempt(
+    number: int,
+    scheduled: float,
+    *,
+    reason: str = "submitted",
+    wait: float = 0.0,
+    deadline: float | None = None,
+    started: float | None = None,
+    worker: str | None = None,
+    finished: float | None = None,
+    outcome: str | None = None,
+) -> AttemptState:
+    """An attempt as the ledger's state has it (TaskState.attempts)."""
+    return AttemptState(
+        number=number,
+        reason=reason,
+        scheduled_at=at(scheduled),
+        not_before=at(scheduled + wait),
+        deadline=at(scheduled + 30 if deadline is None else deadline),
+        started_at=None if started is None else at(started),
+        worker_id=worker,
+        finished_at=None if finished is None else at(finished),
+        outcome=outcome,
+        result=None,
+        error=None,
+        retryable=None,
+        detected_by=None,
+    )
+
+
 SUBMITTED = entry(1, "TaskSubmitted", 0, submitted_by="cfg-1234", description="d")
 
 
@@ -55,7 +86,20 @@ def test_a_failed_attempt_then_an_automatic_retry_after_a_backoff() -> None:
         entry(6, "AttemptStarted", 6, attempt=2, worker_id="w-2"),
         entry(7, "AttemptCompleted", 8, attempt=2, result={"exit_code": 0, "duration_ms": 5.0}),
     ]
-    timeline = build(events, at(100))  # terminal: drawn to its last event, not to now
+    attempts = [
+        attempt(1, 0, started=1, worker="w-1", finished=3, outcome="failed"),
+        attempt(
+            2,
+            3,
+            reason="auto-retry",
+            wait=2,
+            started=6,
+            worker="w-2",
+            finished=8,
+            outcome="completed",
+        ),
+    ]
+    timeline = build(events, attempts, at(100))  # terminal: drawn to its last event
     assert timeline.end == at(8)
     first, second = timeline.rows
     assert [(s.kind, s.start, s.end) for s in first.segments] == [
@@ -89,19 +133,39 @@ def test_an_open_attempt_runs_to_now_and_expiry_and_cancel_name_who() -> None:
         scheduled(2, 0, 1, "submitted", "cfg-1234"),
         entry(3, "AttemptStarted", 1, attempt=1, worker_id="w-1"),
     ]
-    timeline = build(events, at(10))
+    running = attempt(1, 0, started=1, worker="w-1")
+    timeline = build(events, [running], at(10))
     (row,) = timeline.rows
     assert timeline.end == at(10)
     assert row.segments[-1].kind == "running"
     assert row.segments[-1].ongoing
     assert row.deadline_x is None  # 30 s deadline, drawing ends at 10 s
     expired = build(
-        [*events, entry(4, "TaskExpired", 30, attempt=1, detected_by="reaper:r1")], at(40)
+        [*events, entry(4, "TaskExpired", 30, attempt=1, detected_by="reaper:r1")],
+        [attempt(1, 0, started=1, worker="w-1", finished=30, outcome="expired")],
+        at(40),
     )
     assert "detected by the reaper (reaper:r1)" in expired.rows[0].steps[-1].text
     assert expired.rows[0].deadline_x is not None
     cancelled = build(
-        [*events, entry(4, "TaskCancelled", 5, attempt=1, by="cfg-9", reason="stop")], at(40)
+        [*events, entry(4, "TaskCancelled", 5, attempt=1, by="cfg-9", reason="stop")],
+        [attempt(1, 0, started=1, worker="w-1", finished=5, outcome="cancelled")],
+        at(40),
     )
     assert cancelled.rows[0].steps[-1].text == "cancelled by key cfg-9: stop"
     assert cancelled.summary.startswith("Timeline of 1 attempt,")
+
+
+def test_the_deadline_drawn_is_the_attempts_deadline_now_not_the_scheduled_one() -> None:
+    """A TTL change while Pending moves the attempt's deadline (TaskUpdated): the timeline
+    draws the attempt as the ledger's state has it, not as AttemptScheduled first set it."""
+    events = [
+        SUBMITTED,
+        scheduled(2, 0, 1, "submitted", "cfg-1234"),  # deadline at 30 s
+        entry(3, "TaskUpdated", 2, changes={"ttl_seconds": 5.0}, by="cfg-1234"),
+    ]
+    timeline = build(events, [attempt(1, 0, deadline=5)], at(10))
+    (row,) = timeline.rows
+    assert row.deadline == at(5)
+    assert row.deadline_x is not None  # within the drawing, which ends at 10 s
+    assert row.steps[-1].text == "ttl_seconds changed by key cfg-1234"
