@@ -146,8 +146,10 @@ def test_retry_a_failed_task_and_update_a_pending_one(client: Client) -> None:
     assert client.wait(failed.id, timeout=60).status == "Failed"
     again = client.retry(failed.id, ttl_seconds=20)
     assert (again.status, again.attempt, again.ttl_seconds) == ("Pending", 2, 20)
-    # A task far in the future's queue: patched while Pending, by version.
-    task = client.submit(None, language="echo", description="before")
+    # Patched by version. A finished task, whose version nothing else moves: a Pending
+    # one is started by the worker at any moment, and its If-Match would race that.
+    task = client.wait(client.submit(None, language="echo", description="before").id, timeout=60)
+    assert task.status == "Completed"
     patched = client.update(task.id, {"description": "after"}, if_match=task.version)
     assert patched.description == "after"
     assert patched.version == task.version + 1
@@ -254,12 +256,15 @@ async def test_the_async_client_makes_every_call(server: Server, tmp_path: Path)
         failed = await tl.submit("raise SystemExit(2)", language="python", max_attempts=1)
         assert (await tl.wait(failed.id, timeout=60)).status == "Failed"
         assert (await tl.retry(failed.id)).status == "Pending"
-        assert (await tl.cancel(failed.id)).status == "Cancelled"
-        pending = await tl.submit("import time; time.sleep(30)", language="python")
-        patched = await tl.update(pending.id, {"description": "x"}, if_match=pending.version)
+        cancelled = await tl.cancel(failed.id)
+        assert cancelled.status == "Cancelled"
+        # Patched by version, on a finished task: nothing else moves its version (a
+        # Pending one's If-Match would race the worker starting it).
+        patched = await tl.update(failed.id, {"description": "x"}, if_match=cancelled.version)
         assert patched.description == "x"
         with pytest.raises(PreconditionFailed):
-            await tl.update(pending.id, {"description": "y"}, if_match=pending.version)
+            await tl.update(failed.id, {"description": "y"}, if_match=cancelled.version)
+        pending = await tl.submit("import time; time.sleep(30)", language="python")
         await tl.cancel(pending.id)
         with pytest.raises(Conflict):
             await tl.cancel(pending.id)
