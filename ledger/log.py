@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
-from psycopg import AsyncConnection, Connection, sql
+from psycopg import AsyncConnection, Connection, Cursor, sql
 
 from ledger.jsonvalue import without_nul
 from ledger.persistence import EventMapper, OrjsonTranscoder
@@ -93,6 +93,23 @@ def read_changes(
             )
         )
     return changes
+
+
+def submissions(cur: Cursor[Any], schema: str, task_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+    """The TaskSubmitted fields (a task's version 1) of each of `task_ids` that exists."""
+    cur.execute(
+        sql.SQL(
+            "SELECT originator_id, originator_version, topic, state FROM {}"
+            " WHERE originator_id = ANY(%s) AND originator_version = 1"
+        ).format(sql.Identifier(schema, EVENTS_TABLE)),
+        (task_ids,),
+    )
+    return {
+        task_id: event_payload(
+            _MAPPER.to_domain_event(StoredEvent(task_id, version, topic, bytes(state)))
+        )
+        for task_id, version, topic, state in cur.fetchall()
+    }
 
 
 def without_nul_deep(value: Any) -> Any:

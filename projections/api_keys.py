@@ -34,7 +34,9 @@ class ApiKeysProjection(Projection):
     def create_table(self, cur: Cursor[Any], table: sql.Identifier) -> None:
         base.create_table(cur, table, COLUMN_TYPES, (("tenant_issued", "tenant, issued_at", ""),))
 
-    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
+    def apply(
+        self, cur: Cursor[Any], schema: str, table: sql.Identifier, changes: Sequence[Change]
+    ) -> None:
         for change in changes:
             data = change.data
             if change.type == "KeyIssued":

@@ -67,7 +67,9 @@ class AuditProjection(Projection):
                 )
             )
 
-    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
+    def apply(
+        self, cur: Cursor[Any], schema: str, table: sql.Identifier, changes: Sequence[Change]
+    ) -> None:
         tenants, workers = self._known(cur, table, changes)
         rows = []
         for change in changes:

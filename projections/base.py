@@ -39,8 +39,11 @@ class Projection(ABC):
         """Create an empty generation table (and its indexes)."""
 
     @abstractmethod
-    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
-        """Apply changes (in position order) to the generation table."""
+    def apply(
+        self, cur: Cursor[Any], schema: str, table: sql.Identifier, changes: Sequence[Change]
+    ) -> None:
+        """Apply changes (in position order) to the generation table; `schema` is where
+        the log is, for a view that must read an earlier event again."""
 
 
 def ensure_installed(conn: Connection[Any], schema: str, projection: Projection) -> None:

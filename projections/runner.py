@@ -86,7 +86,7 @@ def apply_batch(
         wanted = [c for c in changes if c.stream in projection.streams]
         if wanted:
             with conn.cursor() as cur:
-                projection.apply(cur, sql.Identifier(schema, gen.table), wanted)
+                projection.apply(cur, schema, sql.Identifier(schema, gen.table), wanted)
         new_position = changes[-1].position
         tracking.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
         tracking.notify_progress(conn, schema, projection.name, new_position)

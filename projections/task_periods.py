@@ -44,7 +44,9 @@ class TaskPeriodsProjection(Projection):
         )
         base.create_table(cur, table, COLUMN_TYPES, indexes, "PRIMARY KEY (id, version)")
 
-    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
+    def apply(
+        self, cur: Cursor[Any], schema: str, table: sql.Identifier, changes: Sequence[Change]
+    ) -> None:
         current = base.rows_of_changed_tasks(
             cur, table, COLUMNS, changes, sql.SQL("ORDER BY t.version DESC LIMIT 1")
         )

@@ -141,7 +141,9 @@ class TaskStatusProjection(Projection):
         )
         base.create_table(cur, table, COLUMN_TYPES, indexes)
 
-    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
+    def apply(
+        self, cur: Cursor[Any], schema: str, table: sql.Identifier, changes: Sequence[Change]
+    ) -> None:
         rows = base.rows_of_changed_tasks(cur, table, COLUMNS, changes, sql.SQL("OFFSET 0"))
         for change in changes:
             rows[change.task_id] = fold(rows.get(change.task_id), change)

@@ -9,10 +9,14 @@ default callback in force at that event). Its id is uuid5(task id, trigger versi
 `WebhookAttempted` moves it: pending (attempts, next_at, last status and error),
 delivered, or gave-up. The deliverer (api/delivery.py) reads the due rows.
 
-To decide that, the view also keeps, in the same table, one `task` row per task (its
-tenant and subscription) and one `tenant` row per tenant with settings (its default), so
-that it is a function of its own rows and the log, rebuildable like every view. Readers
-of deliveries select `kind = 'delivery'`.
+To decide that, the view also keeps, in the same table, a `task` row per task that has a
+subscription of its own (its tenant, URL and events) and a `tenant` row per tenant with
+settings (its default). A task with neither a subscription nor a tenant default costs one
+index probe per batch, no row: most tasks have no webhook, and a row for each, read back
+on every later event, cost the api 1 ms of CPU per task. When some tenant has a default,
+the tenant of a task without a row is read from its TaskSubmitted in the log. So the view
+is a function of its own rows and the log, rebuildable like every view. Readers of
+deliveries select `kind = 'delivery'`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import orjson
 from psycopg import Connection, Cursor, sql
 from psycopg.types.json import Jsonb
 
+from ledger import log as event_log
 from ledger.log import Change
 from ledger.targets import TERMINAL_EVENTS
 from ledger.webhooks import delivery_id
@@ -65,6 +70,8 @@ DELIVERY_COLUMNS = (
     "last_error",
     "updated_at",
 )
+# Task events no subscription sends: they only move a task's own row or a delivery.
+_NEVER_SENT = frozenset({"TaskSubmitted", "TaskUpdated", "WebhookAttempted"})
 _OUTCOME_STATE = {"delivered": "delivered", "failed": "pending", "gave-up": "gave-up"}
 
 
@@ -93,17 +100,50 @@ class WebhookDeliveriesProjection(Projection):
         )
         base.create_table(cur, table, COLUMN_TYPES, indexes)
 
-    def apply(self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]) -> None:
-        tasks = self._rows(cur, table, "task", {c.task_id for c in changes if c.stream == "Task"})
-        tenant_names = {row["tenant"] for row in tasks.values()} | {
-            c.data["tenant"] for c in changes if c.type == "TaskSubmitted"
+    def apply(
+        self, cur: Cursor[Any], schema: str, table: sql.Identifier, changes: Sequence[Change]
+    ) -> None:
+        submitted = {c.task_id: c.data for c in changes if c.type == "TaskSubmitted"}
+        in_batch = {c.task_id for c in changes if c.stream == "Task"}
+        tasks = self._rows(cur, table, "task", in_batch - submitted.keys())
+        # A task without a row of its own can only owe webhooks to its tenant's default.
+        # Most tasks have neither: then no event of theirs costs more than the probe.
+        defaults_exist = any(
+            c.type == "WebhookDefaultSet" and c.data["callback_url"] is not None for c in changes
+        ) or (
+            cur.execute(
+                sql.SQL(
+                    "SELECT 1 FROM {} WHERE kind = 'tenant' AND url IS NOT NULL LIMIT 1"
+                ).format(table)
+            ).fetchone()
+            is not None
+        )
+        subscribing = {
+            c.task_id
+            for c in changes
+            if c.type == "TaskUpdated"
+            and {"callback_url", "callback_events"} & c.data["changes"].keys()
         }
+        unknown = (
+            {
+                c.task_id
+                for c in changes
+                if c.task_id in subscribing
+                or (defaults_exist and c.stream == "Task" and c.type not in _NEVER_SENT)
+            }
+            - tasks.keys()
+            - submitted.keys()
+        )
+        if unknown:
+            submitted |= event_log.submissions(cur, schema, list(unknown))
+        tenant_of = {task_id: data["tenant"] for task_id, data in submitted.items()}
+        tenant_of |= {task_id: row["tenant"] for task_id, row in tasks.items()}
         settings_ids = {c.task_id for c in changes if c.stream == "TenantSettings"}
         cur.execute(
             sql.SQL(
                 "SELECT {} FROM {} WHERE kind = 'tenant' AND (tenant = ANY(%s) OR id = ANY(%s))"
             ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table),
-            (list(tenant_names), list(settings_ids)),
+            (list(set(tenant_of.values())), list(settings_ids)),
         )
         tenants = {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
         default_of = {row["tenant"]: row for row in tenants.values()}
@@ -134,25 +174,19 @@ class WebhookDeliveriesProjection(Projection):
                 continue
             task = tasks.get(change.task_id)
             if change.type == "TaskSubmitted":
-                task = dict.fromkeys(COLUMNS)
-                task.update(
-                    id=change.task_id,
-                    kind="task",
-                    tenant=data["tenant"],
-                    task_id=change.task_id,
-                    url=data.get("callback_url"),
-                    callback_events=data.get("callback_events"),
-                    attempts=0,
-                    updated_at=change.at,
-                )
-                tasks[change.task_id] = task
-                changed[change.task_id] = task
+                url, events = data.get("callback_url"), data.get("callback_events")
+                if url is not None or events is not None:
+                    tasks[change.task_id] = changed[change.task_id] = self._task_row(
+                        change, data["tenant"], url, events
+                    )
                 continue
-            if task is None:
-                raise LookupError(f"{change.type} at position {change.position} for unknown task")
             if change.type == "TaskUpdated":
                 updates = data["changes"]
                 if "callback_url" in updates or "callback_events" in updates:
+                    if task is None:
+                        task = tasks[change.task_id] = self._task_row(
+                            change, self._tenant(tenant_of, change), None, None
+                        )
                     task["url"] = updates.get("callback_url", task["url"])
                     task["callback_events"] = updates.get(
                         "callback_events", task["callback_events"]
@@ -172,6 +206,10 @@ class WebhookDeliveriesProjection(Projection):
                     updated_at=change.at,
                 )
                 continue
+            if task is None:
+                if not defaults_exist:
+                    continue
+                task = self._task_row(change, self._tenant(tenant_of, change), None, None)
             default = default_of.get(task["tenant"])
             url = task["url"] or (default["url"] if default is not None else None)
             if url is None:
@@ -218,6 +256,32 @@ class WebhookDeliveriesProjection(Projection):
                 ).format(table),
                 list(moved.values()),
             )
+
+    @staticmethod
+    def _task_row(
+        change: Change, tenant: str, url: str | None, events: list[str] | None
+    ) -> dict[str, Any]:
+        row = dict.fromkeys(COLUMNS)
+        row.update(
+            id=change.task_id,
+            kind="task",
+            tenant=tenant,
+            task_id=change.task_id,
+            url=url,
+            callback_events=events,
+            attempts=0,
+            updated_at=change.at,
+        )
+        return row
+
+    @staticmethod
+    def _tenant(tenant_of: dict[UUID, str], change: Change) -> str:
+        try:
+            return tenant_of[change.task_id]
+        except KeyError:
+            raise LookupError(
+                f"{change.type} at position {change.position} for unknown task"
+            ) from None
 
     def _rows(
         self, cur: Cursor[Any], table: sql.Identifier, kind: str, ids: set[UUID]
