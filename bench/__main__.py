@@ -18,6 +18,7 @@ BENCHMARKS = {
     "projections": ("bench.projections", "rebuild and live lag against eventsourcing's runner"),
     "faults": ("bench.faults.suite", "did every accepted task end exactly once, through faults?"),
     "bulk": ("bench.bulk", "POST /api/tasks/bulk against one cancel request per task"),
+    "profile": ("bench.profile", "py-spy of the api and worker under the no-op load, by area"),
     "soak": ("bench.soak", "RSS, connections and p99 minute by minute at 70% load: growth?"),
 }
 
