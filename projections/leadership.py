@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from typing import Any
 
 from psycopg import AsyncConnection, Connection
@@ -24,22 +23,16 @@ def lock_key(role: str, schema: str, name: str | None = None) -> str:
     return f"taskledger.{role}.{schema}" + (f".{name}" if name else "")
 
 
-def wait_to_lead(
-    session: Connection[Any], key: str, stop: threading.Event, interval: float
-) -> bool:
-    """Hold the lock `key` on `session` (autocommit) once it is free; False if stopped."""
-    while not stop.is_set():
-        row = session.execute(TRY_LOCK, (key,)).fetchone()
-        if row and row[0]:
-            return True
-        stop.wait(interval)
-    return False
+def try_lead(session: Connection[Any], key: str) -> bool:
+    """Take the lock `key` on `session` (autocommit) if it is free."""
+    row = session.execute(TRY_LOCK, (key,)).fetchone()
+    return bool(row and row[0])
 
 
 async def wait_to_lead_async(
     session: AsyncConnection[Any], key: str, stop: asyncio.Event, interval: float
 ) -> bool:
-    """`wait_to_lead` on an asyncio connection."""
+    """Hold the lock `key` on `session` (autocommit) once it is free; False if stopped."""
     while not stop.is_set():
         row = await (await session.execute(TRY_LOCK, (key,))).fetchone()
         if row and row[0]:

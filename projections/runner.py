@@ -11,9 +11,20 @@ events after its position, writes the view rows and the new position, and commit
 runner killed anywhere in between leaves the old position and no rows; the next batch
 (by it or by another process) starts from there.
 
+One reader for all the views: a runner follows a group of projections (the api runs
+all of them in one), reading and decoding each batch of events once and applying it to
+every projection it leads in one transaction, with one commit. Five runners each reading,
+decoding and committing the same events cost the api 44 % of its CPU under the no-op load
+(docs/performance.md, "Where the CPU goes"). A projection more than a batch behind the
+others (a new one, catching up) is applied on its own, in transactions of its own, so
+the rest do not wait for it. A batch that fails in the group is applied again one
+projection at a time for a while (`SOLO_SECONDS`), so that a view that cannot apply an
+event stalls only itself, and the log names it.
+
 Leader election: any number of processes may run a projection; the one holding the
 PostgreSQL advisory lock for it applies batches, the others retry the lock every
-`standby_interval` and take over when the leader's session ends.
+`standby_interval` and take over when the leader's session ends. A group runner holds the
+lock of each of its projections separately and keeps trying the ones it lacks.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -78,29 +89,73 @@ def apply_batch(
         else:
             position = tracking.lock_generation(conn, schema, projection.name, generation)
             gen = Generation(projection.name, generation, position)
-        changes = read_changes(conn, schema, gen.position, batch_size)
-        if not changes:
-            return gen, 0
-        if len(changes) == batch_size or sum(c.size for c in changes) >= event_log.BATCH_BYTES:
-            changes = extend_to_transaction_end(conn, schema, changes)
-        wanted = [c for c in changes if c.stream in projection.streams]
+        return _apply(conn, schema, [(projection, gen)], batch_size)[0]
+
+
+def apply_group(
+    conn: Connection[Any], schema: str, projections: Sequence[Projection], batch_size: int
+) -> tuple[list[tuple[Generation, int]], list[Projection]]:
+    """Apply the next batch to the current generation of each of `projections` in one
+    transaction, the events read and decoded once. Returns, for each projection it
+    applied, its generation (with its new position) and how many events it applied; and
+    the projections left out: those more than a batch behind the newest, which the caller
+    applies on their own (apply_batch)."""
+    with conn.transaction():
+        gens = [tracking.current_generation(conn, schema, p.name, lock=True) for p in projections]
+        newest = max(g.position for g in gens)
+        front = [
+            (p, g)
+            for p, g in zip(projections, gens, strict=True)
+            if newest - g.position <= batch_size
+        ]
+        behind = [
+            p for p, g in zip(projections, gens, strict=True) if newest - g.position > batch_size
+        ]
+        return _apply(conn, schema, front, batch_size), behind
+
+
+def _apply(
+    conn: Connection[Any],
+    schema: str,
+    targets: Sequence[tuple[Projection, Generation]],
+    batch_size: int,
+) -> list[tuple[Generation, int]]:
+    """Within the caller's transaction, which holds the targets' tracking rows: read the
+    batch after the oldest of their positions and give each target what is past its own."""
+    changes = read_changes(conn, schema, min(g.position for _, g in targets), batch_size)
+    if changes and (
+        len(changes) == batch_size or sum(c.size for c in changes) >= event_log.BATCH_BYTES
+    ):
+        changes = extend_to_transaction_end(conn, schema, changes)
+    results = []
+    for projection, gen in targets:
+        mine = [c for c in changes if c.position > gen.position]
+        if not mine:
+            results.append((gen, 0))
+            continue
+        wanted = [c for c in mine if c.stream in projection.streams]
         if wanted:
             with conn.cursor() as cur:
                 projection.apply(cur, schema, sql.Identifier(schema, gen.table), wanted)
-        new_position = changes[-1].position
-        tracking.advance(conn, schema, projection.name, gen.generation, gen.position, new_position)
-        tracking.notify_progress(conn, schema, projection.name, new_position)
-    return Generation(projection.name, gen.generation, new_position), len(changes)
+        end = mine[-1].position
+        tracking.advance(conn, schema, projection.name, gen.generation, gen.position, end)
+        tracking.notify_progress(conn, schema, projection.name, end)
+        results.append((Generation(projection.name, gen.generation, end), len(mine)))
+    return results
+
+
+# After a batch fails in the group, how long the runner applies each projection alone.
+SOLO_SECONDS = 60.0
 
 
 class ProjectionRunner:
-    """Keeps one projection up to date while this process is its leader."""
+    """Keeps one projection, or a group of them, up to date while this process leads them."""
 
     def __init__(
         self,
         database_url: str,
         schema: str,
-        projection: Projection,
+        projections: Projection | Sequence[Projection],
         *,
         batch_size: int = 2_000,
         poll_interval: float = 1.0,
@@ -109,13 +164,19 @@ class ProjectionRunner:
     ) -> None:
         self.database_url = database_url
         self.schema = schema
-        self.projection = projection
+        self.projections = (
+            (projections,) if isinstance(projections, Projection) else tuple(projections)
+        )
+        if not self.projections:
+            raise ValueError("a projection runner needs at least one projection")
+        self.name = "+".join(p.name for p in self.projections)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.standby_interval = standby_interval
         self.on_batch = on_batch
-        self.is_leader = threading.Event()
-        self.position = 0
+        self.is_leader = threading.Event()  # set while it leads every one of its projections
+        self.position = 0  # the lowest position of the projections it leads
+        self._positions: dict[str, int] = {}
         self._position_changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,12 +185,13 @@ class ProjectionRunner:
 
     def install(self) -> None:
         with psycopg.connect(self.database_url, autocommit=True) as conn:
-            base.ensure_installed(conn, self.schema, self.projection)
+            for projection in self.projections:
+                base.ensure_installed(conn, self.schema, projection)
 
     def start(self) -> None:
         self.install()
         self._thread = threading.Thread(
-            target=self.run, name=f"projection-{self.projection.name}", daemon=True
+            target=self.run, name=f"projection-{self.name}", daemon=True
         )
         self._thread.start()
 
@@ -139,7 +201,8 @@ class ProjectionRunner:
             self._thread.join(timeout)
 
     def wait_for(self, position: int, timeout: float) -> bool:
-        """Wait until this runner has applied `position` (only useful in the leader)."""
+        """Wait until this runner has applied `position` to every projection it leads
+        (only useful in the leader)."""
         deadline = time.monotonic() + timeout
         with self._position_changed:
             while self.position < position:
@@ -160,7 +223,7 @@ class ProjectionRunner:
                 self.is_leader.clear()
                 log.warning(
                     "projection lost its database connection; reconnecting",
-                    extra={"projection": self.projection.name, "error": str(error)},
+                    extra={"projection": self.name, "error": str(error)},
                 )
                 self._stop.wait(self.standby_interval)
             except Exception:
@@ -168,40 +231,97 @@ class ProjectionRunner:
                 log.exception(
                     "projection failed; retrying. If this repeats, the view may need "
                     "`taskledger projections rebuild`",
-                    extra={"projection": self.projection.name},
+                    extra={"projection": self.name},
                 )
                 self._stop.wait(5 * self.standby_interval)
 
     def _run_once(self) -> None:
-        name = self.projection.name
         with (
             psycopg.connect(self.database_url, autocommit=True) as session,
             psycopg.connect(self.database_url) as conn,
         ):
-            key = leadership.lock_key("projection", self.schema, name)
-            if not leadership.wait_to_lead(session, key, self._stop, self.standby_interval):
-                return
-            session.execute(event_log.listen())
-            self.is_leader.set()
-            log.info("projection leader: following the event log", extra={"projection": name})
             try:
                 self._follow(session, conn)
             finally:
                 self.is_leader.clear()
 
+    def _elect(self, session: Connection[Any], held: list[Projection]) -> None:
+        """Try the lock of each projection not led yet; `held` keeps the runner's order."""
+        for projection in self.projections:
+            if projection in held:
+                continue
+            key = leadership.lock_key("projection", self.schema, projection.name)
+            if leadership.try_lead(session, key):
+                if not held:  # notified of every insert from now on
+                    session.execute(event_log.listen())
+                held.append(projection)
+                held.sort(key=self.projections.index)
+                log.info(
+                    "projection leader: following the event log",
+                    extra={"projection": projection.name},
+                )
+        if len(held) == len(self.projections):
+            self.is_leader.set()
+
     def _follow(self, session: Connection[Any], conn: Connection[Any]) -> None:
+        held: list[Projection] = []
+        next_election = 0.0
+        solo_until = 0.0
+        resting: dict[str, float] = {}  # a projection that failed alone, until when it rests
         while not self._stop.is_set():
-            gen, applied = apply_batch(conn, self.schema, self.projection, self.batch_size)
-            self._publish(gen.position)
-            if applied and self.on_batch is not None:
-                self.on_batch(gen, applied)
-            if applied >= self.batch_size:
+            missing = len(held) < len(self.projections)
+            if missing and time.monotonic() >= next_election:
+                self._elect(session, held)
+                next_election = time.monotonic() + self.standby_interval
+            if not held:
+                self._stop.wait(self.standby_interval)
+                continue
+            if len(held) > 1 and time.monotonic() >= solo_until:
+                try:
+                    results, behind = apply_group(conn, self.schema, held, self.batch_size)
+                except (psycopg.OperationalError, tracking.PositionConflict):
+                    raise
+                except Exception:
+                    log.exception(
+                        "projections failed to apply a batch together; applying each alone"
+                        f" for {SOLO_SECONDS:.0f} s to find which one cannot",
+                        extra={"projection": self.name},
+                    )
+                    solo_until = time.monotonic() + SOLO_SECONDS
+                    continue
+            else:
+                results, behind = [], list(held)
+            for projection in behind:
+                if resting.get(projection.name, 0.0) > time.monotonic():
+                    continue
+                try:
+                    results.append(apply_batch(conn, self.schema, projection, self.batch_size))
+                except (psycopg.OperationalError, tracking.PositionConflict):
+                    raise
+                except Exception:
+                    if len(held) == 1:
+                        raise
+                    log.exception(
+                        "projection failed; the others go on. If this repeats, the view may"
+                        " need `taskledger projections rebuild`",
+                        extra={"projection": projection.name},
+                    )
+                    resting[projection.name] = time.monotonic() + 5 * self.standby_interval
+            self._publish(held, results)
+            if any(applied >= self.batch_size for _, applied in results):
                 continue  # catching up: no waiting
-            # Wait for the ledger's NOTIFY; the timeout is the safety-net poll.
-            for _ in session.notifies(timeout=self.poll_interval, stop_after=1):
+            # Wait for the ledger's NOTIFY; the timeout is the safety-net poll (shorter
+            # while some lock is still to be taken).
+            timeout = self.standby_interval if missing else self.poll_interval
+            for _ in session.notifies(timeout=timeout, stop_after=1):
                 pass
 
-    def _publish(self, position: int) -> None:
+    def _publish(self, held: list[Projection], results: list[tuple[Generation, int]]) -> None:
+        for gen, applied in results:
+            self._positions[gen.projection] = gen.position
+            if applied and self.on_batch is not None:
+                self.on_batch(gen, applied)
+        position = min(self._positions.get(p.name, 0) for p in held)
         with self._position_changed:
             if position != self.position:
                 self.position = position

@@ -65,7 +65,7 @@ class Services:
     ledger: Ledger
     database_url: str
     schema: str
-    projection_runners: dict[str, ProjectionRunner] = field(default_factory=dict)
+    projection_runner: ProjectionRunner | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     # Served on the API's /metrics, or on a worker's --metrics-port.
     registry: CollectorRegistry = field(default_factory=process_registry)
@@ -156,17 +156,16 @@ class Services:
         return Worker(self.ledger, self.broker, executors, concurrency=concurrency, **options)
 
     def start_projections(self, names: list[str] | None = None, **options: Any) -> None:
-        """Run the projections (all, or `names`) in background threads of this process.
+        """Run the projections (all, or `names`) in a background thread of this process,
+        one reader for all (projections.runner).
 
-        Each takes part in its leader election: with several processes, one applies.
+        Each takes part in its leader election: with several processes, one applies it.
         """
-        for name, projection in all_projections().items():
-            if names is not None and name not in names:
-                continue
-            runner = ProjectionRunner(self.database_url, self.schema, projection, **options)
-            runner.start()
-            self._stack.callback(runner.stop)
-            self.projection_runners[name] = runner
+        chosen = [p for name, p in all_projections().items() if names is None or name in names]
+        runner = ProjectionRunner(self.database_url, self.schema, chosen, **options)
+        runner.start()
+        self._stack.callback(runner.stop)
+        self.projection_runner = runner
 
     def api_app(
         self, background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] | None = None

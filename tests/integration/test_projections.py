@@ -39,8 +39,8 @@ from projections.queries import (
     list_tasks,
     wait_for_position,
 )
-from projections.runner import ProjectionRunner, apply_batch
-from projections.tracking import PositionConflict, advance
+from projections.runner import ProjectionRunner, apply_batch, apply_group
+from projections.tracking import PositionConflict, advance, current_generation
 
 pytestmark = pytest.mark.postgres
 
@@ -406,7 +406,94 @@ def test_runners_follow_new_events(ledger: Ledger, runners: list[ProjectionRunne
     task_id = submit(ledger)
     ledger.start_attempt(task_id, 1, "w1")
     for runner in runners:
-        assert runner.wait_for(head(ledger), timeout=10), runner.projection.name
+        assert runner.wait_for(head(ledger), timeout=10), runner.name
+
+
+class PoisonedStatus(TaskStatusProjection):
+    """A view that cannot apply an AttemptStarted: a bug, or an event it does not know."""
+
+    name = "poisoned_status"
+
+    def apply(self, cur: Any, schema: str, table: Any, changes: Any) -> None:
+        if any(c.type == "AttemptStarted" for c in changes):
+            raise RuntimeError("cannot apply AttemptStarted")
+        super().apply(cur, schema, table, changes)
+
+
+class FreshStatus(TaskStatusProjection):
+    """A view a new release adds: it starts at position 0 behind the others."""
+
+    name = "fresh_status"
+
+
+def positions(conn: psycopg.Connection[Any], schema: str, *names: str) -> dict[str, int]:
+    found = {n: current_generation(conn, schema, n).position for n in names}
+    conn.commit()
+    return found
+
+
+def test_one_runner_applies_a_batch_to_every_view_in_one_transaction(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    task_id = submit(ledger)
+    ledger.start_attempt(task_id, 1, "w1")
+    views = list(all_projections().values())
+    results, behind = apply_group(conn, schema, views, batch_size=500)
+    assert behind == []
+    assert {gen.position for gen, _ in results} == {head(ledger)}
+    # One transaction: every tracking row was moved at the same now().
+    stamps = conn.execute(
+        sql.SQL(
+            "SELECT DISTINCT t.updated_at FROM {}.projection_tracking t"
+            " JOIN {}.projection_current c USING (projection, generation)"
+            " WHERE projection = ANY(%s)"
+        ).format(sql.Identifier(schema), sql.Identifier(schema)),
+        ([v.name for v in views],),
+    ).fetchall()
+    conn.commit()
+    assert len(stamps) == 1
+    assert view_rows(conn, schema, [task_id]) == {task_id: expected_row(ledger, task_id)}
+
+
+def test_a_view_far_behind_is_left_to_catch_up_on_its_own(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    for n in range(8):
+        submit(ledger, n)
+    catch_up(conn, schema)
+    ensure_installed(conn, schema, FreshStatus())
+    conn.commit()
+    submit(ledger, 99)
+    results, behind = apply_group(conn, schema, [STATUS, FreshStatus()], batch_size=4)
+    assert [p.name for p in behind] == ["fresh_status"]
+    assert [(gen.projection, gen.position) for gen, _ in results] == [("task_status", head(ledger))]
+    assert positions(conn, schema, "fresh_status") == {"fresh_status": 0}
+
+
+def test_a_view_that_cannot_apply_an_event_stalls_only_itself(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str, database_url: str
+) -> None:
+    catch_up(conn, schema)
+    ensure_installed(conn, schema, PoisonedStatus())
+    conn.commit()
+    start = head(ledger)
+    runner = ProjectionRunner(
+        database_url, schema, [PoisonedStatus(), STATUS], poll_interval=0.2, standby_interval=0.1
+    )
+    runner.start()
+    try:
+        assert runner.is_leader.wait(10)
+        task_id = submit(ledger)
+        submitted = head(ledger)
+        assert wait_for_position(database_url, schema, "poisoned_status", submitted, 10)
+        ledger.start_attempt(task_id, 1, "w1")
+        ledger.cancel(submit(ledger, 1), by="key")
+        assert wait_for_position(database_url, schema, "task_status", head(ledger), 10)
+    finally:
+        runner.stop()
+    assert start < submitted < head(ledger)
+    assert positions(conn, schema, "poisoned_status") == {"poisoned_status": submitted}
+    assert view_rows(conn, schema, [task_id]) == {task_id: expected_row(ledger, task_id)}
 
 
 def test_a_lost_notification_does_not_stall_the_view(
