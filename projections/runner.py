@@ -101,7 +101,7 @@ def apply_group(
     the projections left out: those more than a batch behind the newest, which the caller
     applies on their own (apply_batch)."""
     with conn.transaction():
-        gens = [tracking.current_generation(conn, schema, p.name, lock=True) for p in projections]
+        gens = tracking.lock_current_generations(conn, schema, [p.name for p in projections])
         newest = max(g.position for g in gens)
         front = [
             (p, g)
@@ -128,6 +128,7 @@ def _apply(
     ):
         changes = extend_to_transaction_end(conn, schema, changes)
     results = []
+    moves = []
     for projection, gen in targets:
         mine = [c for c in changes if c.position > gen.position]
         if not mine:
@@ -137,10 +138,10 @@ def _apply(
         if wanted:
             with conn.cursor() as cur:
                 projection.apply(cur, schema, sql.Identifier(schema, gen.table), wanted)
-        end = mine[-1].position
-        tracking.advance(conn, schema, projection.name, gen.generation, gen.position, end)
-        tracking.notify_progress(conn, schema, projection.name, end)
-        results.append((Generation(projection.name, gen.generation, end), len(mine)))
+        moves.append((gen, mine[-1].position))
+        results.append((Generation(projection.name, gen.generation, mine[-1].position), len(mine)))
+    if moves:
+        tracking.advance_many(conn, schema, moves)
     return results
 
 

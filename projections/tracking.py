@@ -5,6 +5,7 @@ of its own (the dispatcher) keeps generation 0. Every position query lives here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,10 +19,6 @@ PROJECTION_CHANNEL = "taskledger_projections"
 def listen_to_views() -> sql.Composed:
     """The statement that subscribes a connection to the views' progress notifications."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(PROJECTION_CHANNEL))
-
-
-def notify_progress(conn: Connection[Any], schema: str, name: str, position: int) -> None:
-    conn.execute("SELECT pg_notify(%s, %s)", (PROJECTION_CHANNEL, f"{schema}:{name}:{position}"))
 
 
 def catalog_ddl(schema: str) -> list[sql.Composed]:
@@ -97,6 +94,23 @@ def current_generation(
     return Generation(name, int(row[1]), int(row[2]))
 
 
+def lock_current_generations(
+    conn: Connection[Any], schema: str, names: Sequence[str]
+) -> list[Generation]:
+    """`current_generation(lock=True)` of each of `names`, in that order, in one query."""
+    rows = conn.execute(
+        sql.SQL(
+            _CURRENT + " WHERE c.projection = ANY(%s) ORDER BY c.projection FOR UPDATE OF c, t"
+        ).format(s=sql.Identifier(schema)),
+        (list(names),),
+    ).fetchall()
+    found = {name: Generation(name, int(gen), int(pos)) for name, gen, pos, _ in rows}
+    for name in names:
+        if name not in found:
+            raise LookupError(f"projection {name!r} is not installed in schema {schema!r}")
+    return [found[name] for name in names]
+
+
 def lock_generation(conn: Connection[Any], schema: str, name: str, generation: int) -> int:
     """Lock a generation's tracking row for this transaction and return its position."""
     row = conn.execute(
@@ -111,20 +125,34 @@ def lock_generation(conn: Connection[Any], schema: str, name: str, generation: i
     return int(row[0])
 
 
-def advance(
-    conn: Connection[Any], schema: str, name: str, generation: int, old: int, new: int
+def advance_many(
+    conn: Connection[Any], schema: str, moves: Sequence[tuple[Generation, int]]
 ) -> None:
-    """Move a generation's tracking position from `old` to `new`, refusing anything else."""
-    cur = conn.execute(
+    """Move each generation's tracking position to its new one, and NOTIFY the views'
+    channel of it, in one statement; refuse anything else: PositionConflict unless every
+    generation was still at the position read."""
+    moved = conn.execute(
         sql.SQL(
-            "UPDATE {}.projection_tracking SET position = %s, updated_at = now()"
-            " WHERE projection = %s AND generation = %s AND position = %s"
+            "UPDATE {}.projection_tracking t SET position = m.new, updated_at = now()"
+            " FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])"
+            " AS m(projection, generation, old, new)"
+            " WHERE t.projection = m.projection AND t.generation = m.generation"
+            " AND t.position = m.old"
+            " RETURNING t.projection, pg_notify(%s, %s || ':' || m.projection || ':' || m.new)"
         ).format(sql.Identifier(schema)),
-        (new, name, generation, old),
-    )
-    if cur.rowcount != 1:
+        (
+            [gen.projection for gen, _ in moves],
+            [gen.generation for gen, _ in moves],
+            [gen.position for gen, _ in moves],
+            [new for _, new in moves],
+            PROJECTION_CHANNEL,
+            schema,
+        ),
+    ).fetchall()
+    if len(moved) != len(moves):
+        lost = sorted({gen.projection for gen, _ in moves} - {name for name, _ in moved})
         raise PositionConflict(
-            f"projection {name} generation {generation} is no longer at position {old}; "
+            f"projections {', '.join(lost)} are no longer at the positions read; "
             "another process applied these events"
         )
 

@@ -40,7 +40,7 @@ from projections.queries import (
     wait_for_position,
 )
 from projections.runner import ProjectionRunner, apply_batch, apply_group
-from projections.tracking import PositionConflict, advance, current_generation
+from projections.tracking import Generation, PositionConflict, advance_many, current_generation
 
 pytestmark = pytest.mark.postgres
 
@@ -526,7 +526,7 @@ def test_a_position_already_moved_past_is_refused(
     submit(ledger)
     catch_up(conn, schema)
     with conn.transaction(), pytest.raises(PositionConflict, match="another process"):
-        advance(conn, schema, "task_status", 1, 0, head(ledger))
+        advance_many(conn, schema, [(Generation("task_status", 1, 0), head(ledger))])
 
 
 def test_rebuild_while_tasks_are_written_and_followed(
