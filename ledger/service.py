@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import project_aggregate
 from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import EnvType
 
@@ -36,7 +35,7 @@ from ledger.persistence import LedgerRecorder
 from ledger.retry import RetryPolicy
 from ledger.secrets import SecretBook
 from ledger.state import HistoryEntry, Submission, TaskState
-from ledger.store import EventStore, unavailable
+from ledger.store import EventStore, replay, unavailable
 from ledger.targets import TargetPolicy
 from ledger.values import AttemptError, AttemptResult, TaskLimits
 from ledger.webhooks import Webhooks
@@ -165,7 +164,7 @@ class Ledger:
             )
         if not kept:
             raise TaskNotFound(task_id)
-        task = project_aggregate(None, kept)
+        task = replay(kept)
         assert isinstance(task, Task)
         return TaskState.of(task)
 
@@ -365,7 +364,7 @@ class Ledger:
         if not 1 <= version <= current.version:
             raise InvalidTask("trigger_version", f"is {version}; the task is at {current.version}")
         events = [event for event, _, _ in stored]
-        task = project_aggregate(None, events[: max(version, SUBMISSION_EVENTS)])
+        task = replay(events[: max(version, SUBMISSION_EVENTS)])
         assert isinstance(task, Task)
         event, position, chain = stored[version - 1]
         entry = HistoryEntry(

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from uuid import UUID
 
 import psycopg
-from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
+from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     ApplicationRecorder,
@@ -37,6 +37,16 @@ from ledger.persistence import EventMapper, LedgerRecorder, OrjsonTranscoder
 SCHEMA_LOCK_KEY = 0x7461736B6C6564  # "taskled"
 
 log = logging.getLogger(__name__)
+
+
+def replay(events: Sequence[Any]) -> Aggregate | None:
+    """The aggregate its events make, each event's `mutate` in turn: the library's
+    `project_aggregate` without its per-event `isinstance` against a runtime-checkable
+    Protocol, which alone took 4 % of the worker's CPU under the no-op load."""
+    aggregate: Aggregate | None = None
+    for event in events:
+        aggregate = event.mutate(aggregate)
+    return aggregate
 
 
 def unavailable(error: BaseException) -> LedgerUnavailable:
@@ -192,7 +202,7 @@ class EventStore(Application[UUID]):
             streams.setdefault(stream, []).append(self._event(row))
         tasks: dict[UUID, Task] = {}
         for task_id, events in streams.items():
-            task = project_aggregate(None, events)
+            task = replay(events)
             if isinstance(task, Task):
                 tasks[task_id] = task
         return tasks
@@ -247,7 +257,7 @@ class EventStore(Application[UUID]):
         """The task (as `load` finds it) and its events as `events_of` gives them, from
         one read of its stream."""
         events = self.events_of(task_id)
-        task = project_aggregate(None, [event for event, _, _ in events]) if events else None
+        task = replay([event for event, _, _ in events]) if events else None
         if not isinstance(task, Task) or (tenant is not None and task.tenant != tenant):
             raise TaskNotFound(task_id)
         return task, events

@@ -33,6 +33,7 @@ from ledger.errors import (
     TransitionRefused,
 )
 from ledger.retry import RetryPolicy
+from ledger.store import replay
 from ledger.values import AttemptError, AttemptResult, Status, TaskLimits
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -378,6 +379,7 @@ class TaskMachine(RuleBasedStateMachine):
     @invariant()
     def the_task_rebuilt_from_its_events_equals_the_live_one(self) -> None:
         assert project_aggregate(None, self.events) == self.task
+        assert replay(self.events) == self.task  # what the ledger loads with
 
 
 TaskMachine.TestCase.settings = settings(
