@@ -32,3 +32,10 @@ def test_areas_take_self_time_and_functions_inclusive_time() -> None:
     assert by_name["run (runner.py)"] == ["70.0%", "0.0%"]
     assert by_name["execute (cursor.py)"] == ["60.0%", "60.0%"]
     assert by_name["submit_task (tasks.py)"] == ["30.0%", "30.0%"]
+
+
+def test_under_keeps_only_the_samples_with_that_function_on_the_stack() -> None:
+    total, areas, functions = summarize(RAW, top=10, under="submit_task")
+    assert total == 3
+    assert areas == [["api: HTTP handlers, watcher, roles (api/)", "3", "100.0%"]]
+    assert {row[0] for row in functions} == {"app (routing.py)", "submit_task (tasks.py)"}
