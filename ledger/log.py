@@ -9,11 +9,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
 from psycopg import AsyncConnection, Connection, Cursor, sql
 
 from ledger.jsonvalue import without_nul
-from ledger.persistence import EventMapper, OrjsonTranscoder
+from ledger.persistence import stored_fields
 
 # The library names the table after the application: "TaskLedger".lower() + "_events".
 EVENTS_TABLE = "taskledger_events"
@@ -40,9 +39,6 @@ class Change:
     at: datetime
     data: dict[str, Any]  # the event's own fields (datetimes as datetime)
     size: int = 0  # bytes stored (how full a batch is)
-
-
-_MAPPER = EventMapper(transcoder=OrjsonTranscoder())
 
 
 # A batch holds at most about this many bytes of stored events (and at least one
@@ -74,8 +70,8 @@ def read_changes(
     ).fetchall()
     changes = []
     for position, task_id, version, topic, state in rows:
-        event = _MAPPER.to_domain_event(StoredEvent(task_id, version, topic, bytes(state)))
-        data = event_payload(event)
+        kind, data = stored_fields(topic, state)
+        at = data.pop("timestamp")
         if b"\\u0000" in state:
             # The ledger refuses NUL in what clients send and replaces it in program output,
             # but a view must never stall on one: PostgreSQL text cannot hold it.
@@ -86,8 +82,8 @@ def read_changes(
                 stream=topic.partition(":")[2].partition(".")[0],
                 task_id=task_id,
                 version=version,
-                type=type(event).__name__,
-                at=vars(event)["timestamp"],
+                type=kind,
+                at=at,
                 data=data,
                 size=len(state),
             )
@@ -104,12 +100,12 @@ def submissions(cur: Cursor[Any], schema: str, task_ids: list[UUID]) -> dict[UUI
         ).format(sql.Identifier(schema, EVENTS_TABLE)),
         (task_ids,),
     )
-    return {
-        task_id: event_payload(
-            _MAPPER.to_domain_event(StoredEvent(task_id, version, topic, bytes(state)))
-        )
-        for task_id, version, topic, state in cur.fetchall()
-    }
+    found = {}
+    for task_id, _, topic, state in cur.fetchall():
+        _, fields = stored_fields(topic, state)
+        fields.pop("timestamp")
+        found[task_id] = fields
+    return found
 
 
 def without_nul_deep(value: Any) -> Any:

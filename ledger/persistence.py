@@ -37,6 +37,7 @@ from eventsourcing.persistence import (
     Transcoder,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresSubscription
+from eventsourcing.utils import resolve_topic
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -67,6 +68,27 @@ def _typed_fields(event_class: type) -> dict[str, type]:
             if special in candidates:
                 typed[name] = special
     return typed
+
+
+def stored_fields(topic: str, state: bytes) -> tuple[str, dict[str, Any]]:
+    """The event class's name and the fields of a stored event (its timestamp among them,
+    not its stream or version), as `EventMapper.to_domain_event` would give them (the same
+    upcasting, datetimes and UUIDs restored) but without making the event object: for the
+    log's followers, which read every event and keep only its fields. This mapper has no
+    cipher or compressor (the store is configured without either)."""
+    cls = resolve_topic(topic)
+    fields: dict[str, Any] = orjson.loads(state)
+    class_version = getattr(cls, "class_version", 1)
+    version = fields.pop("class_version", 1)
+    while version < class_version:
+        getattr(cls, f"upcast_v{version}_v{version + 1}")(fields)
+        version += 1
+    for name, kind in _typed_fields(cls).items():
+        value = fields.get(name)
+        if isinstance(value, str):
+            fields[name] = datetime.fromisoformat(value) if kind is datetime else UUID(value)
+    fields.pop("originator_topic", None)
+    return cls.__name__, fields
 
 
 class EventMapper(Mapper[UUID]):

@@ -71,14 +71,14 @@ class TaskPeriodsProjection(Projection):
                 sql.SQL("UPDATE {} SET valid_to = %s WHERE id = %s AND version = %s").format(table),
                 closed,
             )
-        cur.executemany(
-            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                table,
-                sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-                sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
-            ),
-            [tuple(row[c] for c in COLUMNS) for row in opened.values()],
-        )
+        # COPY, not INSERT: a row per event, so a rebuild is mostly this (28k -> ... events/s).
+        with cur.copy(
+            sql.SQL("COPY {} ({}) FROM STDIN").format(
+                table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+            )
+        ) as copy:
+            for row in opened.values():
+                copy.write_row(tuple(row[c] for c in COLUMNS))
 
 
 def _status_row(period: dict[str, Any]) -> dict[str, Any]:

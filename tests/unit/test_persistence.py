@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from ledger.connections import InvalidDatabaseURL, postgres_env
 from ledger.domain import Task
 from ledger.keys import ApiKey
-from ledger.persistence import EventMapper, OrjsonTranscoder
+from ledger.log import event_payload
+from ledger.persistence import EventMapper, OrjsonTranscoder, stored_fields
 from ledger.webhooks import TenantSettings
 
 MAPPER = EventMapper(transcoder=OrjsonTranscoder())
@@ -158,6 +159,35 @@ def test_events_round_trip_exactly(event: Any) -> None:
             assert vars(restored)[name].utcoffset() == value.utcoffset()
 
 
+def followers_view(stored: StoredEvent) -> tuple[str, dict[str, Any]]:
+    """What the mapper makes of a stored event, as the log's followers use it."""
+    restored = MAPPER.to_domain_event(stored)
+    fields = event_payload(restored)
+    fields["timestamp"] = restored.timestamp
+    return type(restored).__name__, fields
+
+
+@given(events())
+def test_the_followers_fast_reading_is_the_mappers(event: Any) -> None:
+    stored = MAPPER.to_stored_event(event)
+    kind, fields = stored_fields(stored.topic, stored.state)
+    assert (kind, fields) == followers_view(stored)
+    for name, value in fields.items():
+        assert type(value) is type(vars(event)[name]), name
+
+
+def test_the_followers_fast_reading_upcasts_like_the_mapper() -> None:
+    stored = [
+        StoredEvent(uuid.uuid4(), 1, "ledger.domain:Task.TaskSubmitted", V1_SUBMISSION),
+        *(
+            StoredEvent(uuid.uuid4(), 2, f"ledger.domain:Task.{cls.__name__}", state)
+            for cls, state in V1_WITHOUT_BULK_ID
+        ),
+    ]
+    for event in stored:
+        assert stored_fields(event.topic, event.state) == followers_view(event)
+
+
 def test_client_data_shaped_like_a_type_tag_is_kept_as_data() -> None:
     tagged = {"_type_": "uuid_hex", "_data_": uuid.uuid4().hex}
     event = Task.TaskUpdated(
@@ -185,21 +215,27 @@ def test_stored_state_is_json() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("event_class", "state"),
-    [
-        (
-            Task.AttemptScheduled,
-            b'{"timestamp":"2030-01-01T12:00:00+00:00","attempt":2,"reason":"manual-retry",'
-            b'"not_before":"2030-01-01T12:00:00+00:00","deadline":"2030-01-01T12:01:00+00:00",'
-            b'"ttl_seconds":60.0,"by":"key-1"}',
-        ),
-        (
-            Task.TaskCancelled,
-            b'{"timestamp":"2030-01-01T12:00:00+00:00","attempt":1,"by":"key-1","reason":""}',
-        ),
-    ],
+V1_WITHOUT_BULK_ID = [
+    (
+        Task.AttemptScheduled,
+        b'{"timestamp":"2030-01-01T12:00:00+00:00","attempt":2,"reason":"manual-retry",'
+        b'"not_before":"2030-01-01T12:00:00+00:00","deadline":"2030-01-01T12:01:00+00:00",'
+        b'"ttl_seconds":60.0,"by":"key-1"}',
+    ),
+    (
+        Task.TaskCancelled,
+        b'{"timestamp":"2030-01-01T12:00:00+00:00","attempt":1,"by":"key-1","reason":""}',
+    ),
+]
+V1_SUBMISSION = (
+    b'{"timestamp":"2030-01-01T12:00:00+00:00","originator_topic":"ledger.domain:Task",'
+    b'"description":"d","language":"python","code":"print(1)","data":null,'
+    b'"ttl_seconds":60.0,"max_attempts":3,"tenant":"acme","submitted_by":"key-1",'
+    b'"idempotency_key":null}'
 )
+
+
+@pytest.mark.parametrize(("event_class", "state"), V1_WITHOUT_BULK_ID)
 def test_events_stored_before_bulk_ids_read_back_with_none(event_class: type, state: bytes) -> None:
     """Version 1 of these events, stored before bulk actions existed, has no bulk_id."""
     topic = f"ledger.domain:Task.{event_class.__name__}"
@@ -212,14 +248,8 @@ def test_events_stored_before_bulk_ids_read_back_with_none(event_class: type, st
 def test_a_submission_stored_before_webhooks_reads_back_without_a_callback() -> None:
     """Version 1 of TaskSubmitted has no callback fields: read as None (no callback of
     its own, the default transitions)."""
-    state = (
-        b'{"timestamp":"2030-01-01T12:00:00+00:00","originator_topic":"ledger.domain:Task",'
-        b'"description":"d","language":"python","code":"print(1)","data":null,'
-        b'"ttl_seconds":60.0,"max_attempts":3,"tenant":"acme","submitted_by":"key-1",'
-        b'"idempotency_key":null}'
-    )
     topic = "ledger.domain:Task.TaskSubmitted"
-    restored = MAPPER.to_domain_event(StoredEvent(uuid.uuid4(), 1, topic, state))
+    restored = MAPPER.to_domain_event(StoredEvent(uuid.uuid4(), 1, topic, V1_SUBMISSION))
     assert type(restored) is Task.TaskSubmitted
     assert restored.callback_url is None
     assert restored.callback_events is None
