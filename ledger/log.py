@@ -4,9 +4,8 @@ followers: the views' runner, the dispatcher, and the API's task watcher."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from psycopg import AsyncConnection, Connection, Cursor, sql
@@ -27,9 +26,9 @@ def event_payload(event: object) -> dict[str, Any]:
     return {k: v for k, v in vars(event).items() if k not in _ENVELOPE}
 
 
-@dataclass(frozen=True)
-class Change:
-    """One stored event as projections see it."""
+class Change(NamedTuple):
+    """One stored event as projections see it. A tuple, not a frozen dataclass: a rebuild
+    makes one per event, and the dataclass's __init__ was 6 % of it."""
 
     position: int  # the event's global position (notification id)
     stream: str  # the aggregate class: "Task" (or "ApiKey", which views skip)
