@@ -83,9 +83,9 @@ def rebuild(
             base.create_generation(conn, schema, projection, new)
         events = 0
         while True:
-            gen, applied = apply_batch(conn, schema, projection, batch_size, generation=new)
+            gen, applied, full = apply_batch(conn, schema, projection, batch_size, generation=new)
             events += applied
-            if applied < batch_size:
+            if not full:
                 break
             log.info(
                 "rebuilding projection",
@@ -95,9 +95,9 @@ def rebuild(
             tracking.current_generation(conn, schema, projection.name, lock=True)
             while True:
                 # Nested: each batch is a savepoint inside the switch transaction.
-                _, applied = apply_batch(conn, schema, projection, batch_size, generation=new)
+                _, applied, full = apply_batch(conn, schema, projection, batch_size, generation=new)
                 events += applied
-                if applied < batch_size:
+                if not full:
                     break
             base.switch_to(conn, schema, projection, new)
         with conn.transaction():

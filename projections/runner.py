@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import Connection, sql
@@ -72,17 +72,25 @@ def extend_to_transaction_end(
     return changes
 
 
+class Applied(NamedTuple):
+    """What applying a batch to one generation came to."""
+
+    generation: Generation  # with its new position
+    events: int  # how many events it applied
+    # The read was cut short by the batch's size or its bytes: more may follow at once. A
+    # batch of fewer than `batch_size` events is not the end of the log when big outputs
+    # filled its BATCH_BYTES.
+    full: bool
+
+
 def apply_batch(
     conn: Connection[Any],
     schema: str,
     projection: Projection,
     batch_size: int,
     generation: int | None = None,
-) -> tuple[Generation, int]:
-    """Apply the next batch to the current generation (or `generation`) in one transaction.
-
-    Returns the generation (with its new position) and how many events were applied.
-    """
+) -> Applied:
+    """Apply the next batch to the current generation (or `generation`) in one transaction."""
     with conn.transaction():
         if generation is None:
             gen = tracking.current_generation(conn, schema, projection.name, lock=True)
@@ -94,12 +102,11 @@ def apply_batch(
 
 def apply_group(
     conn: Connection[Any], schema: str, projections: Sequence[Projection], batch_size: int
-) -> tuple[list[tuple[Generation, int]], list[Projection]]:
+) -> tuple[list[Applied], list[Projection]]:
     """Apply the next batch to the current generation of each of `projections` in one
-    transaction, the events read and decoded once. Returns, for each projection it
-    applied, its generation (with its new position) and how many events it applied; and
-    the projections left out: those more than a batch behind the newest, which the caller
-    applies on their own (apply_batch)."""
+    transaction, the events read and decoded once. Returns what it came to for each
+    projection it applied, and the projections left out: those more than a batch behind
+    the newest, which the caller applies on their own (apply_batch)."""
     with conn.transaction():
         gens = tracking.lock_current_generations(conn, schema, [p.name for p in projections])
         newest = max(g.position for g in gens)
@@ -119,27 +126,29 @@ def _apply(
     schema: str,
     targets: Sequence[tuple[Projection, Generation]],
     batch_size: int,
-) -> list[tuple[Generation, int]]:
+) -> list[Applied]:
     """Within the caller's transaction, which holds the targets' tracking rows: read the
     batch after the oldest of their positions and give each target what is past its own."""
     changes = read_changes(conn, schema, min(g.position for _, g in targets), batch_size)
-    if changes and (
+    full = bool(changes) and (
         len(changes) == batch_size or sum(c.size for c in changes) >= event_log.BATCH_BYTES
-    ):
+    )
+    if full:
         changes = extend_to_transaction_end(conn, schema, changes)
     results = []
     moves = []
     for projection, gen in targets:
         mine = [c for c in changes if c.position > gen.position]
         if not mine:
-            results.append((gen, 0))
+            results.append(Applied(gen, 0, full))
             continue
         wanted = [c for c in mine if c.stream in projection.streams]
         if wanted:
             with conn.cursor() as cur:
                 projection.apply(cur, schema, sql.Identifier(schema, gen.table), wanted)
         moves.append((gen, mine[-1].position))
-        results.append((Generation(projection.name, gen.generation, mine[-1].position), len(mine)))
+        moved = Generation(projection.name, gen.generation, mine[-1].position)
+        results.append(Applied(moved, len(mine), full))
     if moves:
         tracking.advance_many(conn, schema, moves)
     return results
@@ -309,7 +318,7 @@ class ProjectionRunner:
                     )
                     resting[projection.name] = time.monotonic() + 5 * self.standby_interval
             self._publish(held, results)
-            if any(applied >= self.batch_size for _, applied in results):
+            if any(applied.full for applied in results):
                 continue  # catching up: no waiting
             # Wait for the ledger's NOTIFY; the timeout is the safety-net poll (shorter
             # while some lock is still to be taken).
@@ -317,8 +326,8 @@ class ProjectionRunner:
             for _ in session.notifies(timeout=timeout, stop_after=1):
                 pass
 
-    def _publish(self, held: list[Projection], results: list[tuple[Generation, int]]) -> None:
-        for gen, applied in results:
+    def _publish(self, held: list[Projection], results: list[Applied]) -> None:
+        for gen, applied, _ in results:
             self._positions[gen.projection] = gen.position
             if applied and self.on_batch is not None:
                 self.on_batch(gen, applied)

@@ -440,7 +440,7 @@ def test_one_runner_applies_a_batch_to_every_view_in_one_transaction(
     views = list(all_projections().values())
     results, behind = apply_group(conn, schema, views, batch_size=500)
     assert behind == []
-    assert {gen.position for gen, _ in results} == {head(ledger)}
+    assert {applied.generation.position for applied in results} == {head(ledger)}
     # One transaction: every tracking row was moved at the same now().
     stamps = conn.execute(
         sql.SQL(
@@ -466,7 +466,9 @@ def test_a_view_far_behind_is_left_to_catch_up_on_its_own(
     submit(ledger, 99)
     results, behind = apply_group(conn, schema, [STATUS, FreshStatus()], batch_size=4)
     assert [p.name for p in behind] == ["fresh_status"]
-    assert [(gen.projection, gen.position) for gen, _ in results] == [("task_status", head(ledger))]
+    assert [(a.generation.projection, a.generation.position) for a in results] == [
+        ("task_status", head(ledger))
+    ]
     assert positions(conn, schema, "fresh_status") == {"fresh_status": 0}
 
 
@@ -744,7 +746,7 @@ def test_a_batch_stops_at_its_byte_bound_but_never_inside_a_save(
         ids.append(task_id)
     sizes = []
     while True:
-        _, applied = apply_batch(conn, schema, STATUS, 2_000)
+        _, applied, _ = apply_batch(conn, schema, STATUS, 2_000)
         if not applied:
             break
         sizes.append(applied)
@@ -752,6 +754,31 @@ def test_a_batch_stops_at_its_byte_bound_but_never_inside_a_save(
         assert all(row["status"] != "Failed" for row in view_rows(conn, schema, ids).values())
     assert len(sizes) > 1, sizes  # the bound cut the log into several batches
     assert sum(sizes) == 6 * 4 + 3 * 1  # submit 2, start 1, outcome 1 (+1 retry scheduled)
+    assert view_rows(conn, schema, ids) == {t: expected_row(ledger, t) for t in ids}
+
+
+def test_a_rebuild_goes_on_past_batches_its_byte_bound_cut_short(
+    ledger: Ledger,
+    conn: psycopg.Connection[Any],
+    schema: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of fewer events than the batch size is not the end of the log when big
+    outputs filled its bytes first: the rebuild stopped there and switched to a
+    generation far behind the log (found with 1 MiB outputs: 624 of 4,002 events)."""
+    from ledger import log
+
+    monkeypatch.setattr(log, "BATCH_BYTES", 300_000)
+    big = AttemptResult(stdout="y" * 100_000)
+    ids = []
+    for n in range(12):  # about three outputs a batch: four batches, and more to catch up
+        task_id = submit(ledger, n)
+        ledger.start_attempt(task_id, 1, "w")
+        ledger.complete_attempt(task_id, 1, big)
+        ids.append(task_id)
+    rebuild(database_url, schema, STATUS, batch_size=5_000)
+    assert positions(conn, schema, "task_status") == {"task_status": head(ledger)}
     assert view_rows(conn, schema, ids) == {t: expected_row(ledger, t) for t in ids}
 
 
