@@ -93,8 +93,10 @@ class TaskWatcher:
             self._wake_all()
             while True:
                 before = last
+                full = False
                 if self._waiters:
                     changed = await event_log.tasks_changed_after(conn, self.schema, last)
+                    full = len(changed) == event_log.CHANGED_LIMIT
                     for position, task_id in changed:
                         last = position
                         for event in self._waiters.get(task_id, ()):
@@ -107,6 +109,8 @@ class TaskWatcher:
                 if last != before:
                     for event in self._everyone:
                         event.set()
+                if full:
+                    continue  # more past the limit: read on before waiting
                 async for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
                     pass
 

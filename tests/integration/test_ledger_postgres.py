@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 
 from ledger import AttemptError, AttemptResult, Ledger, ManualClock, Status
+from ledger import log as event_log
 from ledger.connections import postgres_env
 from ledger.errors import (
     AttemptNotCurrent,
@@ -26,6 +27,7 @@ from ledger.errors import (
     VersionMismatch,
 )
 from ledger.persistence import LedgerRecorder
+from ledger.store import EventStore
 
 pytestmark = pytest.mark.postgres
 
@@ -535,3 +537,38 @@ def test_a_task_as_of_any_moment_is_the_task_that_was_seen_then(
         ledger.get_as_of(task_id, version=seen[-1][1].version + 1)
     with pytest.raises(TaskNotFound):
         ledger.get_as_of(task_id, tenant="globex", at=clock.now())
+
+
+@pytest.mark.asyncio
+async def test_who_changed_is_read_through_the_position_index_even_by_a_generic_plan(
+    store_env: dict[str, str], database_url: str, schema: str
+) -> None:
+    """The api's watcher asks who changed past a position on every commit while requests
+    wait. PostgreSQL caches a generic plan for a statement run often, which cannot know
+    that few rows lie past the position: without a LIMIT it scanned and sorted the whole
+    log each time (a soak fell behind for minutes, until autovacuum's statistics changed
+    the plan)."""
+    EventStore(store_env).close()
+    events = sql.Identifier(schema, event_log.EVENTS_TABLE)
+    with psycopg.connect(database_url, autocommit=True) as writer:
+        writer.execute(
+            sql.SQL(
+                "INSERT INTO {} (originator_id, originator_version, topic, state)"
+                " SELECT gen_random_uuid(), 1, 't', '\\x00' FROM generate_series(1, 20000)"
+            ).format(events)
+        )
+        head = event_log.head_position(writer, schema)
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        for _ in range(6):  # psycopg prepares a statement from its fifth run on
+            changed = await event_log.tasks_changed_after(conn, schema, head - 10)
+        scans = await (
+            await conn.execute(
+                "SELECT seq_scan FROM pg_stat_xact_user_tables"
+                " WHERE schemaname = %s AND relname = %s",
+                (schema, event_log.EVENTS_TABLE),
+            )
+        ).fetchone()
+        await conn.rollback()
+    assert [position for position, _ in changed] == list(range(head - 9, head + 1))
+    assert scans == (0,)
