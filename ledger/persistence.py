@@ -70,6 +70,14 @@ def _typed_fields(event_class: type) -> dict[str, type]:
     return typed
 
 
+def _restore_typed(event_class: type, state: dict[str, Any]) -> None:
+    """Turn the ISO strings of `event_class`'s datetime and UUID fields back into those."""
+    for name, kind in _typed_fields(event_class).items():
+        value = state.get(name)
+        if isinstance(value, str):
+            state[name] = datetime.fromisoformat(value) if kind is datetime else UUID(value)
+
+
 def stored_fields(topic: str, state: bytes) -> tuple[str, dict[str, Any]]:
     """The event class's name and the fields of a stored event (its timestamp among them,
     not its stream or version), as `EventMapper.to_domain_event` would give them (the same
@@ -83,10 +91,7 @@ def stored_fields(topic: str, state: bytes) -> tuple[str, dict[str, Any]]:
     while version < class_version:
         getattr(cls, f"upcast_v{version}_v{version + 1}")(fields)
         version += 1
-    for name, kind in _typed_fields(cls).items():
-        value = fields.get(name)
-        if isinstance(value, str):
-            fields[name] = datetime.fromisoformat(value) if kind is datetime else UUID(value)
+    _restore_typed(cls, fields)
     fields.pop("originator_topic", None)
     return cls.__name__, fields
 
@@ -99,11 +104,7 @@ class EventMapper(Mapper[UUID]):
         # and id conversion; we only restore the typed fields afterwards. Upcasters
         # therefore see datetimes as ISO strings.
         event = super().to_domain_event(stored_event)
-        state = event.__dict__
-        for name, kind in _typed_fields(type(event)).items():
-            value = state.get(name)
-            if isinstance(value, str):
-                state[name] = datetime.fromisoformat(value) if kind is datetime else UUID(value)
+        _restore_typed(type(event), event.__dict__)
         return event
 
 
