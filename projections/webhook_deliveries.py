@@ -139,13 +139,17 @@ class WebhookDeliveriesProjection(Projection):
         tenant_of = {task_id: data["tenant"] for task_id, data in submitted.items()}
         tenant_of |= {task_id: row["tenant"] for task_id, row in tasks.items()}
         settings_ids = {c.task_id for c in changes if c.stream == "TenantSettings"}
-        cur.execute(
-            sql.SQL(
-                "SELECT {} FROM {} WHERE kind = 'tenant' AND (tenant = ANY(%s) OR id = ANY(%s))"
-            ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table),
-            (list(set(tenant_of.values())), list(settings_ids)),
-        )
-        tenants = {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
+        tenants: dict[UUID, dict[str, Any]] = {}
+        # A default without a URL sends nothing: the tenants' rows are read only when some
+        # default has one, or when this batch changes settings.
+        if defaults_exist or settings_ids:
+            cur.execute(
+                sql.SQL(
+                    "SELECT {} FROM {} WHERE kind = 'tenant' AND (tenant = ANY(%s) OR id = ANY(%s))"
+                ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table),
+                (list(set(tenant_of.values())), list(settings_ids)),
+            )
+            tenants = {row[0]: dict(zip(COLUMNS, row, strict=True)) for row in cur.fetchall()}
         default_of = {row["tenant"]: row for row in tenants.values()}
         # AttemptFailed followed by an automatic retry, saved together (a batch never ends
         # between them: runner.extend_to_transaction_end).
