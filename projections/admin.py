@@ -92,7 +92,7 @@ def rebuild(
                 extra={"projection": projection.name, "generation": new, "position": gen.position},
             )
         with conn.transaction():
-            tracking.current_generation(conn, schema, projection.name, lock=True)
+            tracking.lock_current_generations(conn, schema, [projection.name])
             while True:
                 # Nested: each batch is a savepoint inside the switch transaction.
                 _, applied, full = apply_batch(conn, schema, projection, batch_size, generation=new)

@@ -93,7 +93,7 @@ def apply_batch(
     """Apply the next batch to the current generation (or `generation`) in one transaction."""
     with conn.transaction():
         if generation is None:
-            gen = tracking.current_generation(conn, schema, projection.name, lock=True)
+            (gen,) = tracking.lock_current_generations(conn, schema, [projection.name])
         else:
             position = tracking.lock_generation(conn, schema, projection.name, generation)
             gen = Generation(projection.name, generation, position)

@@ -80,15 +80,11 @@ def view_position(conn: Connection[Any], schema: str, name: str) -> int:
     return int(row[2]) if row else 0
 
 
-def current_generation(
-    conn: Connection[Any], schema: str, name: str, *, lock: bool = False
-) -> Generation:
-    """The current generation and its position; with `lock`, its tracking row is locked
-    (FOR UPDATE) until the transaction ends, so no one else applies a batch meanwhile."""
-    query = sql.SQL(_CURRENT + " WHERE c.projection = %s").format(s=sql.Identifier(schema))
-    if lock:
-        query += sql.SQL(" FOR UPDATE OF c, t")
-    row = conn.execute(query, (name,)).fetchone()
+def current_generation(conn: Connection[Any], schema: str, name: str) -> Generation:
+    """The current generation and its position (lock_current_generations to apply to it)."""
+    row = conn.execute(
+        sql.SQL(_CURRENT + " WHERE c.projection = %s").format(s=sql.Identifier(schema)), (name,)
+    ).fetchone()
     if row is None:
         raise LookupError(f"projection {name!r} is not installed in schema {schema!r}")
     return Generation(name, int(row[1]), int(row[2]))
@@ -97,7 +93,9 @@ def current_generation(
 def lock_current_generations(
     conn: Connection[Any], schema: str, names: Sequence[str]
 ) -> list[Generation]:
-    """`current_generation(lock=True)` of each of `names`, in that order, in one query."""
+    """The current generation and position of each of `names`, in that order, in one
+    query; their tracking rows locked (FOR UPDATE) until the transaction ends, so that no
+    one else applies a batch to them meanwhile."""
     rows = conn.execute(
         sql.SQL(
             _CURRENT + " WHERE c.projection = ANY(%s) ORDER BY c.projection FOR UPDATE OF c, t"
