@@ -11,6 +11,7 @@ from psycopg import Cursor, sql
 from psycopg.types.json import Jsonb
 
 from ledger.log import Change
+from projections import base
 from projections.base import Projection
 
 COLUMNS = (
@@ -95,14 +96,7 @@ class AuditProjection(Projection):
                     Jsonb(data, dumps=_dumps),
                 )
             )
-        # COPY, not INSERT: about twice the rows per second (a rebuild is mostly this).
-        with cur.copy(
-            sql.SQL("COPY {} ({}) FROM STDIN").format(
-                table, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-            )
-        ) as copy:
-            for row in rows:
-                copy.write_row(row)
+        base.copy_rows(cur, table, COLUMNS, rows)
 
     def _known(
         self, cur: Cursor[Any], table: sql.Identifier, changes: Sequence[Change]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -186,6 +186,21 @@ def upsert(table: sql.Identifier, columns: Sequence[str]) -> sql.Composed:
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns[1:]
         ),
     )
+
+
+def copy_rows(
+    cur: Cursor[Any], table: sql.Identifier, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Insert `rows` (values in `columns` order) with COPY: about twice the rows per second
+    of INSERT, and the views that write a row per event (audit, task_periods) spend most
+    of a rebuild here."""
+    with cur.copy(
+        sql.SQL("COPY {} ({}) FROM STDIN").format(
+            table, sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+    ) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def rows_of_changed_tasks(
