@@ -289,6 +289,37 @@ def expected_deliveries(
     return owed, subscribed & ids
 
 
+def owed_urls(conn: psycopg.Connection[Any], schema: str, task_id: uuid.UUID) -> list[str]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT url FROM {} WHERE kind = 'delivery' AND task_id = %s ORDER BY trigger_version"
+        ).format(sql.Identifier(schema, "webhook_deliveries")),
+        (task_id,),
+    ).fetchall()
+    conn.commit()
+    return [url for (url,) in rows]
+
+
+def test_a_tenants_default_callback_never_gets_another_tenants_tasks(
+    ledger: Ledger, conn: psycopg.Connection[Any], schema: str
+) -> None:
+    """A task without a callback of its own has no row in the view, and its tenant is
+    read back from its TaskSubmitted: a default set by another tenant, before or after the
+    task was submitted, must not receive its events."""
+    ledger.webhooks.set_default("evil", "https://default.example.com/evil", None, by="admin")
+    early = submit(ledger, 1, tenant="acme")
+    catch_up(conn, schema)  # the task is applied in an earlier batch than its outcome
+    ledger.webhooks.set_default("acme", "https://default.example.com/acme", None, by="admin")
+    late = submit(ledger, 2, tenant="acme")
+    other = submit(ledger, 3, tenant="evil")
+    for task_id in (early, late, other):
+        ledger.cancel(task_id, by="key")
+    catch_up(conn, schema)  # one batch: both tenants' defaults are at hand in it
+    assert owed_urls(conn, schema, early) == ["https://default.example.com/acme"]
+    assert owed_urls(conn, schema, late) == ["https://default.example.com/acme"]
+    assert owed_urls(conn, schema, other) == ["https://default.example.com/evil"]
+
+
 def record_delivery(ledger: Ledger, clock: ManualClock, task_id: uuid.UUID, k: int) -> None:
     """A WebhookAttempted for the task's last terminal event (delivery owed or not)."""
     triggers = [h for h in ledger.history(task_id) if h.type in TERMINAL_EVENTS]
